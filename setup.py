@@ -1,0 +1,4 @@
+"""Installs tf_dpfair; all metadata lives in setup.cfg."""
+import setuptools
+
+setuptools.setup()

@@ -1,0 +1,1 @@
+"""tf_dpfair: differentially private, fairness-aware training of Keras image classifiers."""
