@@ -1,1 +1,11 @@
 """tf_dpfair: differentially private, fairness-aware training of Keras image classifiers."""
+
+from tf_dpfair import accounting
+from tf_dpfair import callbacks
+from tf_dpfair.config import DPConfig
+from tf_dpfair.model import DPModel
+from tf_dpfair.model import DPTraining
+from tf_dpfair.model import PrivateModel
+from tf_dpfair.model import make_private
+
+__version__ = "0.1.0"

@@ -1,0 +1,90 @@
+"""DPConfig: the validated, frozen settings of DP training."""
+
+import dataclasses
+import math
+import secrets
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPConfig:
+    """Settings of one DP-SGD training run.
+
+    Attributes:
+      l2_norm_clip: C, the bound on each example's gradient L2 norm (global over
+        all trainable variables). > 0.
+      noise_multiplier: sigma; each update adds N(0, (sigma * C)^2) noise to
+        the sum of clipped gradients, once for the whole job. >= 0; 0 gives no
+        privacy (useful for tests and clipped-only baselines).
+      expected_batch_size: the logical batch size the noised sum is divided by.
+        Under Poisson sampling the expected (not the realised) size. > 0.
+      microbatch_size: examples per vectorized per-example gradient pass, per
+        replica. Memory grows with it, not with the logical batch. > 0.
+      augmult: views per example (augmentation multiplicity K). With K > 1 the
+        inputs are `[B, K, ...]` and an example's loss is the mean over its K
+        views, so clipping stays per example. >= 1.
+      ema_decay: decay of the exponential moving average of the trainable
+        weights (the paper uses 0.9999), or None for no EMA. In [0, 1).
+      seed: the secret seed of the noise stream. None (the default) draws a
+        fresh secret seed. An explicit seed makes noise reproducible, so it is
+        for tests only: anyone who knows it can subtract the noise. It is
+        never saved with the model.
+    """
+
+    l2_norm_clip: float
+    noise_multiplier: float
+    expected_batch_size: int
+    microbatch_size: int = 32
+    augmult: int = 1
+    ema_decay: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        _require(_is_finite_number(self.l2_norm_clip) and self.l2_norm_clip > 0,
+                 f"l2_norm_clip must be a finite number > 0, got "
+                 f"{self.l2_norm_clip!r}.")
+        _require(_is_finite_number(self.noise_multiplier)
+                 and self.noise_multiplier >= 0,
+                 f"noise_multiplier must be a finite number >= 0, got "
+                 f"{self.noise_multiplier!r}.")
+        for name in ("expected_batch_size", "microbatch_size", "augmult"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool)
+                     and value >= 1,
+                     f"{name} must be an integer >= 1, got {value!r}.")
+        if self.ema_decay is not None:
+            _require(_is_finite_number(self.ema_decay)
+                     and 0 <= self.ema_decay < 1,
+                     f"ema_decay must be in [0, 1) or None, got "
+                     f"{self.ema_decay!r}.")
+        if self.seed is None:
+            object.__setattr__(self, "seed", secrets.randbits(62))
+        else:
+            _require(isinstance(self.seed, int) and 0 <= self.seed < 2**62,
+                     f"seed must be None or an integer in [0, 2**62), got "
+                     f"{self.seed!r}.")
+
+    @property
+    def noise_stddev(self):
+        """Stddev of the noise added to the sum of clipped gradients."""
+        return self.noise_multiplier * self.l2_norm_clip
+
+    def get_config(self):
+        """Returns a dict for serialization; the secret seed is left out."""
+        config = dataclasses.asdict(self)
+        config["seed"] = None
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        """Builds a DPConfig from `get_config()` output (a fresh seed is drawn)."""
+        return cls(**config)
+
+
+def _is_finite_number(value):
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _require(condition, message):
+    if not condition:
+        raise ValueError(message)

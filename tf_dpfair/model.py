@@ -1,0 +1,413 @@
+"""DPModel: a Keras model whose `fit` runs DP-SGD.
+
+The DP step, one `train_step` call = one optimizer update = one logical batch
+(each replica gets its share of the batch):
+
+1. Walk the share in micro-batches of `microbatch_size` (padding the last one
+   with weight-0 rows); for each micro-batch compute every example's gradient
+   in one vectorized pass (`clipping.clipped_gradient_sum`). With augmult K an
+   example's loss is the mean over its K views.
+2. Clip each example's gradient to global L2 norm C, multiply by its weight in
+   [0, 1], and add it to a running sum.
+3. Noise enters here, once per update for the whole job: replica 0 adds
+   N(0, (sigma * C)^2) drawn statelessly from (secret seed, update index);
+   the other replicas add nothing. Keras' `optimizer.apply` then sums the
+   replicas' shares, so the total carries exactly one noise draw whatever the
+   replica count.
+4. Divide by `expected_batch_size` (never the realised size), add the gradient
+   of data-independent weight regularizers (replica 0 only), apply the
+   optimizer, count the update, update the EMA shadows.
+"""
+
+import contextlib
+
+import keras
+import tensorflow as tf
+
+from tf_dpfair import batch
+from tf_dpfair import clipping
+from tf_dpfair import ema
+from tf_dpfair import noise
+from tf_dpfair.config import DPConfig
+from tf_dpfair.models import batchnorm
+
+
+class DPTraining:
+    """The DP-SGD `train_step` and its bookkeeping, mixed into Keras models.
+
+    `DPModel` (functional models) and `PrivateModel` (any other model) use it;
+    `isinstance(model, DPTraining)` tells whether a model trains privately.
+    Each batch given to `fit` is one logical batch and one optimizer update.
+    Training-set loss, metrics and `clip_fraction` in the logs are computed on
+    training data without noise: they are outside the DP guarantee.
+    """
+
+    def _init_dp(self, dp_config):
+        if not isinstance(dp_config, DPConfig):
+            raise TypeError(
+                f"DPModel needs dp_config=DPConfig(...), got {dp_config!r}.")
+        self._dp_config = dp_config
+        self._group_metrics = []
+        self._ema_shadows = None
+        self._update_count = self.add_weight(
+            shape=(), dtype="int64", initializer="zeros", trainable=False,
+            name="dp_update_count", aggregation="only_first_replica")
+
+    @property
+    def dp_config(self):
+        """The `DPConfig` of this model."""
+        return self._dp_config
+
+    @property
+    def update_count(self):
+        """Number of DP optimizer updates applied so far (int)."""
+        return int(self._update_count.numpy())
+
+    # ----------------------------------------------------------- compile
+
+    def compile(self, optimizer="rmsprop", loss=None, loss_weights=None,
+                metrics=None, **kwargs):
+        """Like `keras.Model.compile`; also sets up EMA shadows and group metrics.
+
+        Metrics with `needs_groups = True` (such as `GroupedAUC`) are fed the
+        group ids of `y = {"label": ..., "groups": ...}` during evaluation and
+        are never updated on training batches.
+
+        Raises:
+          ValueError: the model is not built yet, or `loss` is missing.
+        """
+        if loss is None:
+            raise ValueError("DPModel.compile needs a loss: per-example "
+                             "gradients are gradients of the per-example loss.")
+        metrics = list(metrics or [])
+        self._group_metrics = [m for m in metrics
+                               if getattr(m, "needs_groups", False)]
+        other = [m for m in metrics if not getattr(m, "needs_groups", False)]
+        super().compile(optimizer=optimizer, loss=loss,
+                        loss_weights=loss_weights, metrics=other or None,
+                        **kwargs)
+        if self._dp_config.ema_decay is not None and self._ema_shadows is None:
+            if not self.built:
+                raise ValueError(
+                    "Build the model before compile when ema_decay is set "
+                    "(call it on a batch, or build it with an input shape), "
+                    "so that EMA shadows can be created for its weights.")
+            self._ema_shadows = ema.create_shadows(self,
+                                                   self.trainable_variables)
+
+    def compile_from_config(self, config):
+        """Re-compiles a loaded model, so EMA shadows exist before weights load."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.optimizer is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    # ----------------------------------------------------------- the DP step
+
+    def _check_model(self, y_pred):
+        offending = batchnorm.training_batchnorm_layers(self)
+        if offending:
+            names = ", ".join(layer.name for layer in offending)
+            raise ValueError(
+                f"BatchNormalization in training mode mixes examples, so "
+                f"per-example clipping would not bound one example's "
+                f"influence. Offending layers: {names}. Freeze them "
+                f"(tf_dpfair.models.freeze_batchnorm, or layer.trainable = "
+                f"False, which runs them in inference mode) or replace them "
+                f"with GroupNormalization.")
+        with_activity = [layer.name for layer in self._flatten_layers()
+                         if getattr(layer, "activity_regularizer", None)]
+        if with_activity:
+            raise ValueError(
+                f"Activity regularizers depend on the data and are not "
+                f"clipped; remove them from: {', '.join(with_activity)}.")
+        if len(tf.nest.flatten(y_pred)) != 1:
+            raise ValueError("DPModel supports models with a single output.")
+
+    def _per_example_losses(self, labels, y_pred):
+        """Unreduced, unscaled loss of each row: [n]."""
+        loss = self.loss
+        if isinstance(loss, keras.losses.Loss):
+            values = loss.call(labels, y_pred)
+        else:
+            # `call`, not `__call__`: Keras loss objects divide by the replica
+            # count under tf.distribute, which would shrink every gradient.
+            values = keras.losses.get(loss)(labels, y_pred)
+        values = tf.cast(values, tf.float32)
+        return tf.reduce_mean(tf.reshape(values, [tf.shape(values)[0], -1]),
+                              axis=1)
+
+    def _example_loss(self, example):
+        """Loss and prediction of ONE example (K views averaged)."""
+        x, label = example
+        if self._dp_config.augmult > 1:
+            views = self._dp_config.augmult
+            x_views = x
+            labels = tf.repeat(label[tf.newaxis], views, axis=0)
+        else:
+            x_views = tf.nest.map_structure(lambda t: t[tf.newaxis], x)
+            labels = label[tf.newaxis]
+        y_pred = self(x_views, training=True)
+        loss = tf.reduce_mean(self._per_example_losses(labels, y_pred))
+        return loss, tf.reduce_mean(tf.cast(y_pred, tf.float32), axis=0)
+
+    def _clipped_sum_over_microbatches(self, x, labels, weights):
+        """Runs `clipped_gradient_sum` over micro-batches with a while loop.
+
+        Returns:
+          (gradient sums, per-row losses [n], predictions [n, ...], norms [n],
+          non-finite flags [n]).
+        """
+        m = self._dp_config.microbatch_size
+        variables = self.trainable_variables
+        n = tf.shape(weights)[0]
+        num_micro = (n + m - 1) // m
+        pad = num_micro * m - n
+
+        def to_microbatches(t):
+            t = tf.pad(t, [[0, pad]] + [[0, 0]] * (t.shape.rank - 1))
+            return tf.reshape(t, [-1, m] + t.shape[1:].as_list())
+
+        xs = tf.nest.map_structure(to_microbatches, x)
+        ys = to_microbatches(labels)
+        ws = to_microbatches(weights)
+
+        def body(i, sums, losses, outputs, norms, nonfinite):
+            micro = tf.nest.map_structure(lambda t: t[i], (xs, ys))
+            r = clipping.clipped_gradient_sum(
+                self._example_loss, variables, micro, ws[i],
+                self._dp_config.l2_norm_clip)
+            sums = [s + g for s, g in zip(sums, r.gradient_sum)]
+            return (i + 1, sums, losses.write(i, r.losses),
+                    outputs.write(i, r.outputs), norms.write(i, r.norms),
+                    nonfinite.write(i, r.nonfinite))
+
+        def array(dtype):
+            return tf.TensorArray(dtype, size=num_micro, infer_shape=True)
+
+        zeros = [tf.zeros(v.shape, tf.float32) for v in variables]
+        _, sums, losses, outputs, norms, nonfinite = tf.while_loop(
+            lambda i, *_: i < num_micro, body,
+            (tf.constant(0), zeros, array(tf.float32), array(tf.float32),
+             array(tf.float32), array(tf.bool)))
+
+        def rows(ta):
+            stacked = ta.stack()
+            flat = tf.reshape(stacked, tf.concat([[-1], tf.shape(stacked)[2:]], 0))
+            return flat[:n]
+
+        return (sums, rows(losses), rows(outputs), rows(norms),
+                rows(nonfinite))
+
+    def _sample_weights(self, sample_weight, n):
+        if sample_weight is None:
+            return tf.ones([n], tf.float32)
+        weights = tf.reshape(tf.cast(sample_weight, tf.float32), [n])
+        tf.debugging.assert_less_equal(
+            weights, 1.0, message=(
+                "DPModel: sample weights above 1 would raise the sensitivity "
+                "above l2_norm_clip; use weights in [0, 1] (0 = padding)."))
+        tf.debugging.assert_greater_equal(
+            weights, 0.0, message="DPModel: sample weights must be >= 0.")
+        return weights
+
+    def train_step(self, data):
+        """One DP-SGD update on one logical batch (see the module docstring)."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        labels, _ = batch.split_labels(y)  # Groups never touch training.
+        config = self._dp_config
+        first = tf.nest.flatten(x)[0]
+        if config.augmult > 1 and (first.shape.rank < 2
+                                   or first.shape[1] != config.augmult):
+            raise ValueError(
+                f"DPConfig.augmult={config.augmult} needs inputs shaped "
+                f"[batch, {config.augmult}, ...]; got {first.shape}.")
+        n = tf.shape(first)[0]
+        weights = self._sample_weights(sample_weight, n)
+        if not all(layer.built for layer in self._flatten_layers()):
+            # Create variables outside the vectorized per-example pass.
+            one_view = (tf.nest.map_structure(lambda t: t[:, 0], x)
+                        if config.augmult > 1 else x)
+            self(one_view, training=False)
+        variables = self.trainable_variables
+
+        sums, losses, y_pred, norms, nonfinite = (
+            self._clipped_sum_over_microbatches(x, labels, weights))
+        self._check_model(y_pred)
+
+        context = tf.distribute.get_replica_context()
+        replica_id = context.replica_id_in_sync_group if context else 0
+        on_first_replica = tf.cast(tf.equal(replica_id, 0), tf.float32)
+        if config.noise_multiplier > 0:
+            noises = noise.gaussian_noise(
+                [v.shape for v in variables], config.noise_stddev, config.seed,
+                tf.convert_to_tensor(self._update_count.value))
+            sums = [s + on_first_replica * z for s, z in zip(sums, noises)]
+        grads = [s / float(config.expected_batch_size) for s in sums]
+
+        regularized = [(i, v) for i, v in enumerate(variables)
+                       if getattr(v, "regularizer", None) is not None]
+        reg_loss = tf.constant(0.0)
+        if regularized:
+            # Data-independent: added after clipping, once for the job.
+            with tf.GradientTape() as tape:
+                reg_loss = tf.add_n([tf.cast(v.regularizer(v), tf.float32)
+                                     for _, v in regularized])
+            reg_grads = tape.gradient(reg_loss, [v for _, v in regularized])
+            for (i, _), g in zip(regularized, reg_grads):
+                grads[i] = grads[i] + on_first_replica * tf.cast(g, tf.float32)
+
+        grads = [tf.cast(g, v.dtype) for g, v in zip(grads, variables)]
+        self.optimizer.apply(grads, variables)
+        step = tf.convert_to_tensor(self._update_count.value)
+        if self._ema_shadows is not None:
+            ema.update_shadows(self._ema_shadows, variables,
+                               config.ema_decay, step)
+        self._update_count.assign_add(1)
+
+        # Diagnostics on training data: outside the DP guarantee.
+        real = weights > 0
+        count = tf.reduce_sum(weights)
+        mean_loss = tf.math.divide_no_nan(tf.reduce_sum(weights * losses), count)
+        if self._loss_tracker is not None:
+            self._loss_tracker.update_state(mean_loss + reg_loss,
+                                            sample_weight=count)
+        clipped = tf.logical_and(real, norms > config.l2_norm_clip)
+        counts = tf.stack([
+            tf.reduce_sum(tf.cast(clipped, tf.float32)),
+            tf.reduce_sum(tf.cast(real, tf.float32)),
+            tf.reduce_sum(tf.cast(tf.logical_and(real, nonfinite), tf.float32)),
+        ])
+        if context is not None:
+            counts = context.all_reduce(tf.distribute.ReduceOp.SUM, counts)
+        logs = self.compute_metrics(x, labels, y_pred, sample_weight=weights)
+        logs["clip_fraction"] = tf.math.divide_no_nan(counts[0], counts[1])
+        logs["nonfinite_examples"] = counts[2]
+        return logs
+
+    # ----------------------------------------------------------- evaluation
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        """Keras' `compute_loss` with the groups split off `y` (evaluation)."""
+        labels, _ = batch.split_labels(y)
+        return super().compute_loss(x, labels, y_pred, sample_weight, training)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """Updates compiled metrics, and group metrics when `y` has groups."""
+        labels, groups = batch.split_labels(y)
+        if groups is not None:
+            for metric in self._group_metrics:
+                metric.update_state(labels, y_pred, sample_weight=sample_weight,
+                                    groups=groups)
+        return super().compute_metrics(x, labels, y_pred, sample_weight)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Context manager: inside it the model's weights are the EMA weights.
+
+        Raises:
+          ValueError: the model has no EMA (ema_decay None, or not compiled).
+        """
+        if self._ema_shadows is None:
+            raise ValueError("This DPModel keeps no EMA weights: set "
+                             "DPConfig(ema_decay=...) and compile the model.")
+        with ema.swapped(self.trainable_variables, self._ema_shadows):
+            yield
+
+
+@keras.saving.register_keras_serializable(package="tf_dpfair")
+class DPModel(DPTraining, keras.Model):
+    """A functional Keras model trained with DP-SGD by `fit`.
+
+    `DPModel(inputs=..., outputs=..., dp_config=cfg)`. For any other model
+    (Sequential, subclassed), use `make_private`.
+
+    Args:
+      dp_config: the `DPConfig` of the run.
+      *args, **kwargs: as for a functional `keras.Model`.
+
+    Raises:
+      TypeError: `dp_config` is not a `DPConfig`.
+    """
+
+    def __init__(self, *args, dp_config=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_dp(dp_config)
+
+    def get_config(self):
+        config = super().get_config()
+        config["dp_config"] = self._dp_config.get_config()
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        dp_config = DPConfig.from_config(config.pop("dp_config"))
+        functional = keras.Model.from_config(config,
+                                             custom_objects=custom_objects)
+        return cls(inputs=functional.inputs, outputs=functional.outputs,
+                   name=functional.name, dp_config=dp_config)
+
+
+@keras.saving.register_keras_serializable(package="tf_dpfair")
+class PrivateModel(DPTraining, keras.Model):
+    """A DPModel that wraps a model without a functional graph (subclassed).
+
+    Args:
+      model: the Keras model to train privately; its weights are shared.
+      dp_config: the `DPConfig`.
+    """
+
+    def __init__(self, model, dp_config=None, **kwargs):
+        super().__init__(**kwargs)
+        self._init_dp(dp_config)
+        self.model = model
+
+    def call(self, inputs, training=None):
+        return self.model(inputs, training=training)
+
+    def get_config(self):
+        return {"name": self.name,
+                "model": keras.saving.serialize_keras_object(self.model),
+                "dp_config": self._dp_config.get_config()}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        model = keras.saving.deserialize_keras_object(
+            config.pop("model"), custom_objects=custom_objects)
+        dp_config = DPConfig.from_config(config.pop("dp_config"))
+        return cls(model, dp_config=dp_config, **config)
+
+
+def make_private(model, dp_config):
+    """Returns a DPModel that trains `model`'s weights with DP-SGD.
+
+    The weights are shared, not copied: training the returned model trains
+    `model`.
+
+    Args:
+      model: any Keras model (functional, Sequential or subclassed).
+      dp_config: the `DPConfig`.
+
+    Returns:
+      A `DPModel`.
+
+    Raises:
+      TypeError: `model` is not a Keras model or is already a DPModel.
+    """
+    if isinstance(model, DPTraining):
+        raise TypeError("The model is already a DPModel.")
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"make_private needs a keras.Model, got {type(model)}.")
+    inputs = getattr(model, "inputs", None)
+    outputs = getattr(model, "outputs", None)
+    if model.built and inputs and outputs:
+        return DPModel(inputs=inputs, outputs=outputs, dp_config=dp_config,
+                       name=f"private_{model.name}")
+    wrapped = PrivateModel(model, dp_config=dp_config,
+                           name=f"private_{model.name}")
+    if model.built:
+        wrapped.built = True
+    return wrapped

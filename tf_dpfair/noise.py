@@ -1,0 +1,36 @@
+"""The one place where DP noise is drawn.
+
+Noise for update t is a stateless function of (secret run seed, t), so every
+replica can compute the same draw without communication, a resumed run
+continues the same stream, and no draw is ever reused for a different update
+(t only grows).
+"""
+
+import tensorflow as tf
+
+
+def _seed_pair(seed):
+    """Splits a 62-bit Python int into the [2] int64 seed of stateless ops."""
+    return tf.constant([seed >> 31, seed & (2**31 - 1)], dtype=tf.int64)
+
+
+def gaussian_noise(shapes, stddev, seed, step):
+    """Draws independent N(0, stddev^2) noise tensors for one optimizer update.
+
+    Args:
+      shapes: list of static shapes, one per trainable variable.
+      stddev: noise standard deviation (noise_multiplier * l2_norm_clip).
+      seed: the secret 62-bit run seed (Python int).
+      step: int64 scalar tensor, the index of the update being made.
+
+    Returns:
+      A list of float32 tensors with the given shapes.
+    """
+    update_seed = tf.random.experimental.stateless_fold_in(
+        _seed_pair(seed), tf.cast(step, tf.int64))
+    noises = []
+    for index, shape in enumerate(shapes):
+        var_seed = tf.random.experimental.stateless_fold_in(update_seed, index)
+        noises.append(stddev * tf.random.stateless_normal(
+            shape, seed=var_seed, dtype=tf.float32))
+    return noises
