@@ -66,8 +66,13 @@ class DPTraining:
     # ----------------------------------------------------------- compile
 
     def compile(self, optimizer="rmsprop", loss=None, loss_weights=None,
-                metrics=None, **kwargs):
+                metrics=None, jit_compile=False, **kwargs):
         """Like `keras.Model.compile`; also sets up EMA shadows and group metrics.
+
+        `jit_compile` defaults to False (Keras' "auto" turns XLA on where a GPU
+        is present): XLA made the vectorized per-example pass slower where it
+        was measured, and it compiles away the step's input assertions (sample
+        weights are still clamped to [0, 1] there).
 
         Metrics with `needs_groups = True` (such as `GroupedAUC`) are fed the
         group ids of `y = {"label": ..., "groups": ...}` during evaluation and
@@ -85,7 +90,7 @@ class DPTraining:
         other = [m for m in metrics if not getattr(m, "needs_groups", False)]
         super().compile(optimizer=optimizer, loss=loss,
                         loss_weights=loss_weights, metrics=other or None,
-                        **kwargs)
+                        jit_compile=jit_compile, **kwargs)
         if self._dp_config.ema_decay is not None and self._ema_shadows is None:
             if not self.built:
                 raise ValueError(
@@ -209,7 +214,9 @@ class DPTraining:
                 "above l2_norm_clip; use weights in [0, 1] (0 = padding)."))
         tf.debugging.assert_greater_equal(
             weights, 0.0, message="DPModel: sample weights must be >= 0.")
-        return weights
+        # Second line of defence where assertions are compiled away (XLA):
+        # weights in [0, 1] keep each example's contribution within C.
+        return tf.clip_by_value(weights, 0.0, 1.0)
 
     def train_step(self, data):
         """One DP-SGD update on one logical batch (see the module docstring)."""
