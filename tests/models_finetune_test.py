@@ -13,6 +13,7 @@ from tf_dpfair.models import (
     efficientnet_lite0_finetune,
     find_efficientnet_lite0_pth,
     input_adapter,
+    leaf_layers,
     load_pretrained,
     model_blocks,
     nf_resnet,
@@ -78,6 +79,15 @@ def test_fashion_mnist_shaped_input_feeds_efficientnet():
     assert model(x).shape == (2, 10)
     assert training_batchnorm_layers(model) == []
     assert "stem_conv" not in _trainable_names(model)
+    # Random initialisation gets GroupNorm by default: frozen BatchNorm at its
+    # initial statistics would let the signal vanish.
+    assert not [l for l in leaf_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
+    assert "block15_project_bn" in _trainable_names(model)
+    frozen = efficientnet_lite0_finetune(10, image_size=32, weights_path=None, batchnorm="freeze")
+    assert len([l for l in leaf_layers(frozen)
+                if isinstance(l, keras.layers.BatchNormalization)]) == 49
+    with pytest.raises(ValueError, match="batchnorm must be 'auto', 'freeze' or 'groupnorm'"):
+        efficientnet_lite0_finetune(10, weights_path=None, batchnorm="sync")
 
 
 def test_per_example_gradients_through_adapter():

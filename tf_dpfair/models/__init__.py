@@ -35,6 +35,7 @@ from tf_dpfair.models.finetune import (
     add_head,
     efficientnet_lite0_finetune,
     input_adapter,
+    leaf_layers,
     load_pretrained,
     model_blocks,
     set_trainable,

@@ -16,6 +16,7 @@ import re
 import keras
 
 from tf_dpfair.models import efficientnet_lite
+from tf_dpfair.models.batchnorm import replace_batchnorm
 
 RECIPES = ("head", "last_blocks", "all")
 NORMALIZATIONS = ("lite", "imagenet", None)
@@ -225,7 +226,8 @@ def adapt_inputs(model, input_shape, pixel_range=255.0, normalization="lite"):
 
 def efficientnet_lite0_finetune(num_classes, input_shape=(28, 28, 1), image_size=64,
                                 weights_path="imagenet", recipe="all", num_blocks=1,
-                                pixel_range=255.0, dropout_rate=0.0):
+                                pixel_range=255.0, dropout_rate=0.0, batchnorm="auto",
+                                group_norm_groups=8):
     """EfficientNet-Lite0 ready for (DP) fine-tuning on a small image dataset.
 
     Args:
@@ -237,12 +239,28 @@ def efficientnet_lite0_finetune(num_classes, input_shape=(28, 28, 1), image_size
       recipe, num_blocks: see `set_trainable`. BatchNorm stays frozen.
       pixel_range: the data's largest pixel value.
       dropout_rate: dropout before the new head.
+      batchnorm: `"freeze"` (inference mode with the loaded statistics),
+        `"groupnorm"` (`replace_batchnorm`), or `"auto"`: freeze pretrained
+        weights, GroupNorm for random initialisation. Frozen BatchNorm at its
+        initial statistics (mean 0, variance 1) normalises nothing, and the
+        signal of a random EfficientNet then vanishes with depth (pooled
+        features of std ~1e-12 at 64x64), so that is no fair baseline.
+      group_norm_groups: largest group count when BatchNorm is replaced.
 
     Returns:
       A functional model: `[B, H, W, C]` pixels -> logits `[B, num_classes]`.
+
+    Raises:
+      ValueError: unknown `batchnorm`.
     """
+    if batchnorm == "auto":
+        batchnorm = "freeze" if weights_path is not None else "groupnorm"
+    if batchnorm not in ("freeze", "groupnorm"):
+        raise ValueError(f"batchnorm must be 'auto', 'freeze' or 'groupnorm'; got {batchnorm!r}.")
     base = efficientnet_lite.efficientnet_lite0(
         weights_path, include_top=False, input_shape=(image_size, image_size, 3))
+    if batchnorm == "groupnorm":
+        base = replace_batchnorm(base, group_norm_groups)
     model = add_head(base, num_classes, dropout_rate)
     set_trainable(model, recipe, num_blocks)
     return adapt_inputs(model, input_shape, pixel_range, normalization="lite")
