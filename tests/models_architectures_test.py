@@ -90,10 +90,10 @@ def test_nf_resnet_per_example_gradients_are_finite():
 def test_wrn_16_4_shape_and_groupnorm():
     model = wide_resnet((32, 32, 3), 10)
     assert model.name == "wrn16_4_gn"
-    assert len([l for l in model.layers if l.name.endswith("_add")]) == 6
+    assert len([layer for layer in model.layers if layer.name.endswith("_add")]) == 6
     assert check_batchnorm(model) == []
-    gns = [l for l in model.layers if isinstance(l, keras.layers.GroupNormalization)]
-    assert len(gns) == 13 and all(l.groups == 16 for l in gns)
+    gns = [layer for layer in model.layers if isinstance(layer, keras.layers.GroupNormalization)]
+    assert len(gns) == 13 and all(layer.groups == 16 for layer in gns)
     # WRN-16-4 has about 2.75M parameters.
     assert 2.6e6 < model.count_params() < 2.9e6
     assert model.output.shape == (None, 10)
@@ -124,7 +124,7 @@ def test_keras_save_load_round_trip(build, tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path)
     np.testing.assert_allclose(loaded(x), model(x), atol=1e-6)
-    assert [type(l) for l in loaded.layers] == [type(l) for l in model.layers]
+    assert [type(layer) for layer in loaded.layers] == [type(layer) for layer in model.layers]
 
 
 @pytest.mark.parametrize("call, message", [

@@ -71,7 +71,7 @@ def test_replace_keeps_other_weights(make):
     new = replace_batchnorm(model, group_norm_groups=2)
     assert type(new) is type(model)
     assert check_batchnorm(new) == [] and training_batchnorm_layers(new) == []
-    old_layers = {l.name: l for l in _leaves(model)}
+    old_layers = {layer.name: layer for layer in _leaves(model)}
     for layer in _leaves(new):
         old = old_layers[layer.name]
         if isinstance(old, keras.layers.BatchNormalization):

@@ -127,7 +127,7 @@ def test_h5_cache_round_trip(pretrained, tmp_path):
 
 def test_batchnorm_frozen_by_default():
     model = efficientnet_lite0(input_shape=(32, 32, 3))
-    bns = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert len(bns) == 49 and training_batchnorm_layers(model) == []
     assert len(training_batchnorm_layers(
         efficientnet_lite0(input_shape=(32, 32, 3), freeze_batchnorm=False))) == 49

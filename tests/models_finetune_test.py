@@ -81,11 +81,11 @@ def test_fashion_mnist_shaped_input_feeds_efficientnet():
     assert "stem_conv" not in _trainable_names(model)
     # Random initialisation gets GroupNorm by default: frozen BatchNorm at its
     # initial statistics would let the signal vanish.
-    assert not [l for l in leaf_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
+    bn = keras.layers.BatchNormalization
+    assert not [layer for layer in leaf_layers(model) if isinstance(layer, bn)]
     assert "block15_project_bn" in _trainable_names(model)
     frozen = efficientnet_lite0_finetune(10, image_size=32, weights_path=None, batchnorm="freeze")
-    assert len([l for l in leaf_layers(frozen)
-                if isinstance(l, keras.layers.BatchNormalization)]) == 49
+    assert len([layer for layer in leaf_layers(frozen) if isinstance(layer, bn)]) == 49
     with pytest.raises(ValueError, match="batchnorm must be 'auto', 'freeze' or 'groupnorm'"):
         efficientnet_lite0_finetune(10, weights_path=None, batchnorm="sync")
 

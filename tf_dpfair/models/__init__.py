@@ -45,3 +45,36 @@ from tf_dpfair.models.nfnet import ScaledActivation, SkipGain, WSConv2D, nf_resn
 from tf_dpfair.models.small_cnn import small_cnn
 from tf_dpfair.models.torch_reader import load_torch_state_dict
 from tf_dpfair.models.wrn import wide_resnet
+
+__all__ = [
+    "adapt_inputs",
+    "add_head",
+    "batchnorm_report",
+    "BatchNormFinding",
+    "build_efficientnet_lite0",
+    "check_batchnorm",
+    "convert_efficientnet_lite0",
+    "decode_predictions",
+    "efficientnet_lite0",
+    "efficientnet_lite0_finetune",
+    "efficientnet_lite_preprocess",
+    "find_efficientnet_lite0_pth",
+    "freeze_batchnorm",
+    "GrayscaleToRGB",
+    "IMAGENET_CLASSES",
+    "imagenet_weights_path",
+    "input_adapter",
+    "leaf_layers",
+    "load_pretrained",
+    "load_torch_state_dict",
+    "model_blocks",
+    "nf_resnet",
+    "replace_batchnorm",
+    "ScaledActivation",
+    "set_trainable",
+    "SkipGain",
+    "small_cnn",
+    "training_batchnorm_layers",
+    "wide_resnet",
+    "WSConv2D",
+]

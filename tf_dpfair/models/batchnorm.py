@@ -92,7 +92,8 @@ def check_batchnorm(model):
 
 def _finding(layer, path):
     if layer.trainable:
-        sync = " across replicas too (synchronized)" if getattr(layer, "synchronized", False) else ""
+        synchronized = getattr(layer, "synchronized", False)
+        sync = " across replicas too (synchronized)" if synchronized else ""
         return BatchNormFinding(
             layer.name, path, TRAINING_MODE,
             f"{path}: trainable BatchNormalization normalises with the statistics of "
@@ -182,7 +183,8 @@ def replace_batchnorm(model, group_norm_groups=32):
     if not _is_graph_model(model):
         raise ValueError(
             f"replace_batchnorm needs a functional or Sequential model; "
-            f"{getattr(model, 'name', model)!r} is a {type(model).__name__}. Use freeze_batchnorm(model), or "
+            f"{getattr(model, 'name', model)!r} is a {type(model).__name__}. "
+            "Use freeze_batchnorm(model), or "
             "rebuild it with GroupNormalization.")
     if not model.built:
         raise ValueError(f"Model {model.name!r} is not built: call it on data or give "

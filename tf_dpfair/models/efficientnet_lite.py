@@ -112,7 +112,8 @@ def build_efficientnet_lite0(input_shape=(224, 224, 3), include_top=True, num_cl
     if len(input_shape) != 3 or input_shape[-1] != 3:
         raise ValueError(f"input_shape must be (height, width, 3); got {input_shape}.")
     if any(s is not None and s < 32 for s in input_shape[:2]):
-        raise ValueError(f"input_shape must be at least 32x32 (5 stride-2 stages); got {input_shape}.")
+        raise ValueError(
+            f"input_shape must be at least 32x32 (5 stride-2 stages); got {input_shape}.")
     if include_top and (not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"num_classes must be a positive int; got {num_classes!r}.")
     if pooling not in ("avg", None):

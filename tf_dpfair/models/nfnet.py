@@ -97,7 +97,8 @@ class ScaledActivation(keras.layers.Layer):
         super().__init__(**kwargs)
         if gamma is None:
             if activation != "relu":
-                raise ValueError(f"Give gamma for activation {activation!r}; only relu has a default.")
+                raise ValueError(
+                    f"Give gamma for activation {activation!r}; only relu has a default.")
             gamma = RELU_GAMMA
         self.activation_name = activation
         self.activation = keras.activations.get(activation)

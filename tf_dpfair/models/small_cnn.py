@@ -21,7 +21,8 @@ def small_cnn(input_shape, num_classes, filters=(32, 64), groups=8, name="small_
       ValueError: `filters` not two positive ints divisible by `groups`.
     """
     if len(filters) != 2 or any(f < 1 or f % groups for f in filters):
-        raise ValueError(f"filters must be two positive multiples of groups={groups}; got {filters}.")
+        raise ValueError(
+            f"filters must be two positive multiples of groups={groups}; got {filters}.")
     inputs = keras.Input(tuple(input_shape), name="image")
     x = keras.layers.Conv2D(filters[0], 3, padding="same", name="conv0")(inputs)
     x = keras.layers.GroupNormalization(groups=groups, name="gn0")(x)

@@ -86,6 +86,7 @@ class _TensorRef:
 
     def __init__(self, storage, offset, size, stride, dtype=None):
         self.storage = storage
+        self.dtype = dtype  # set when an untyped byte storage must be reinterpreted
         self.offset = int(offset)
         self.size = tuple(int(s) for s in size)
         self.stride = tuple(int(s) for s in stride)
@@ -94,6 +95,8 @@ class _TensorRef:
         flat = self.storage.array
         if flat is None:
             raise ValueError("A tensor refers to a storage whose bytes were never read.")
+        if self.dtype is not None and self.dtype != "bfloat16" and flat.dtype != self.dtype:
+            flat = flat.view(self.dtype)
         if not self.size:
             return np.array(flat[self.offset])
         view = np.lib.stride_tricks.as_strided(
@@ -107,7 +110,7 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
 
 
 def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, *unused):
-    return _TensorRef(storage, offset, size, stride)
+    return _TensorRef(storage, offset, size, stride, dtype.dtype)
 
 
 def _rebuild_parameter(data, *unused):
