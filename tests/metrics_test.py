@@ -133,13 +133,18 @@ def test_multi_label_group_mean_skips_undefined_labels():
     assert result["auc/sex/female"] == pytest.approx(result["auc/a/sex/female"], abs=TOL)
 
 
-def test_all_groups_undefined_gives_nan_not_zero():
+def test_gap_needs_two_defined_groups_and_is_nan_not_zero():
     metric = GroupedAUC({"sex": ["female", "male"]})
     metric.update_state([0.0, 0.0, 1.0], [0.2, 0.4, 0.9], groups={"sex": [0, 0, 1]})
     result = _floats(metric.result())
     assert math.isnan(result["auc_gap/sex"])
     assert math.isnan(result["auc_worst/sex"])
     assert result["auc"] == 1.0
+    # One defined group: a worst value but no gap to speak of.
+    metric.update_state([0.0, 1.0], [0.3, 0.8], groups={"sex": [0, 0]})
+    result = _floats(metric.result())
+    assert result["auc_worst/sex"] == result["auc/sex/female"] == 1.0
+    assert math.isnan(result["auc_gap/sex"])
 
 
 def test_group_absent_from_a_batch_accumulates():

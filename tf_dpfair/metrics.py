@@ -15,8 +15,8 @@ TensorBoard):
 - `auc`: overall AUC.
 - `auc/<attribute>/<group>`: AUC of one group.
 - `auc_gap/<attribute>`: largest minus smallest group AUC, over the groups
-  where the AUC is defined.
-- `auc_worst/<attribute>`: smallest group AUC.
+  where the AUC is defined (NaN with fewer than two).
+- `auc_worst/<attribute>`: smallest defined group AUC.
 
 For a multi-label model, the names above hold the mean over labels (per
 group: over the labels whose positives and negatives both occur in that
@@ -25,7 +25,7 @@ group), and each label also gets `auc/<label>`,
 `auc_worst/<label>/<attribute>`.
 
 An AUC with no positive or no negative example behind it is NaN (Keras's own
-AUC reports 0 there). A gap or worst value with no defined group is NaN.
+AUC reports 0 there).
 
 Group figures computed on training data are outside the differential privacy
 guarantee; attach this metric to held-out data (`validation_data`,
@@ -66,15 +66,18 @@ def _nan_mean(values, axis):
 
 
 def _gap_and_worst(values):
-    """Returns (max - min, min) over the non-NaN entries of 1-D `values`."""
+    """Returns (max - min, min) over the non-NaN entries of 1-D `values`.
+
+    The gap needs two defined groups, the minimum one; else they are NaN.
+    """
     defined = tf.logical_not(tf.math.is_nan(values))
-    any_defined = tf.reduce_any(defined)
+    count = tf.reduce_sum(tf.cast(defined, tf.int32))
     inf = tf.constant(math.inf, values.dtype)
     worst = tf.reduce_min(tf.where(defined, values, inf))
     best = tf.reduce_max(tf.where(defined, values, -inf))
     nan = tf.constant(math.nan, values.dtype)
-    return (tf.where(any_defined, best - worst, nan),
-            tf.where(any_defined, worst, nan))
+    return (tf.where(count >= 2, best - worst, nan),
+            tf.where(count >= 1, worst, nan))
 
 
 @keras.saving.register_keras_serializable(package="tf_dpfair")
