@@ -129,6 +129,16 @@ def test_single_class_group_is_nan_and_left_out_of_disparities():
     assert not math.isnan(row["gap"])
 
 
+def test_no_comparable_group_gives_nan_disparities():
+    labels, scores, groups = _random_data(100, seed=13)
+    result = fairness.evaluate(np.zeros(100), scores, groups, n_bootstrap=10)
+    row = _row(result.disparities, attribute="sex")
+    assert row["groups_compared"] == 0 and row["worst_group"] is None
+    for column in ("worst_auc", "worst_auc_low", "gap", "gap_high", "ratio"):
+        assert math.isnan(row[column]), column
+    assert math.isnan(result.overall_auc)
+
+
 def test_intersections_flag_small_and_empty_groups():
     labels, scores, groups = _random_data(800, seed=6)
     groups["age"] = np.where(groups["sex"] == 1, groups["age"], 0)  # no old or mid women
@@ -247,6 +257,8 @@ def test_bootstrap_interval_coverage_is_near_nominal():
     ({"n_bootstrap": -1}, "n_bootstrap must be an integer >= 0"),
     ({"confidence": 1.0}, r"confidence must lie in \(0, 1\)"),
     ({"min_group_size": 0}, "min_group_size must be an integer >= 1"),
+    ({"seed": None}, "seed must be an integer >= 0"),
+    ({"group_names": {"sex": ["f", "f"]}}, r"group_names\['sex'\] has duplicate names"),
 ])
 def test_bad_inputs_raise_clear_errors(kwargs, message):
     rng = np.random.default_rng(0)

@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import itertools
 import math
+import numbers
 import warnings
 
 import fairlearn.metrics
@@ -242,6 +243,8 @@ def _prepare(labels, scores, groups, data, label_names, group_names):
             raise ValueError(f"groups[{attribute!r}] has missing values.")
         if attribute in group_names:
             names = [str(name) for name in group_names[attribute]]
+            if len(set(names)) != len(names):
+                raise ValueError(f"group_names[{attribute!r}] has duplicate names: {names}.")
             if values.dtype.kind not in "iu" or values.min() < 0 or values.max() >= len(names):
                 raise ValueError(f"group ids of attribute {attribute!r} must be integers in "
                                  f"[0, {len(names)}) ({names}).")
@@ -319,8 +322,10 @@ def _spread(values):
     """
     defined = ~np.isnan(values)
     count = defined.sum(axis=0)
-    low = np.where(defined, values, np.inf).min(axis=0)
-    high = np.where(defined, values, -np.inf).max(axis=0)
+    # The infinite row keeps the reductions defined when there is no group.
+    low = np.vstack([np.where(defined, values, np.inf), np.full(values.shape[1], np.inf)])
+    high = np.vstack([np.where(defined, values, -np.inf), np.full(values.shape[1], -np.inf)])
+    low, high = low.min(axis=0), high.max(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return (np.where(count >= 1, low, np.nan),
                 np.where(count >= 2, high - low, np.nan),
@@ -389,6 +394,8 @@ def evaluate(labels, scores, groups, *, data=None, label_names=None, group_names
         raise ValueError(f"confidence must lie in (0, 1); got {confidence!r}.")
     if not isinstance(min_group_size, int) or min_group_size < 1:
         raise ValueError(f"min_group_size must be an integer >= 1; got {min_group_size!r}.")
+    if not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0; got {seed!r}.")
     if _outside_dp(split):
         warnings.warn(f"Group figures on split {split!r}: {OUTSIDE_DP_NOTE}", stacklevel=2)
     labels, scores, label_names, groups = _prepare(
