@@ -20,6 +20,9 @@ vanish), and the gap, worst AUC and ratio are computed per replicate. The
 interval is the percentile interval over the replicates where the figure is
 defined. The same seed on the same labels and groups draws the same
 replicates for any scores, which `compare_matched` uses for paired intervals.
+The gap is a max - min of noisy estimates, so it is biased upwards when the
+groups are alike: its interval never reaches 0 even when the groups are
+equal; read it together with the per-group intervals.
 
 Differential privacy: figures computed on training data are outside the DP
 guarantee. Every table carries `split` and `outside_dp_guarantee` columns;
@@ -112,24 +115,30 @@ def _weighted_aucs(labels, scores, weights):
     """ROC AUC of one sample under many weightings (ties count one half).
 
     Args:
-        labels: `[n]` 0/1; scores: `[n]`; weights: `[b, n]` (bootstrap
-            counts).
+        labels: `[n]` 0/1.
+        scores: `[n]`.
+        weights: `[b, n]`, e.g. bootstrap counts.
 
     Returns:
         `[b]` AUCs, NaN where a weighting leaves no positive or no negative.
     """
     order = np.argsort(scores, kind="stable")
     sorted_scores = scores[order]
-    y = labels[order]
-    w = weights[:, order]
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    pos = np.add.reduceat(w * y, starts, axis=1)
-    neg = np.add.reduceat(w * (1.0 - y), starts, axis=1)
-    neg_below = np.cumsum(neg, axis=1) - neg
-    total_pos = pos.sum(axis=1)
-    total_neg = neg.sum(axis=1)
+    positive = labels[order] == 1
+    # Tied scores share a block; a positive beats the negative weight in
+    # lower blocks and half of that in its own block.
+    block = np.cumsum(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    neg_block, pos_block = block[~positive], block[positive]
+    below = np.searchsorted(neg_block, pos_block, side="left")
+    up_to = np.searchsorted(neg_block, pos_block, side="right")
+    pos_weights = weights[:, order[positive]]
+    neg_cumsum = np.zeros((len(weights), len(neg_block) + 1))
+    np.cumsum(weights[:, order[~positive]], axis=1, out=neg_cumsum[:, 1:])
+    wins = (pos_weights * (neg_cumsum[:, below] + neg_cumsum[:, up_to])).sum(axis=1) / 2
+    total_pos = pos_weights.sum(axis=1)
+    total_neg = neg_cumsum[:, -1]
     with np.errstate(invalid="ignore", divide="ignore"):
-        auc = (pos * (neg_below + 0.5 * neg)).sum(axis=1) / (total_pos * total_neg)
+        auc = wins / (total_pos * total_neg)
     auc[(total_pos == 0) | (total_neg == 0)] = np.nan
     return auc
 
