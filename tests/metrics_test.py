@@ -302,6 +302,8 @@ def test_bad_inputs_raise_clear_errors():
         metric.update_state(y, p, groups={"sex": [0, 1]})
     with pytest.raises(ValueError, match=r"y_pred must have shape \[B\] or \[B, 1\]"):
         metric.update_state(y, np.ones((2, 3)), groups={"sex": [0, 1], "age": [0, 1]})
+    with pytest.raises(tf.errors.InvalidArgumentError, match="different batch sizes"):
+        metric.update_state([0.0, 1.0, 1.0], p, groups={"sex": [0, 1], "age": [0, 1]})
     with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or Inf"):
         metric.update_state(y, [0.2, np.nan], groups={"sex": [0, 1], "age": [0, 1]})
     with pytest.raises(tf.errors.InvalidArgumentError, match="one id per example"):
@@ -325,6 +327,8 @@ def test_bad_inputs_raise_clear_errors():
     ({"groups": {"sex": ["f"]}, "label_names": ["a"], "multi_label": False},
      "only for multi_label=True"),
     ({"groups": {"sex": ["f"]}, "label_names": ["a", "a"]}, "duplicate label names"),
+    ({"groups": {"sex": ["f"]}, "label_names": [], "multi_label": True}, "`label_names` is empty"),
+    ({"groups": {"sex": ["f"]}, "label_names": ["a/b"]}, "label name must be"),
     ({"groups": {"sex": ["f"]}, "num_thresholds": 1}, "integer > 1"),
 ])
 def test_bad_constructor_arguments(kwargs, message):

@@ -126,6 +126,8 @@ def test_compare_matched_refuses_bad_inputs():
     one_class = fairness.evaluate(np.zeros(600), scores[:, 0], groups, n_bootstrap=10)
     with pytest.raises(ValueError, match="overall AUC is undefined"):
         reports.compare_matched(one_class, {"x": evaluation})
+    with pytest.raises(ValueError, match="No checkpoint has a defined overall AUC"):
+        reports.compare_matched(evaluation, {"x": one_class})
 
 
 def test_to_markdown_formats_cells():
