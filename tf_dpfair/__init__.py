@@ -2,6 +2,10 @@
 
 from tf_dpfair import accounting
 from tf_dpfair import callbacks
+from tf_dpfair import fairness
+from tf_dpfair import metrics
+from tf_dpfair import models
+from tf_dpfair import reports
 from tf_dpfair.config import DPConfig
 from tf_dpfair.model import DPModel
 from tf_dpfair.model import DPTraining

@@ -288,6 +288,10 @@ class DPTraining:
         if context is not None:
             counts = context.all_reduce(tf.distribute.ReduceOp.SUM, counts)
         logs = self.compute_metrics(x, labels, y_pred, sample_weight=weights)
+        for metric in self._group_metrics:
+            # Never updated on training data, so nothing to report there.
+            for name in metric.result():
+                logs.pop(name, None)
         logs["clip_fraction"] = tf.math.divide_no_nan(counts[0], counts[1])
         logs["nonfinite_examples"] = counts[2]
         return logs
