@@ -25,17 +25,20 @@ _TEST = flags.DEFINE_integer("test_examples", 2000, "Test subset size.")
 _EPSILON = flags.DEFINE_float("epsilon", 4.0, "Target epsilon.")
 _EPOCHS = flags.DEFINE_integer("epochs", 4, "Epochs.")
 _BATCH = flags.DEFINE_integer("batch", 250, "Logical batch size.")
-_RECIPE = flags.DEFINE_string("recipe", "all", "Trainable layers: head, last_blocks, all.")
+_RECIPE = flags.DEFINE_string("recipe", "head",
+                              "Trainable layers of the pretrained net: head, last_blocks, all.")
+_SCRATCH_RECIPE = flags.DEFINE_string(
+    "scratch_recipe", "all", "Trainable layers of the randomly initialised net.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Size the network runs at.")
 _LR = flags.DEFINE_float("learning_rate", 1.0, "SGD learning rate.")
 
 
-def train_and_evaluate(weights_path, data, sigma):
+def train_and_evaluate(weights_path, recipe, data, sigma):
     (x_train, y_train), (x_test, y_test) = data
     keras.utils.set_random_seed(0)
     base = models.efficientnet_lite0_finetune(
         10, input_shape=(28, 28, 1), image_size=_IMAGE_SIZE.value,
-        weights_path=weights_path, recipe=_RECIPE.value, pixel_range=1.0)
+        weights_path=weights_path, recipe=recipe, pixel_range=1.0)
     config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=sigma,
                           expected_batch_size=_BATCH.value, microbatch_size=50)
     model = dpf.make_private(base, config)
@@ -60,10 +63,12 @@ def main(argv):
         target_epsilon=_EPSILON.value, sampling_probability=_BATCH.value / n,
         steps=steps, delta=1e-5, sampling="shuffle")
     print(f"{source}: {n} training, {len(data[1][0])} test examples; "
-          f"sigma={sigma:.3f}, recipe={_RECIPE.value}")
+          f"sigma={sigma:.3f}; pretrained trains {_RECIPE.value}, scratch "
+          f"trains {_SCRATCH_RECIPE.value}")
     results = {}
-    for name, weights in (("pretrained", "imagenet"), ("scratch", None)):
-        results[name] = train_and_evaluate(weights, data, sigma)
+    for name, weights, recipe in (("pretrained", "imagenet", _RECIPE.value),
+                                  ("scratch", None, _SCRATCH_RECIPE.value)):
+        results[name] = train_and_evaluate(weights, recipe, data, sigma)
         print(f"{name}: test accuracy {results[name][0]:.4f}")
     print(f"\nPrivacy (both runs): {results['pretrained'][1]}")
     for name, (accuracy, _) in results.items():
