@@ -70,6 +70,13 @@ class ExampleSource:
         check_group_ids: add run-time checks that group ids are in range (set
             False only where the ids were validated already).
 
+    Attributes:
+        num_examples: N.
+        group_spec: the `GroupSpec`.
+        element_spec: the `tf.TypeSpec` structure of one element.
+        paths: numpy str `[N]`, the file of each index for file-backed
+            sources, else None.
+
     Raises:
         ValueError: N is not positive, or the elements do not follow the
             element structure or do not match `group_spec`.
@@ -83,6 +90,8 @@ class ExampleSource:
                            else GroupSpec(group_spec))
         self._load_fn = load_fn
         self._check_group_ids = check_group_ids
+        # Which file each index reads, where examples are files (else None).
+        self.paths = None
         self.element_spec = tf.data.Dataset.range(1).map(load_fn).element_spec
         _check_element_spec(self.element_spec, self.group_spec)
 
@@ -164,7 +173,8 @@ class ExampleSource:
             label_mask: float `[N, L]` (1 = known, 0 = ignore), or None.
 
         Returns:
-            An `ExampleSource` yielding uint8 `[height, width, channels]` images.
+            An `ExampleSource` yielding uint8 `[height, width, channels]` images;
+            its `paths` attribute lists the file of each index.
 
         Raises:
             ValueError: shapes disagree, bad `image_size`/`channels`, or group ids
@@ -187,7 +197,9 @@ class ExampleSource:
                                           (height, width), channels)
             return element
 
-        return cls(num, load, group_spec, check_group_ids=False)
+        source = cls(num, load, group_spec, check_group_ids=False)
+        source.paths = paths
+        return source
 
 
 def decode_image(contents, image_size, channels):
