@@ -106,7 +106,8 @@ def test_missing_tables_are_named(tmp_path, root):
     os.remove(os.path.join(root, "files", "p10", "p10000032", "s50000001", "d1.jpg"))
     with pytest.raises(FileNotFoundError, match=r"1 of 4 image files are missing.*d1.jpg"):
         mimic_cxr.load(root, mimic_iv_dir=os.path.join(root, "hosp"))
-    with pytest.raises(FileNotFoundError, match=r"'patients.csv.gz', 'patients.csv'\] in .*nowhere"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"'patients.csv.gz', 'patients.csv'\] in .*nowhere"):
         mimic_cxr.load(root, mimic_iv_dir=str(tmp_path / "nowhere"))
     os.remove(os.path.join(root, "hosp", "admissions.csv.gz"))
     with pytest.raises(FileNotFoundError, match="admissions.csv.gz.*mimic_iv_dir"):

@@ -53,7 +53,14 @@ def random_crop_flip(image, seed, padding=DEFAULT_CROP_PADDING):
 
 
 def make_random_crop_flip(padding=DEFAULT_CROP_PADDING):
-    """Returns `random_crop_flip` with a fixed `padding`, as an augment function."""
+    """`random_crop_flip` with another padding, as an augment function.
+
+    Args:
+        padding: pixels of reflect padding on each side.
+
+    Returns:
+        `fn(image, seed) -> image`, for `make_train_dataset(augment_fn=...)`.
+    """
     return functools.partial(random_crop_flip, padding=padding)
 
 

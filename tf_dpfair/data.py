@@ -96,7 +96,18 @@ class ExampleSource:
         _check_element_spec(self.element_spec, self.group_spec)
 
     def load(self, index):
-        """Reads example `index` (int64 scalar tensor) as an element dict."""
+        """Reads one example.
+
+        Args:
+            index: int64 scalar tensor in [0, N).
+
+        Returns:
+            The element dict (see the module docstring).
+
+        Raises:
+            tf.errors.InvalidArgumentError: at run time, a group id is out of
+                range (only when `check_group_ids`).
+        """
         element = self._load_fn(index)
         if not self._check_group_ids:
             return element
@@ -112,7 +123,11 @@ class ExampleSource:
             return tf.nest.map_structure(tf.identity, element)
 
     def zeros(self):
-        """An all-zero element of this source's structure (for padding rows)."""
+        """An all-zero element of this source's structure (for padding rows).
+
+        Returns:
+            An element dict of zero tensors matching `element_spec`.
+        """
         return tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype),
                                      self.element_spec)
 
@@ -236,7 +251,14 @@ def resize_image(image, image_size):
 
 
 def image_to_float(image):
-    """uint8 images to float32 in [0, 1]; float images are only cast to float32."""
+    """Converts images to float32 in [0, 1].
+
+    Args:
+        image: uint8 (scaled by 1/255) or float (only cast) tensor, any shape.
+
+    Returns:
+        float32 tensor of the same shape.
+    """
     if image.dtype == tf.uint8:
         return tf.cast(image, tf.float32) / 255.0
     return tf.cast(image, tf.float32)

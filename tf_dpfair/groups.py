@@ -39,16 +39,30 @@ class GroupSpec:
 
     @property
     def attributes(self):
-        """The attribute names, a tuple of str."""
+        """The attribute names, a tuple of str (empty when there are no groups)."""
         return tuple(self._names)
 
     def names(self, attribute):
-        """The group names of `attribute`, indexed by group id."""
+        """The group names of `attribute`, indexed by group id.
+
+        Args:
+            attribute: an attribute name, e.g. "sex".
+
+        Returns:
+            A tuple of str; group id i is `names(attribute)[i]`.
+
+        Raises:
+            KeyError: unknown attribute.
+        """
         self._check_attribute(attribute)
         return self._names[attribute]
 
     def num_groups(self, attribute):
-        """The number of groups of `attribute`."""
+        """The number of groups of `attribute` (ids are 0 .. num_groups - 1).
+
+        Raises:
+            KeyError: unknown attribute.
+        """
         return len(self.names(attribute))
 
     def to_dict(self):

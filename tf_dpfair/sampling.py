@@ -263,12 +263,31 @@ def _check_seed(seed):
 
 
 def stream_seed(seed, stream):
-    """Returns the int64 [2] base seed of one random stream of a run."""
+    """The base seed of one random stream (sampling, shuffling, augmentation).
+
+    Args:
+        seed: the run's integer seed, in [0, 2**63).
+        stream: one of `SAMPLING_STREAM`, `SHUFFLE_STREAM`, `AUGMENT_STREAM`.
+
+    Returns:
+        int64 `[2]` tensor.
+
+    Raises:
+        ValueError: the seed is not an integer in range.
+    """
     return tf.constant([_check_seed(seed), stream], tf.int64)
 
 
 def fold_in(seed, data):
-    """Derives an independent int64 [2] seed from `seed` and an integer tensor."""
+    """Derives a new stateless seed from `seed` and an integer (Philox).
+
+    Args:
+        seed: int64 `[2]` seed.
+        data: integer scalar tensor (an update or example index).
+
+    Returns:
+        int64 `[2]` seed, distinct for distinct `data`.
+    """
     return tf.random.experimental.stateless_fold_in(
             seed, tf.cast(data, tf.int64), alg=_ALG)
 
@@ -400,7 +419,9 @@ def index_dataset(spec, seed, *, start_step=0, num_steps=None):
     steps = tf.data.Dataset.counter(start=start_step, dtype=tf.int64)
     if num_steps is not None:
         steps = steps.take(num_steps)
-    return steps.map(sample)
+    # Each update's draw depends on (seed, step) only, so parallel calls keep
+    # the result deterministic; deterministic=True keeps the order.
+    return steps.map(sample, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def drawn_batch_sizes(spec, seed, *, start_step=0, num_steps):

@@ -89,12 +89,14 @@ def read_table(csv_path, *, labels=EVAL_PATHOLOGIES, uncertain=common.ZEROS):
     table = pd.read_csv(csv_path, dtype={"Path": str, "Sex": str})
     missing = [c for c in META_COLUMNS + tuple(labels) if c not in table.columns]
     if missing:
-        raise ValueError(f"CheXpert: {csv_path} lacks the columns {missing}; expected {list(COLUMNS)}.")
+        raise ValueError(
+                f"CheXpert: {csv_path} lacks the columns {missing}; expected {list(COLUMNS)}.")
     paths = table["Path"].to_numpy(dtype=str)
     patients = [_PATIENT.search(p) for p in paths]
     if not all(patients):
         bad = paths[[m is None for m in patients].index(True)]
-        raise ValueError(f"CheXpert: no patient id (patientNNNNN) in the path {bad!r} of {csv_path}.")
+        raise ValueError(
+                f"CheXpert: no patient id (patientNNNNN) in the path {bad!r} of {csv_path}.")
     targets, mask = common.chexpert_labels(table[list(labels)].to_numpy(np.float64), policies)
     return {
             "path": paths,
@@ -172,7 +174,8 @@ def _check_labels(labels):
     labels = tuple(labels)
     unknown = [label for label in labels if label not in OBSERVATIONS]
     if unknown or not labels:
-        raise ValueError(f"Unknown CheXpert labels {unknown or labels}; choose from {OBSERVATIONS}.")
+        raise ValueError(
+                f"Unknown CheXpert labels {unknown or labels}; choose from {OBSERVATIONS}.")
     return labels
 
 

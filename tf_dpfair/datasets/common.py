@@ -46,6 +46,11 @@ def find_file(directory, names, dataset, hint=""):
 def check_image_files(paths, dataset, max_listed=3):
     """Raises if any image file is missing, naming a few of them.
 
+    Args:
+        paths: image file paths.
+        dataset: dataset name for the message.
+        max_listed: how many missing paths the message lists.
+
     Raises:
         FileNotFoundError: some paths do not exist.
     """

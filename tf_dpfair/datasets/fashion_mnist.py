@@ -71,7 +71,23 @@ def load(root=DEFAULT_ROOT, *, rotated_fraction=0.0, seed=0):
 
 
 def load_idx_splits(root, files, dataset, hint, *, rotated_fraction=0.0, seed=0):
-    """Loads splits of IDX image/label file pairs (shared with other MNIST-likes)."""
+    """Loads splits stored as IDX image/label file pairs (any MNIST-like dataset).
+
+    Args:
+        root: folder with the files.
+        files: dict split -> (image file name, label file name), without `.gz`.
+        dataset: dataset name for error messages.
+        hint: where to get the files, for error messages.
+        rotated_fraction: see `load`.
+        seed: seed of the rotated subgroup (split k uses `seed + k`).
+
+    Returns:
+        dict split -> `data.ExampleSource`.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: a file is malformed, or images and labels disagree.
+    """
     sources = {}
     for offset, (split, (image_name, label_name)) in enumerate(files.items()):
         images = read_idx(common.find_file(root, (image_name + ".gz", image_name), dataset, hint))
@@ -86,7 +102,21 @@ def load_idx_splits(root, files, dataset, hint, *, rotated_fraction=0.0, seed=0)
 
 
 def from_digits(images, labels, *, rotated_fraction=0.0, seed=0):
-    """An `ExampleSource` of MNIST-like images, optionally with a rotated subgroup."""
+    """An in-memory `ExampleSource` of MNIST-like images.
+
+    Args:
+        images: uint8 `[N, H, W, 1]`.
+        labels: integer class ids `[N]`.
+        rotated_fraction: fraction rotated by 90 degrees (group
+            "orientation"); 0 means no groups.
+        seed: seed choosing the rotated images.
+
+    Returns:
+        `data.ExampleSource`.
+
+    Raises:
+        ValueError: `rotated_fraction` is out of range.
+    """
     if rotated_fraction == 0.0:
         return data.ExampleSource.from_arrays(images, labels.astype(np.int32))
     images, ids = common.rotate_subgroup(images, rotated_fraction, seed)

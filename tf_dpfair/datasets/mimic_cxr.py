@@ -48,7 +48,18 @@ _HINT = ("MIMIC-CXR-JPG and MIMIC-IV are on https://physionet.org (credentialed 
 
 
 def race_group(value):
-    """Maps a MIMIC-IV race string to a group name of `RACE_NAMES` (None = unknown)."""
+    """Maps a MIMIC-IV race string to a group of `RACE_NAMES`.
+
+    WHITE*, BLACK*, ASIAN*, HISPANIC* and SOUTH AMERICAN go to white, black,
+    asian and hispanic; not-stated values (UNKNOWN, UNABLE TO OBTAIN, PATIENT
+    DECLINED TO ANSWER) to None; everything else to "other".
+
+    Args:
+        value: a non-empty race string.
+
+    Returns:
+        A group name, or None for unknown.
+    """
     value = value.upper()
     if value in _NOT_STATED:
         return None
@@ -60,7 +71,15 @@ def race_group(value):
 
 
 def insurance_group(value):
-    """Maps a MIMIC-IV insurance string to a group name of `INSURANCE_NAMES`."""
+    """Maps a MIMIC-IV insurance string to a group of `INSURANCE_NAMES`.
+
+    Args:
+        value: a non-empty insurance string (Medicare, Medicaid, Private,
+            Other, No charge, ...).
+
+    Returns:
+        "medicare", "medicaid", "private" or "other".
+    """
     value = value.lower()
     return value if value in ("medicare", "medicaid", "private") else "other"
 
@@ -92,7 +111,8 @@ def load(root, *, mimic_iv_dir=None, labels=EVAL_PATHOLOGIES, uncertain=common.Z
     labels = tuple(labels)
     unknown = [label for label in labels if label not in OBSERVATIONS]
     if unknown or not labels:
-        raise ValueError(f"Unknown MIMIC-CXR labels {unknown or labels}; choose from {OBSERVATIONS}.")
+        raise ValueError(
+                f"Unknown MIMIC-CXR labels {unknown or labels}; choose from {OBSERVATIONS}.")
     policies = common.resolve_policies(uncertain, labels)
     images = _read(root, SPLIT_FILE, ("dicom_id", "study_id", "subject_id", "split"))
     studies = _read(root, LABELS_FILE, ("subject_id", "study_id") + labels)
@@ -124,7 +144,17 @@ def load(root, *, mimic_iv_dir=None, labels=EVAL_PATHOLOGIES, uncertain=common.Z
 
 
 def image_path(root, subject_id, study_id, dicom_id):
-    """Returns root/files/pXX/pSUBJECT/sSTUDY/DICOM.jpg for one image."""
+    """The JPEG path of one image: root/files/pXX/pSUBJECT/sSTUDY/DICOM.jpg.
+
+    Args:
+        root: the MIMIC-CXR-JPG folder.
+        subject_id: int subject id (XX is its first two digits).
+        study_id: int study id.
+        dicom_id: str image id.
+
+    Returns:
+        The path as a str.
+    """
     subject = str(int(subject_id))
     return os.path.join(root, "files", "p" + subject[:2], "p" + subject,
                         f"s{int(study_id)}", f"{dicom_id}.jpg")

@@ -35,7 +35,15 @@ _PROPORTIONS = {"sex": SEX_PROPORTIONS, "age": AGE_PROPORTIONS}
 
 
 def templates(image_size=32):
-    """The blob of each label: float32 `[5, image_size, image_size]`, peak 1."""
+    """The blob that a positive label adds to the image, one per label.
+
+    Args:
+        image_size: side of the square images.
+
+    Returns:
+        float32 `[5, image_size, image_size]`, Gaussian blobs of peak 1 in
+        `LABELS` order.
+    """
     grid = (np.arange(image_size) + 0.5) / image_size
     rows, cols = np.meshgrid(grid, grid, indexing="ij")
     width = 0.1
