@@ -317,7 +317,8 @@ def step_indices(spec, seed, step):
     if spec.mode == POISSON:
         draws = tf.random.stateless_uniform(
                 [spec.num_examples], fold_in(stream_seed(seed, SAMPLING_STREAM), step),
-                dtype=tf.float64, alg=_ALG)  # float64: q is not rounded to 2^-24
+                # float64, so P(draw < q) is q itself, not q rounded to float32's grid.
+                dtype=tf.float64, alg=_ALG)
         chosen = tf.where(draws < spec.sampling_probability)[:, 0]
         num_drawn = tf.size(chosen, out_type=tf.int64)
 
