@@ -1,6 +1,10 @@
-"""The `make demo` job: private training of a small CNN on Fashion-MNIST."""
+"""The `make demo` job: private training of a small CNN on Fashion-MNIST.
 
-import gzip
+Logical batches are drawn by true Poisson sampling (`tf_dpfair.data`), so the
+privacy statement uses the Poisson accountant, and the pipeline's sampling
+spec is handed to the accountant so the two cannot disagree.
+"""
+
 import os
 import time
 
@@ -8,54 +12,43 @@ import keras
 import numpy as np
 
 import tf_dpfair as dpf
-
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-
-
-def read_idx(path):
-    """Reads one gzip IDX file (the MNIST file format) into a numpy array."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+from tf_dpfair import data
+from tf_dpfair.datasets import fashion_mnist
 
 
-def load_data(directory=FASHION_MNIST_DIR, synthetic_examples=6000, seed=0):
-    """Returns ((x_train, y_train), (x_test, y_test), description).
+def synthetic_sources(num_train, seed=0):
+    """A small 10-class stand-in for Fashion-MNIST: smooth prototypes + noise.
 
-    Real Fashion-MNIST when `directory` holds its four IDX files; otherwise a
-    small synthetic 10-class set of 28x28 images, and the description says so.
+    Returns:
+      dict "train", "test" -> `data.ExampleSource` of [28, 28, 1] images.
     """
-    names = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
-    paths = [os.path.join(directory, n) for n in names]
-    if all(os.path.exists(p) for p in paths):
-        x_train, y_train, x_test, y_test = (read_idx(p) for p in paths)
-        x_train = (x_train[..., None] / 255.0).astype(np.float32)
-        x_test = (x_test[..., None] / 255.0).astype(np.float32)
-        return ((x_train, y_train.astype(np.int32)),
-                (x_test, y_test.astype(np.int32)),
-                f"Fashion-MNIST from {directory}")
-    print(f"Fashion-MNIST not found in {directory} (expected {', '.join(names)}); "
-          f"install Debian's dataset-fashion-mnist package for the real data. "
-          f"Using {synthetic_examples} synthetic examples instead.")
     rng = np.random.default_rng(seed)
     # Smooth class prototypes (7x7 upsampled to 28x28): spatial structure a
     # small CNN can pick up, like real garments.
     coarse = rng.uniform(0, 1, size=(10, 7, 7, 1))
-    prototypes = coarse.repeat(4, axis=1).repeat(4, axis=2).astype(np.float32)
+    prototypes = coarse.repeat(4, axis=1).repeat(4, axis=2)
 
     def make(n):
         y = rng.integers(0, 10, size=n).astype(np.int32)
         x = prototypes[y] + rng.normal(0, 0.3, size=(n, 28, 28, 1))
-        return np.clip(x, 0, 1).astype(np.float32), y
+        return data.ExampleSource.from_arrays(
+            np.clip(x, 0, 1).astype(np.float32), y)
 
-    return make(synthetic_examples), make(synthetic_examples // 5), "synthetic"
+    return {"train": make(num_train), "test": make(num_train // 5)}
+
+
+def load_sources(data_dir, synthetic_examples, seed):
+    """Fashion-MNIST from `data_dir`, else synthetic data; and a description."""
+    try:
+        return fashion_mnist.load(data_dir), f"Fashion-MNIST from {data_dir}"
+    except FileNotFoundError as error:
+        print(f"{error}\nInstall Debian's dataset-fashion-mnist package for the "
+              f"real data. Using {synthetic_examples} synthetic examples instead.")
+        return synthetic_sources(synthetic_examples, seed), "synthetic"
 
 
 def small_cnn(num_classes=10):
-    """Conv16-GroupNorm-MaxPool-Conv32-GlobalAvgPool-Dense for 28x28x1 images."""
+    """Conv16-GroupNorm-MaxPool-Conv32-MaxPool-Dense for 28x28x1 images."""
     inputs = keras.Input((28, 28, 1))
     h = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
     h = keras.layers.GroupNormalization(groups=4)(h)
@@ -69,22 +62,22 @@ def small_cnn(num_classes=10):
 
 def run(target_epsilon=3.0, delta=1e-5, epochs=3, batch_size=1000,
         microbatch_size=100, l2_norm_clip=1.0, learning_rate=2.0, seed=0,
-        data_dir=FASHION_MNIST_DIR, synthetic_examples=6000):
-    """Trains privately and returns a dict of the results.
-
-    Logical batches are shuffled fixed-size batches, so the privacy statement
-    uses the "shuffle" accounting (no amplification by subsampling).
-    """
+        data_dir=fashion_mnist.DEFAULT_ROOT, synthetic_examples=6000):
+    """Trains privately and returns a dict of the results."""
     keras.utils.set_random_seed(seed)
-    (x_train, y_train), (x_test, y_test), source = load_data(
-        data_dir, synthetic_examples=synthetic_examples, seed=seed)
-    n = len(x_train)
-    steps = epochs * (n // batch_size)
+    sources, description = load_sources(data_dir, synthetic_examples, seed)
+    train = data.make_train_dataset(
+        sources["train"], expected_batch_size=batch_size,
+        seed=int.from_bytes(os.urandom(7), "big"),  # secret sampling seed
+        mode="poisson", microbatch_size=microbatch_size)
+    spec = train.spec
+    steps = epochs * spec.steps_per_epoch
     sigma = dpf.accounting.calibrate_noise_multiplier(
-        target_epsilon=target_epsilon, sampling_probability=batch_size / n,
-        steps=steps, delta=delta, sampling="shuffle")
-    print(f"Data: {source}, {n} training examples. Noise multiplier "
-          f"{sigma:.3f} for epsilon {target_epsilon} over {steps} updates.")
+        target_epsilon=target_epsilon, delta=delta,
+        **spec.accountant_kwargs(steps))
+    print(f"Data: {description}, {spec.num_examples} training examples. Noise "
+          f"multiplier {sigma:.3f} for epsilon {target_epsilon} over {steps} "
+          f"updates.")
     config = dpf.DPConfig(l2_norm_clip=l2_norm_clip, noise_multiplier=sigma,
                           expected_batch_size=batch_size,
                           microbatch_size=microbatch_size, ema_decay=0.99)
@@ -93,20 +86,18 @@ def run(target_epsilon=3.0, delta=1e-5, epochs=3, batch_size=1000,
                   loss=keras.losses.SparseCategoricalCrossentropy(
                       from_logits=True),
                   metrics=["accuracy"])
-    logger = dpf.callbacks.PrivacyLogger(num_examples=n, delta=delta,
-                                         sampling="shuffle")
+    logger = dpf.callbacks.PrivacyLogger(delta=delta, sampling_spec=spec)
     start = time.time()
-    # drop_remainder keeps every epoch a partition into full batches, which
-    # is what the "shuffle" accounting assumes.
-    model.fit(x_train[: (n // batch_size) * batch_size],
-              y_train[: (n // batch_size) * batch_size],
-              batch_size=batch_size, epochs=epochs, callbacks=[logger],
-              verbose=2)
-    _, accuracy = model.evaluate(x_test, y_test, verbose=0)
+    model.fit(train.dataset, epochs=epochs, steps_per_epoch=spec.steps_per_epoch,
+              callbacks=[logger], verbose=2)
+    test = data.make_eval_dataset(sources["test"], batch_size=1000,
+                                  with_groups=False)
+    _, accuracy = model.evaluate(test, verbose=0)
     with model.ema_weights():
-        _, ema_accuracy = model.evaluate(x_test, y_test, verbose=0)
-    return {"source": source, "test_accuracy": accuracy,
+        _, ema_accuracy = model.evaluate(test, verbose=0)
+    return {"source": description, "test_accuracy": accuracy,
             "ema_test_accuracy": ema_accuracy,
-            "epsilon": logger.statement().epsilon, "delta": delta,
+            "epsilon": logger.statement().epsilon,
+            "delta": logger.statement().delta,
             "statement": str(logger.statement()),
             "seconds": time.time() - start}

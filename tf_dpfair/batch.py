@@ -13,6 +13,7 @@ A batch is what `keras.Model.fit` expects: `(x, y)` or `(x, y, sample_weight)`.
 
 LABEL_KEY = "label"
 GROUPS_KEY = "groups"
+LABEL_MASK_KEY = "label_mask"
 
 
 def split_labels(y):
@@ -34,3 +35,10 @@ def split_labels(y):
                     f"{GROUPS_KEY!r}); got keys {sorted(y)}.")
         return y[LABEL_KEY], y.get(GROUPS_KEY)
     return y, None
+
+
+def label_mask_of(y):
+    """Returns the `[B, L]` label mask of `y`, or None when it has none."""
+    if isinstance(y, dict):
+        return y.get(LABEL_MASK_KEY)
+    return None

@@ -1,5 +1,7 @@
 """Keras callbacks: epsilon in the logs, a budget stop, EMA evaluation."""
 
+import dataclasses
+
 import keras
 
 from tf_dpfair import accounting
@@ -19,22 +21,39 @@ class PrivacyLogger(keras.callbacks.Callback):
     would take epsilon above it, and refuses to start if not even one more
     update fits.
 
+    Give it the pipeline's `sampling_spec` (from `tf_dpfair.data`) so the
+    accountant's assumption is the pipeline's own; then `num_examples` and
+    `sampling` come from the spec, and the delta of the statement includes
+    the spec's allowance for truncated Poisson batches.
+
     Args:
-      num_examples: N, the size of the training set.
-      delta: the delta of the statement (1/N or smaller is customary).
+      num_examples: N, the size of the training set (or from `sampling_spec`).
+      delta: the delta the accountant targets (1/N or smaller is customary).
       sampling: "poisson" or "shuffle": how the pipeline draws logical batches
-        (see `tf_dpfair.accounting`).
+        (see `tf_dpfair.accounting`); ignored with `sampling_spec`.
       accountant: "rdp" or "pld".
       target_epsilon: optional budget; None never stops training.
       verbose: 1 prints the privacy statement at the end of training.
+      sampling_spec: the `tf_dpfair.sampling.SamplingSpec` of the pipeline.
 
     Raises:
       ValueError: bad arguments (see `accounting.privacy_statement`).
     """
 
-    def __init__(self, num_examples, delta, sampling="poisson",
-                 accountant="rdp", target_epsilon=None, verbose=1):
+    def __init__(self, num_examples=None, delta=None, sampling="poisson",
+                 accountant="rdp", target_epsilon=None, verbose=1,
+                 sampling_spec=None):
         super().__init__()
+        self.sampling_spec = sampling_spec
+        if sampling_spec is not None:
+            if num_examples not in (None, sampling_spec.num_examples):
+                raise ValueError(
+                    f"num_examples={num_examples} disagrees with the sampling "
+                    f"spec's {sampling_spec.num_examples}; pass one of them.")
+            num_examples = sampling_spec.num_examples
+            sampling = sampling_spec.accounting_sampling
+        if delta is None:
+            raise ValueError("delta is required (1/N or smaller is customary).")
         if not isinstance(num_examples, int) or num_examples < 1:
             raise ValueError(f"num_examples must be a positive integer, got "
                              f"{num_examples!r}.")
@@ -68,12 +87,24 @@ class PrivacyLogger(keras.callbacks.Callback):
             raise ValueError(
                 f"expected_batch_size {config.expected_batch_size} is larger "
                 f"than num_examples {self.num_examples}.")
-        return accounting.privacy_statement(
+        spec = self.sampling_spec
+        if spec is not None and spec.expected_batch_size != config.expected_batch_size:
+            raise ValueError(
+                f"The pipeline samples batches of expected size "
+                f"{spec.expected_batch_size} but DPConfig.expected_batch_size is "
+                f"{config.expected_batch_size}: the noise would be calibrated "
+                f"to the wrong batch. Make them equal.")
+        steps = self.model.update_count if steps is None else steps
+        statement = accounting.privacy_statement(
             noise_multiplier=config.noise_multiplier,
             sampling_probability=config.expected_batch_size / self.num_examples,
-            steps=self.model.update_count if steps is None else steps,
-            delta=self.delta, sampling=self.sampling,
+            steps=steps, delta=self.delta, sampling=self.sampling,
             accountant=self.accountant)
+        if spec is not None:
+            overhead = spec.delta_overhead(steps, statement.epsilon)
+            statement = dataclasses.replace(statement,
+                                            delta=statement.delta + overhead)
+        return statement
 
     def _updates_per_call(self):
         return int(getattr(self.model, "steps_per_execution", 1) or 1)
@@ -111,6 +142,8 @@ class PrivacyLogger(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.verbose:
             print(f"Privacy: {self.statement()}")
+            if self.sampling_spec is not None:
+                print(self.sampling_spec.statement())
             if self.stopped_for_budget:
                 print(f"Training stopped after {self.model.update_count} "
                       f"updates: one more would exceed the budget "

@@ -129,35 +129,49 @@ class DPTraining:
         if len(tf.nest.flatten(y_pred)) != 1:
             raise ValueError("DPModel supports models with a single output.")
 
-    def _per_example_losses(self, labels, y_pred):
-        """Unreduced, unscaled loss of each row: [n]."""
+    def _per_example_losses(self, labels, y_pred, label_mask=None):
+        """Unreduced, unscaled loss of each row: [n].
+
+        With `label_mask` ([n, L]), each label's loss is computed on its own
+        and the row's loss is the mean over the labels the mask keeps.
+        """
         loss = self.loss
-        if isinstance(loss, keras.losses.Loss):
-            values = loss.call(labels, y_pred)
-        else:
-            # `call`, not `__call__`: Keras loss objects divide by the replica
-            # count under tf.distribute, which would shrink every gradient.
-            values = keras.losses.get(loss)(labels, y_pred)
-        values = tf.cast(values, tf.float32)
+        # `call`, not `__call__`: Keras loss objects divide by the replica
+        # count under tf.distribute, which would shrink every gradient.
+        loss_fn = (loss.call if isinstance(loss, keras.losses.Loss)
+                   else keras.losses.get(loss))
+        if label_mask is not None:
+            per_label = tf.cast(loss_fn(labels[..., tf.newaxis],
+                                        y_pred[..., tf.newaxis]), tf.float32)
+            mask = tf.cast(label_mask, tf.float32)
+            return tf.math.divide_no_nan(tf.reduce_sum(per_label * mask, -1),
+                                         tf.reduce_sum(mask, -1))
+        values = tf.cast(loss_fn(labels, y_pred), tf.float32)
         return tf.reduce_mean(tf.reshape(values, [tf.shape(values)[0], -1]),
                               axis=1)
 
     def _example_loss(self, example):
         """Loss and prediction of ONE example (K views averaged)."""
-        x, label = example
+        x, targets = example
+        label, label_mask = targets["label"], targets.get("mask")
         if self._dp_config.augmult > 1:
             views = self._dp_config.augmult
             x_views = x
-            labels = tf.repeat(label[tf.newaxis], views, axis=0)
+            repeat = lambda t: tf.repeat(t[tf.newaxis], views, axis=0)
         else:
             x_views = tf.nest.map_structure(lambda t: t[tf.newaxis], x)
-            labels = label[tf.newaxis]
+            repeat = lambda t: t[tf.newaxis]
         y_pred = self(x_views, training=True)
-        loss = tf.reduce_mean(self._per_example_losses(labels, y_pred))
+        mask = None if label_mask is None else repeat(label_mask)
+        loss = tf.reduce_mean(
+            self._per_example_losses(repeat(label), y_pred, mask))
         return loss, tf.reduce_mean(tf.cast(y_pred, tf.float32), axis=0)
 
-    def _clipped_sum_over_microbatches(self, x, labels, weights):
+    def _clipped_sum_over_microbatches(self, x, targets, weights):
         """Runs `clipped_gradient_sum` over micro-batches with a while loop.
+
+        `targets` is `{"label": [n, ...]}`, plus `"mask"` ([n, L]) when labels
+        may be unknown.
 
         Returns:
           (gradient sums, per-row losses [n], predictions [n, ...], norms [n],
@@ -174,7 +188,7 @@ class DPTraining:
             return tf.reshape(t, [-1, m] + t.shape[1:].as_list())
 
         xs = tf.nest.map_structure(to_microbatches, x)
-        ys = to_microbatches(labels)
+        ys = tf.nest.map_structure(to_microbatches, targets)
         ws = to_microbatches(weights)
 
         def body(i, sums, losses, outputs, norms, nonfinite):
@@ -222,6 +236,9 @@ class DPTraining:
         """One DP-SGD update on one logical batch (see the module docstring)."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         labels, _ = batch.split_labels(y)  # Groups never touch training.
+        targets = {"label": labels}
+        if batch.label_mask_of(y) is not None:
+            targets["mask"] = batch.label_mask_of(y)
         config = self._dp_config
         first = tf.nest.flatten(x)[0]
         if config.augmult > 1 and (first.shape.rank < 2
@@ -239,7 +256,7 @@ class DPTraining:
         variables = self.trainable_variables
 
         sums, losses, y_pred, norms, nonfinite = (
-            self._clipped_sum_over_microbatches(x, labels, weights))
+            self._clipped_sum_over_microbatches(x, targets, weights))
         self._check_model(y_pred)
 
         context = tf.distribute.get_replica_context()
