@@ -1,8 +1,9 @@
 """Writes the Bazel BUILD file from the Python sources, so it stays in sync.
 
-One `py_library` per package module, one `py_test` per `tests/*_test.py`, one
-`py_binary` per script under `experiments/` and `benchmarks/`; `deps` come
-from each file's `tf_dpfair` imports. `tests/build_test.py` fails when BUILD
+One `py_library` per package module and per helper module (`experiments/*_lib.py`,
+`tests/*.py` that are not tests), one `py_test` per `tests/*_test.py`, one
+`py_binary` per other script under `experiments/` and `benchmarks/`; `deps`
+come from each file's imports of those modules. `tests/build_test.py` fails when BUILD
 differs from what this script writes.
 
 Usage: python tools/gen_build.py [--check]
@@ -28,6 +29,14 @@ def module_of(path):
 
 def library_sources():
     return sorted(p.relative_to(ROOT) for p in (ROOT / "tf_dpfair").rglob("*.py"))
+
+
+def helper_sources():
+    """Script-side libraries, imported by their bare module name."""
+    helpers = sorted((ROOT / "experiments").glob("*_lib.py"))
+    helpers += [p for p in sorted((ROOT / "tests").glob("*.py"))
+                if not p.name.endswith("_test.py") and p.name != "conftest.py"]
+    return [p.relative_to(ROOT) for p in helpers]
 
 
 def package_data():
@@ -74,6 +83,7 @@ def generate():
     """Returns the text of BUILD."""
     libs = library_sources()
     known = {module_of(p): target_name(p) for p in libs}
+    known.update({p.stem: target_name(p) for p in helper_sources()})
     blocks = [HEADER.rstrip("\n")]
     data = package_data()
     for path in libs:
@@ -87,20 +97,19 @@ def generate():
                 extra += ("\n" if extra else "") + "    data = [" + ", ".join(
                     f'"{n}"' for n in names) + "],"
         blocks.append(rule("py_library", target_name(path), [path], deps, extra))
+    for path in helper_sources():
+        deps = {known[m] for m in imported_modules(path, known)} - {target_name(path)}
+        blocks.append(rule("py_library", target_name(path), [path], deps))
     for directory, kind in (("experiments", "py_binary"),
                             ("benchmarks", "py_binary"), ("tests", "py_test")):
         for path in sorted((ROOT / directory).glob("*.py")):
             path = path.relative_to(ROOT)
             if kind == "py_test" and not path.name.endswith("_test.py"):
                 continue
-            if kind == "py_binary" and path.name.endswith("_lib.py"):
+            if path in helper_sources():
                 continue
             deps = {known[m] for m in imported_modules(path, known)}
             srcs = [path]
-            lib = path.with_name(path.stem + "_lib.py")
-            if (ROOT / lib).exists():
-                srcs.append(lib)
-                deps |= {known[m] for m in imported_modules(lib, known)}
             if kind == "py_test":
                 srcs.append(pathlib.Path("tests/conftest.py"))
             extra = f'    main = "{path}",'
