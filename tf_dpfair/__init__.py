@@ -11,6 +11,8 @@ from tf_dpfair import models
 from tf_dpfair import reports
 from tf_dpfair import sampling
 from tf_dpfair.config import DPConfig
+from tf_dpfair.grouped import NonPrivateModel
+from tf_dpfair.grouped import make_non_private
 from tf_dpfair.model import DPModel
 from tf_dpfair.model import DPTraining
 from tf_dpfair.model import PrivateModel

@@ -29,10 +29,11 @@ from tf_dpfair import clipping
 from tf_dpfair import ema
 from tf_dpfair import noise
 from tf_dpfair.config import DPConfig
+from tf_dpfair.grouped import GroupedEvaluation
 from tf_dpfair.models import batchnorm
 
 
-class DPTraining:
+class DPTraining(GroupedEvaluation):
     """The DP-SGD `train_step` and its bookkeeping, mixed into Keras models.
 
     `DPModel` (functional models) and `PrivateModel` (any other model) use it;
@@ -47,7 +48,6 @@ class DPTraining:
             raise TypeError(
                 f"DPModel needs dp_config=DPConfig(...), got {dp_config!r}.")
         self._dp_config = dp_config
-        self._group_metrics = []
         self._ema_shadows = None
         self._update_count = self.add_weight(
             shape=(), dtype="int64", initializer="zeros", trainable=False,
@@ -84,12 +84,8 @@ class DPTraining:
         if loss is None:
             raise ValueError("DPModel.compile needs a loss: per-example "
                              "gradients are gradients of the per-example loss.")
-        metrics = list(metrics or [])
-        self._group_metrics = [m for m in metrics
-                               if getattr(m, "needs_groups", False)]
-        other = [m for m in metrics if not getattr(m, "needs_groups", False)]
         super().compile(optimizer=optimizer, loss=loss,
-                        loss_weights=loss_weights, metrics=other or None,
+                        loss_weights=loss_weights, metrics=metrics,
                         jit_compile=jit_compile, **kwargs)
         if self._dp_config.ema_decay is not None and self._ema_shadows is None:
             if not self.built:
@@ -99,13 +95,6 @@ class DPTraining:
                     "so that EMA shadows can be created for its weights.")
             self._ema_shadows = ema.create_shadows(self,
                                                    self.trainable_variables)
-
-    def compile_from_config(self, config):
-        """Re-compiles a loaded model, so EMA shadows exist before weights load."""
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
-        if self.optimizer is not None and self.built:
-            self.optimizer.build(self.trainable_variables)
 
     # ----------------------------------------------------------- the DP step
 
@@ -304,31 +293,12 @@ class DPTraining:
         ])
         if context is not None:
             counts = context.all_reduce(tf.distribute.ReduceOp.SUM, counts)
-        logs = self.compute_metrics(x, labels, y_pred, sample_weight=weights)
-        for metric in self._group_metrics:
-            # Never updated on training data, so nothing to report there.
-            for name in metric.result():
-                logs.pop(name, None)
+        logs = self.training_logs(x, labels, y_pred, weights)
         logs["clip_fraction"] = tf.math.divide_no_nan(counts[0], counts[1])
         logs["nonfinite_examples"] = counts[2]
         return logs
 
-    # ----------------------------------------------------------- evaluation
-
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
-                     training=True):
-        """Keras' `compute_loss` with the groups split off `y` (evaluation)."""
-        labels, _ = batch.split_labels(y)
-        return super().compute_loss(x, labels, y_pred, sample_weight, training)
-
-    def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        """Updates compiled metrics, and group metrics when `y` has groups."""
-        labels, groups = batch.split_labels(y)
-        if groups is not None:
-            for metric in self._group_metrics:
-                metric.update_state(labels, y_pred, sample_weight=sample_weight,
-                                    groups=groups)
-        return super().compute_metrics(x, labels, y_pred, sample_weight)
+    # ----------------------------------------------------------- EMA
 
     @contextlib.contextmanager
     def ema_weights(self):
