@@ -1,16 +1,26 @@
 """Times DP training against plain Keras training of the same model, in one run.
 
-Model: 32x32x3 input, Conv32-GroupNorm-MaxPool-Conv64-GlobalAvgPool-Dense10;
-2048 random examples, logical batch 256, noise multiplier 1, clip norm 1.
-The first (tracing) epoch is excluded; the figure is the ratio of median
-epoch times, DP / non-private.
+Models:
+- the benchmark CNN: 32x32x3 input, Conv32-GroupNorm-MaxPool-Conv64-
+  GlobalAvgPool-Dense10;
+- an NF-ResNet (depth 8) at 64x64x3.
+Random data, logical batch 256, noise multiplier 1, clip norm 1. For each
+clipping mode ("vectorized", "ghost", "auto") and for plain Keras `fit`, the
+median epoch time after the first (tracing) epoch gives examples per second;
+the DP / non-private ratio is in the same run. `--memory` also measures the
+peak resident memory of one update at logical batches 1,024 and 65,536 (same
+micro-batch), each in a fresh process, minus the input batch itself.
 
-Usage: python benchmarks/dp_overhead.py [--epochs 4] [--microbatch 64]
+Usage: python benchmarks/dp_overhead.py [--epochs 4] [--microbatch 64] [--memory]
 """
 
 import argparse
+import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -19,10 +29,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tf_dpfair as dpf  # noqa: E402
+from tf_dpfair import models  # noqa: E402
 
 
-def build_model(seed=0):
-    """The benchmark CNN."""
+def benchmark_cnn(seed=0):
+    """The benchmark CNN of the DP-overhead comparison."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((32, 32, 3))
     h = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(inputs)
@@ -32,6 +43,15 @@ def build_model(seed=0):
     h = keras.layers.GlobalAveragePooling2D()(h)
     outputs = keras.layers.Dense(10)(h)
     return keras.Model(inputs, outputs)
+
+
+def nf_resnet_64(seed=0):
+    keras.utils.set_random_seed(seed)
+    return models.nf_resnet((64, 64, 3), 10, depth=8)
+
+
+MODELS = {"cnn32": (benchmark_cnn, (32, 32, 3)),
+          "nf_resnet64": (nf_resnet_64, (64, 64, 3))}
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -47,15 +67,67 @@ class EpochTimer(keras.callbacks.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def time_fit(model, x, y, batch_size, epochs):
-    """Median epoch time of `fit`, first (tracing) epoch excluded."""
+def compile_model(model):
     model.compile(optimizer=keras.optimizers.SGD(0.1),
                   loss=keras.losses.SparseCategoricalCrossentropy(
                       from_logits=True))
+    return model
+
+
+def time_fit(model, x, y, batch_size, epochs):
+    """Median epoch time of `fit`, first (tracing) epoch excluded."""
     timer = EpochTimer()
-    model.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0,
-              callbacks=[timer], shuffle=False)
+    compile_model(model).fit(x, y, batch_size=batch_size, epochs=epochs,
+                             verbose=0, callbacks=[timer], shuffle=False)
     return statistics.median(timer.times[1:])
+
+
+def dp_config(batch, microbatch, clipping):
+    return dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=1.0,
+                        expected_batch_size=batch, microbatch_size=microbatch,
+                        clipping=clipping)
+
+
+def speed(name, args):
+    build, shape = MODELS[name]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.examples,) + shape).astype("float32")
+    y = rng.integers(0, 10, size=args.examples)
+    plain = time_fit(build(), x, y, args.batch, args.epochs)
+    print(f"[{name}] non-private: {args.examples / plain:.0f} ex/s")
+    for clipping in ("vectorized", "ghost", "auto"):
+        model = dpf.make_private(build(), dp_config(args.batch, args.microbatch,
+                                                    clipping))
+        private = time_fit(model, x, y, args.batch, args.epochs)
+        print(f"[{name}] DP {clipping:>10}: {args.examples / private:.0f} ex/s, "
+              f"DP / non-private = {private / plain:.2f}x", flush=True)
+
+
+def one_update_peak_memory(batch, microbatch, clipping):
+    """Peak RSS (MiB) of one DP update at logical batch `batch`, input excluded."""
+    build, shape = MODELS["cnn32"]
+    x = np.zeros((batch,) + shape, np.float32)
+    y = np.zeros(batch, np.int64)
+    model = compile_model(dpf.make_private(build(), dp_config(batch, microbatch,
+                                                              clipping)))
+    model.fit(x[:microbatch], y[:microbatch], batch_size=microbatch, verbose=0)
+    model.fit(x, y, batch_size=batch, verbose=0)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_mib - x.nbytes / 2**20
+
+
+def memory(args):
+    for clipping in ("vectorized", "ghost"):
+        peaks = {}
+        for batch in (1024, 65536):
+            out = subprocess.run(
+                [sys.executable, __file__, "--_memory_child",
+                 f"{batch},{args.microbatch},{clipping}"],
+                capture_output=True, text=True, check=True).stdout
+            peaks[batch] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
+        print(f"[memory, {clipping}] peak RSS minus input: logical 1,024: "
+              f"{peaks[1024]:.0f} MiB; 65,536: {peaks[65536]:.0f} MiB "
+              f"(ratio {peaks[65536] / peaks[1024]:.2f})", flush=True)
 
 
 def main():
@@ -64,22 +136,19 @@ def main():
     parser.add_argument("--examples", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--microbatch", type=int, default=64)
+    parser.add_argument("--models", default="cnn32,nf_resnet64")
+    parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--_memory_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(args.examples, 32, 32, 3)).astype("float32")
-    y = rng.integers(0, 10, size=args.examples)
-
-    plain = time_fit(build_model(), x, y, args.batch, args.epochs)
-    config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=1.0,
-                          expected_batch_size=args.batch,
-                          microbatch_size=args.microbatch)
-    private = time_fit(dpf.make_private(build_model(), config), x, y,
-                       args.batch, args.epochs)
-    print(f"non-private: {plain:.3f} s/epoch ({args.examples / plain:.0f} ex/s)")
-    print(f"DP (microbatch {args.microbatch}): {private:.3f} s/epoch "
-          f"({args.examples / private:.0f} ex/s)")
-    print(f"DP / non-private time ratio: {private / plain:.2f}x")
+    if args._memory_child:
+        batch, microbatch, clipping = args._memory_child.split(",")
+        peak = one_update_peak_memory(int(batch), int(microbatch), clipping)
+        print(json.dumps({"peak_mib": peak}))
+        return
+    for name in args.models.split(","):
+        speed(name, args)
+    if args.memory:
+        memory(args)
 
 
 if __name__ == "__main__":

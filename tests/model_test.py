@@ -13,6 +13,12 @@ B0 = np.array([0.1], dtype=np.float32)
 LR = 0.5
 
 
+@pytest.fixture(params=["vectorized", "ghost"])
+def clipping(request):
+    """Both ways of computing clipped sums must satisfy every exact test."""
+    return request.param
+
+
 def linear_dp_model(config, strategy=None):
     """y = x @ W0 + B0 under DPModel, compiled with SGD(LR) and MSE."""
     scope = strategy.scope() if strategy else tf.distribute.get_strategy().scope()
@@ -63,9 +69,9 @@ def fit_one_update(model, x, y, sample_weight=None):
 
 
 @pytest.mark.parametrize("microbatch", [1, 4, 8])
-def test_update_equals_mean_of_clipped_per_example_gradients(microbatch):
+def test_update_equals_mean_of_clipped_per_example_gradients(microbatch, clipping):
     x, y = data(8)
-    config = dpf.DPConfig(l2_norm_clip=1.5, noise_multiplier=0.0,
+    config = dpf.DPConfig(clipping=clipping, l2_norm_clip=1.5, noise_multiplier=0.0,
                           expected_batch_size=10, microbatch_size=microbatch)
     model = linear_dp_model(config)
     fit_one_update(model, x, y)
@@ -84,9 +90,9 @@ def test_clipping_was_active_in_exact_test():
     assert np.abs(unclipped[0] - clipped[0]).max() > 0.1
 
 
-def test_huge_clip_equals_plain_sgd_step():
+def test_huge_clip_equals_plain_sgd_step(clipping):
     x, y = data(16)
-    config = dpf.DPConfig(l2_norm_clip=1e9, noise_multiplier=0.0,
+    config = dpf.DPConfig(clipping=clipping, l2_norm_clip=1e9, noise_multiplier=0.0,
                           expected_batch_size=16, microbatch_size=4)
     model = linear_dp_model(config)
     fit_one_update(model, x, y)
@@ -103,11 +109,11 @@ def test_huge_clip_equals_plain_sgd_step():
         np.testing.assert_allclose(dp_var.numpy(), var.numpy(), rtol=1e-5)
 
 
-def test_microbatches_of_m_equal_one_pass_over_k_times_m():
+def test_microbatches_of_m_equal_one_pass_over_k_times_m(clipping):
     x, y = data(24, seed=3)
     results = []
     for microbatch in (4, 24):
-        config = dpf.DPConfig(l2_norm_clip=0.7, noise_multiplier=0.0,
+        config = dpf.DPConfig(clipping=clipping, l2_norm_clip=0.7, noise_multiplier=0.0,
                               expected_batch_size=24, microbatch_size=microbatch)
         model = linear_dp_model(config)
         fit_one_update(model, x, y)
@@ -115,10 +121,10 @@ def test_microbatches_of_m_equal_one_pass_over_k_times_m():
     np.testing.assert_allclose(results[0], results[1], rtol=1e-6)
 
 
-def test_ragged_last_batch_is_padded_and_masked():
+def test_ragged_last_batch_is_padded_and_masked(clipping):
     # 10 examples, micro-batch 4: the step pads to 12 with weight 0.
     x, y = data(10, seed=5)
-    config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=0.0,
+    config = dpf.DPConfig(clipping=clipping, l2_norm_clip=1.0, noise_multiplier=0.0,
                           expected_batch_size=10, microbatch_size=4)
     model = linear_dp_model(config)
     fit_one_update(model, x, y)
@@ -127,10 +133,10 @@ def test_ragged_last_batch_is_padded_and_masked():
                                np.concatenate(want, axis=None), rtol=1e-5)
 
 
-def test_sample_weights_mask_examples_and_all_padding_changes_nothing():
+def test_sample_weights_mask_examples_and_all_padding_changes_nothing(clipping):
     x, y = data(8, seed=7)
     mask = np.array([1, 0, 1, 0.5, 0, 1, 1, 0], dtype=np.float32)
-    config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=0.0,
+    config = dpf.DPConfig(clipping=clipping, l2_norm_clip=1.0, noise_multiplier=0.0,
                           expected_batch_size=8, microbatch_size=4)
     model = linear_dp_model(config)
     fit_one_update(model, x, y, sample_weight=mask)
@@ -156,9 +162,9 @@ def test_sample_weight_above_one_is_refused():
         fit_one_update(model, x, y, sample_weight=np.array([1, -1, 1, 1.0]))
 
 
-def test_weight_regularizer_is_added_after_clipping():
+def test_weight_regularizer_is_added_after_clipping(clipping):
     x, y = data(6, seed=11)
-    config = dpf.DPConfig(l2_norm_clip=0.5, noise_multiplier=0.0,
+    config = dpf.DPConfig(clipping=clipping, l2_norm_clip=0.5, noise_multiplier=0.0,
                           expected_batch_size=6, microbatch_size=3)
     inputs = keras.Input((3,))
     outputs = keras.layers.Dense(
@@ -181,9 +187,9 @@ def mirrored():
     return conftest.mirrored_strategy()
 
 
-def test_two_replicas_give_the_same_update_as_one():
+def test_two_replicas_give_the_same_update_as_one(clipping):
     x, y = data(16, seed=13)
-    config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=0.0,
+    config = dpf.DPConfig(clipping=clipping, l2_norm_clip=1.0, noise_multiplier=0.0,
                           expected_batch_size=16, microbatch_size=4)
     model = linear_dp_model(config, strategy=mirrored())
     fit_one_update(model, x, y)
@@ -245,12 +251,12 @@ def test_noise_differs_between_updates_and_seeds():
     assert model.update_count == 3
 
 
-def test_augmult_update_uses_mean_loss_over_views_per_example():
+def test_augmult_update_uses_mean_loss_over_views_per_example(clipping):
     rng = np.random.default_rng(17)
     views, n = 3, 6
     x = rng.normal(size=(n, views, 3)).astype(np.float32)
     y = rng.normal(size=(n, 1)).astype(np.float32)
-    config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=0.0,
+    config = dpf.DPConfig(clipping=clipping, l2_norm_clip=1.0, noise_multiplier=0.0,
                           expected_batch_size=n, microbatch_size=2,
                           augmult=views)
     model = linear_dp_model(config)
@@ -349,11 +355,11 @@ def test_make_private_shares_weights_and_accepts_subclassed_models():
         dpf.make_private(object(), config)
 
 
-def test_loss_reduction_of_user_loss_object_does_not_matter():
+def test_loss_reduction_of_user_loss_object_does_not_matter(clipping):
     x, y = data(8, seed=19)
     results = []
     for reduction in ("sum", "sum_over_batch_size", None):
-        config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=0.0,
+        config = dpf.DPConfig(clipping=clipping, l2_norm_clip=1.0, noise_multiplier=0.0,
                               expected_batch_size=8, microbatch_size=4)
         model = linear_dp_model(config)
         model.compile(optimizer=keras.optimizers.SGD(LR),
@@ -365,10 +371,10 @@ def test_loss_reduction_of_user_loss_object_does_not_matter():
         np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-def test_nonfinite_gradient_contributes_nothing_and_is_counted():
+def test_nonfinite_gradient_contributes_nothing_and_is_counted(clipping):
     x, y = data(4, seed=23)
     x[1, 0] = np.nan
-    config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=0.0,
+    config = dpf.DPConfig(clipping=clipping, l2_norm_clip=1.0, noise_multiplier=0.0,
                           expected_batch_size=4, microbatch_size=2)
     model = linear_dp_model(config)
     history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)

@@ -4,6 +4,8 @@ import dataclasses
 import math
 import secrets
 
+CLIPPING_MODES = ("auto", "vectorized", "ghost")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPConfig:
@@ -24,6 +26,11 @@ class DPConfig:
         views, so clipping stays per example. >= 1.
       ema_decay: decay of the exponential moving average of the trainable
         weights (the paper uses 0.9999), or None for no EMA. In [0, 1).
+      clipping: how per-example clipped gradients are computed: "vectorized"
+        (every example differentiated through the whole model with
+        `tf.vectorized_map`), "ghost" (norms from layer activations and one
+        reweighted backward pass; functional models only) or "auto" (ghost
+        where the model allows it, else vectorized). All give the same sum.
       seed: the secret seed of the noise stream. None (the default) draws a
         fresh secret seed. An explicit seed makes noise reproducible, so it is
         for tests only: anyone who knows it can subtract the noise. It is
@@ -36,6 +43,7 @@ class DPConfig:
     microbatch_size: int = 32
     augmult: int = 1
     ema_decay: float | None = None
+    clipping: str = "auto"
     seed: int | None = None
 
     def __post_init__(self):
@@ -56,6 +64,9 @@ class DPConfig:
                      and 0 <= self.ema_decay < 1,
                      f"ema_decay must be in [0, 1) or None, got "
                      f"{self.ema_decay!r}.")
+        _require(self.clipping in CLIPPING_MODES,
+                 f"clipping must be one of {CLIPPING_MODES}, got "
+                 f"{self.clipping!r}.")
         if self.seed is None:
             object.__setattr__(self, "seed", secrets.randbits(62))
         else:

@@ -27,6 +27,7 @@ import tensorflow as tf
 from tf_dpfair import batch
 from tf_dpfair import clipping
 from tf_dpfair import ema
+from tf_dpfair import ghost
 from tf_dpfair import noise
 from tf_dpfair.config import DPConfig
 from tf_dpfair.grouped import GroupedEvaluation
@@ -48,6 +49,7 @@ class DPTraining(GroupedEvaluation):
             raise TypeError(
                 f"DPModel needs dp_config=DPConfig(...), got {dp_config!r}.")
         self._dp_config = dp_config
+        self._ghost = None  # resolved at the first trace of train_step
         self._ema_shadows = None
         self._update_count = self.add_weight(
             shape=(), dtype="int64", initializer="zeros", trainable=False,
@@ -98,7 +100,7 @@ class DPTraining(GroupedEvaluation):
 
     # ----------------------------------------------------------- the DP step
 
-    def _check_model(self, y_pred):
+    def _check_model(self):
         offending = batchnorm.training_batchnorm_layers(self)
         if offending:
             names = ", ".join(layer.name for layer in offending)
@@ -115,7 +117,7 @@ class DPTraining(GroupedEvaluation):
             raise ValueError(
                 f"Activity regularizers depend on the data and are not "
                 f"clipped; remove them from: {', '.join(with_activity)}.")
-        if len(tf.nest.flatten(y_pred)) != 1:
+        if len(getattr(self, "outputs", None) or [None]) != 1:
             raise ValueError("DPModel supports models with a single output.")
 
     def _per_example_losses(self, labels, y_pred, label_mask=None):
@@ -180,12 +182,32 @@ class DPTraining(GroupedEvaluation):
         ys = tf.nest.map_structure(to_microbatches, targets)
         ws = to_microbatches(weights)
 
+        use_ghost = self._ghost_state() is not None
+
+        def vectorized(micro, micro_weights):
+            return clipping.clipped_gradient_sum(
+                self._example_loss, variables, micro, micro_weights,
+                self._dp_config.l2_norm_clip)
+
+        def fast(micro, micro_weights):
+            state = self._ghost_state()
+            result = ghost.clipped_gradient_sum(
+                state.taps, state.probe, variables,
+                lambda t, p: self._per_example_losses(t["label"], p,
+                                                      t.get("mask")),
+                micro[0], micro[1], micro_weights,
+                self._dp_config.l2_norm_clip, self._dp_config.augmult)
+            # A NaN/Inf in one example would leak into the batched backward
+            # pass; the vectorized path zeroes such an example exactly.
+            return tf.cond(tf.reduce_any(result.nonfinite),
+                           lambda: vectorized(micro, micro_weights),
+                           lambda: result)
+
         def body(i, sums, losses, outputs, norms, nonfinite):
             micro = tf.nest.map_structure(lambda t: t[i], (xs, ys))
-            r = clipping.clipped_gradient_sum(
-                self._example_loss, variables, micro, ws[i],
-                self._dp_config.l2_norm_clip)
-            sums = [s + g for s, g in zip(sums, r.gradient_sum)]
+            r = (fast if use_ghost else vectorized)(micro, ws[i])
+            sums = [s + tf.cast(g, tf.float32)
+                    for s, g in zip(sums, r.gradient_sum)]
             return (i + 1, sums, losses.write(i, r.losses),
                     outputs.write(i, r.outputs), norms.write(i, r.norms),
                     nonfinite.write(i, r.nonfinite))
@@ -206,6 +228,23 @@ class DPTraining(GroupedEvaluation):
 
         return (sums, rows(losses), rows(outputs), rows(norms),
                 rows(nonfinite))
+
+    def _ghost_state(self):
+        """The ghost-clipping taps of this model, or None for vectorized."""
+        if self._ghost is None:
+            mode = self._dp_config.clipping
+            taps = None if mode == "vectorized" else ghost.plan(self)
+            if taps is None and mode == "ghost":
+                raise ValueError(
+                    "DPConfig(clipping='ghost') needs a functional model whose "
+                    "layers with weights are each called once; use "
+                    "clipping='vectorized' or 'auto' for this model.")
+            if taps is None and mode == "auto":
+                print(f"tf_dpfair: {self.name} cannot use ghost clipping; "
+                      f"using vectorized per-example gradients.")
+            # A plain holder, so Keras does not track the probe model.
+            self._ghost = _GhostState(taps, taps and ghost.tap_model(self, taps))
+        return self._ghost if self._ghost.taps else None
 
     def _sample_weights(self, sample_weight, n):
         if sample_weight is None:
@@ -235,6 +274,7 @@ class DPTraining(GroupedEvaluation):
             raise ValueError(
                 f"DPConfig.augmult={config.augmult} needs inputs shaped "
                 f"[batch, {config.augmult}, ...]; got {first.shape}.")
+        self._check_model()
         n = tf.shape(first)[0]
         weights = self._sample_weights(sample_weight, n)
         if not all(layer.built for layer in self._flatten_layers()):
@@ -246,7 +286,6 @@ class DPTraining(GroupedEvaluation):
 
         sums, losses, y_pred, norms, nonfinite = (
             self._clipped_sum_over_microbatches(x, targets, weights))
-        self._check_model(y_pred)
 
         context = tf.distribute.get_replica_context()
         replica_id = context.replica_id_in_sync_group if context else 0
@@ -312,6 +351,14 @@ class DPTraining(GroupedEvaluation):
                              "DPConfig(ema_decay=...) and compile the model.")
         with ema.swapped(self.trainable_variables, self._ema_shadows):
             yield
+
+
+class _GhostState:
+    """Taps and probe model of ghost clipping (deliberately not trackable)."""
+
+    def __init__(self, taps, probe):
+        self.taps = taps
+        self.probe = probe
 
 
 @keras.saving.register_keras_serializable(package="tf_dpfair")
