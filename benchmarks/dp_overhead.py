@@ -6,12 +6,14 @@ Models:
 - an NF-ResNet (depth 8) at 64x64x3.
 Random data, logical batch 256, noise multiplier 1, clip norm 1. For each
 clipping mode ("vectorized", "ghost", "auto") and for plain Keras `fit`, the
-median epoch time after the first (tracing) epoch gives examples per second;
-the DP / non-private ratio is in the same run. `--memory` also measures the
+median epoch time over interleaved rounds (after a tracing epoch) gives
+examples per second; the DP / non-private ratio is in the same run. `--memory` also measures the
 peak resident memory of one update at logical batches 1,024 and 65,536 (same
 micro-batch), each in a fresh process, minus the input batch itself.
 
-Usage: python benchmarks/dp_overhead.py [--epochs 4] [--microbatch 64] [--memory]
+`--xla` adds the DP modes compiled with XLA (jit_compile=True).
+
+Usage: python benchmarks/dp_overhead.py [--epochs 4] [--microbatch 64] [--memory] [--xla]
 """
 
 import argparse
@@ -54,32 +56,11 @@ MODELS = {"cnn32": (benchmark_cnn, (32, 32, 3)),
           "nf_resnet64": (nf_resnet_64, (64, 64, 3))}
 
 
-class EpochTimer(keras.callbacks.Callback):
-    """Records wall time of each epoch."""
-
-    def on_train_begin(self, logs=None):
-        self.times = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
-
-
-def compile_model(model):
+def compile_model(model, jit_compile=False):
     model.compile(optimizer=keras.optimizers.SGD(0.1),
                   loss=keras.losses.SparseCategoricalCrossentropy(
-                      from_logits=True))
+                      from_logits=True), jit_compile=jit_compile)
     return model
-
-
-def time_fit(model, x, y, batch_size, epochs):
-    """Median epoch time of `fit`, first (tracing) epoch excluded."""
-    timer = EpochTimer()
-    compile_model(model).fit(x, y, batch_size=batch_size, epochs=epochs,
-                             verbose=0, callbacks=[timer], shuffle=False)
-    return statistics.median(timer.times[1:])
 
 
 def dp_config(batch, microbatch, clipping):
@@ -89,18 +70,37 @@ def dp_config(batch, microbatch, clipping):
 
 
 def speed(name, args):
+    """Prints examples/s of each variant and its ratio to non-private.
+
+    Every variant is warmed up (traced) first; then rounds time one epoch of
+    each variant in turn, so load from other processes hits all of them alike.
+    The figure is the median over rounds.
+    """
     build, shape = MODELS[name]
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.examples,) + shape).astype("float32")
     y = rng.integers(0, 10, size=args.examples)
-    plain = time_fit(build(), x, y, args.batch, args.epochs)
-    print(f"[{name}] non-private: {args.examples / plain:.0f} ex/s")
-    for clipping in ("vectorized", "ghost", "auto"):
-        model = dpf.make_private(build(), dp_config(args.batch, args.microbatch,
-                                                    clipping))
-        private = time_fit(model, x, y, args.batch, args.epochs)
-        print(f"[{name}] DP {clipping:>10}: {args.examples / private:.0f} ex/s, "
-              f"DP / non-private = {private / plain:.2f}x", flush=True)
+    variants = {"non-private": compile_model(build())}
+    for jit in ((False, True) if args.xla else (False,)):
+        for clipping in ("vectorized", "ghost", "auto"):
+            label = f"DP {clipping}{' XLA' if jit else ''}"
+            variants[label] = compile_model(dpf.make_private(
+                build(), dp_config(args.batch, args.microbatch, clipping)), jit)
+    for model in variants.values():
+        model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0,
+                  shuffle=False)
+    times = {label: [] for label in variants}
+    for _ in range(args.epochs):
+        for label, model in variants.items():
+            start = time.perf_counter()
+            model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0,
+                      shuffle=False)
+            times[label].append(time.perf_counter() - start)
+    plain = statistics.median(times["non-private"])
+    for label, values in times.items():
+        median = statistics.median(values)
+        print(f"[{name}] {label:>16}: {args.examples / median:6.0f} ex/s, "
+              f"ratio to non-private {median / plain:.2f}x", flush=True)
 
 
 def one_update_peak_memory(batch, microbatch, clipping):
@@ -138,6 +138,8 @@ def main():
     parser.add_argument("--microbatch", type=int, default=64)
     parser.add_argument("--models", default="cnn32,nf_resnet64")
     parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--xla", action="store_true",
+                        help="also time the DP modes with jit_compile=True")
     parser.add_argument("--_memory_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._memory_child:
