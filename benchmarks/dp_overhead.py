@@ -147,7 +147,7 @@ def main():
         peak = one_update_peak_memory(int(batch), int(microbatch), clipping)
         print(json.dumps({"peak_mib": peak}))
         return
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         speed(name, args)
     if args.memory:
         memory(args)

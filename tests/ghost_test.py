@@ -122,3 +122,27 @@ def test_clipping_mode_is_validated():
     with pytest.raises(ValueError, match="clipping must be one of"):
         dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=1.0,
                      expected_batch_size=4, clipping="fast")
+
+
+def test_embedding_and_layer_norm_match_vectorized():
+    updates = {}
+    rng = np.random.default_rng(1)
+    tokens, y = rng.integers(0, 20, (8, 5)), rng.integers(0, 3, 8)
+    for clipping in ("vectorized", "ghost"):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((5,), dtype="int32")
+        h = keras.layers.Embedding(20, 4)(inputs)
+        h = keras.layers.LayerNormalization()(h)
+        outputs = keras.layers.Dense(3)(keras.layers.Flatten()(h))
+        config = dpf.DPConfig(l2_norm_clip=0.1, noise_multiplier=0.0,
+                              expected_batch_size=8, microbatch_size=4,
+                              clipping=clipping)
+        model = dpf.make_private(keras.Model(inputs, outputs), config)
+        model.compile(optimizer=keras.optimizers.SGD(1.0),
+                      loss=keras.losses.SparseCategoricalCrossentropy(
+                          from_logits=True))
+        before = [v.numpy().copy() for v in model.trainable_variables]
+        model.fit(tokens, y, batch_size=8, verbose=0)
+        updates[clipping] = [b - v.numpy() for b, v in
+                             zip(before, model.trainable_variables)]
+    assert_same_update(updates["ghost"], updates["vectorized"])

@@ -128,7 +128,8 @@ def _generic_sq_norm(layer, a, g, m):
             dot = tf.reduce_sum(tf.cast(y, tf.float32) * out_grad)
         grads = tape.gradient(dot, variables,
                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return tf.add_n([tf.reduce_sum(tf.square(gr)) for gr in grads])
+        return tf.add_n([tf.reduce_sum(tf.square(tf.convert_to_tensor(gr)))
+                         for gr in grads])
 
     return tf.vectorized_map(one, (a, g))
 
@@ -181,6 +182,8 @@ def clipped_gradient_sum(taps, probe, variables, loss_fn, inputs, targets,
         losses, variables, output_gradients=scale,
         unconnected_gradients=tf.UnconnectedGradients.ZERO)
     del tape
+    # Embedding gradients arrive as IndexedSlices; the sum is kept dense.
+    gradient_sum = [tf.convert_to_tensor(g) for g in gradient_sum]
     predictions = tf.reduce_mean(
         tf.reshape(tf.cast(y_pred, tf.float32),
                    tf.concat([[m, views], tf.shape(y_pred)[1:]], 0)), axis=1)
