@@ -29,6 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 import tf_dpfair as dpf  # noqa: E402
 from tf_dpfair import models  # noqa: E402
@@ -106,14 +107,15 @@ def speed(name, args):
 def one_update_peak_memory(batch, microbatch, clipping):
     """Peak RSS (MiB) of one DP update at logical batch `batch`, input excluded."""
     build, shape = MODELS["cnn32"]
-    x = np.zeros((batch,) + shape, np.float32)
-    y = np.zeros(batch, np.int64)
+    # One copy of the input, held by TensorFlow: it is subtracted below.
+    x = tf.random.normal((batch,) + shape)
+    y = tf.zeros([batch], tf.int64)
     model = compile_model(dpf.make_private(build(), dp_config(batch, microbatch,
                                                               clipping)))
     model.fit(x[:microbatch], y[:microbatch], batch_size=microbatch, verbose=0)
-    model.fit(x, y, batch_size=batch, verbose=0)
+    model.fit(tf.data.Dataset.from_tensors((x, y)), verbose=0)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return peak_mib - x.nbytes / 2**20
+    return peak_mib - x.shape.num_elements() * 4 / 2**20
 
 
 def memory(args):

@@ -172,15 +172,17 @@ class DPTraining(GroupedEvaluation):
         variables = self.trainable_variables
         n = tf.shape(weights)[0]
         num_micro = (n + m - 1) // m
-        pad = num_micro * m - n
 
-        def to_microbatches(t):
-            t = tf.pad(t, [[0, pad]] + [[0, 0]] * (t.shape.rank - 1))
-            return tf.reshape(t, [-1, m] + t.shape[1:].as_list())
-
-        xs = tf.nest.map_structure(to_microbatches, x)
-        ys = tf.nest.map_structure(to_microbatches, targets)
-        ws = to_microbatches(weights)
+        def microbatch(i):
+            """Rows i*m .. i*m+m-1; rows past the end repeat the last row and
+            get weight 0. Gathering per micro-batch keeps memory independent
+            of the logical batch (no padded copy of the whole batch)."""
+            index = i * m + tf.range(m)
+            valid = index < n
+            index = tf.minimum(index, n - 1)
+            rows = tf.nest.map_structure(lambda t: tf.gather(t, index),
+                                         (x, targets))
+            return rows, tf.where(valid, tf.gather(weights, index), 0.0)
 
         use_ghost = self._ghost_state() is not None
 
@@ -204,8 +206,8 @@ class DPTraining(GroupedEvaluation):
                            lambda: result)
 
         def body(i, sums, losses, outputs, norms, nonfinite):
-            micro = tf.nest.map_structure(lambda t: t[i], (xs, ys))
-            r = (fast if use_ghost else vectorized)(micro, ws[i])
+            micro, micro_weights = microbatch(i)
+            r = (fast if use_ghost else vectorized)(micro, micro_weights)
             sums = [s + tf.cast(g, tf.float32)
                     for s, g in zip(sums, r.gradient_sum)]
             return (i + 1, sums, losses.write(i, r.losses),
