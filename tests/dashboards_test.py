@@ -1,8 +1,6 @@
 """Tests of the TensorBoard dashboards, down to a real TensorBoard server."""
 
-import pathlib
 import re
-import sys
 import urllib.parse
 
 import keras
@@ -16,8 +14,7 @@ from tf_dpfair import dashboards
 from tf_dpfair import fairness
 from tf_dpfair.datasets import synthetic
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
-import dashboard_lib  # noqa: E402
+import dashboard_lib
 
 GROUPS = synthetic.GROUP_SPEC.to_dict()  # sex: male, female; age: 4 bands
 TINY = dict(epochs=2, steps_per_epoch=2, num_train=256, num_eval=128, batch_size=64,

@@ -1,11 +1,7 @@
 """End-to-end test of the demo job on its synthetic fallback data."""
 
-import sys
-import pathlib
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent /
-                       "experiments"))
-import demo_lib  # noqa: E402
+import demo_lib
 
 
 def test_demo_trains_privately_and_reports_epsilon(tmp_path, capsys):
