@@ -260,8 +260,9 @@ class DPTraining:
             # Create variables outside the vectorized per-example pass.
             self(one_view, training=False)
         if labels.dtype.is_integer:
-            targets["label"] = checks.checked_class_ids(
-                labels, self.compute_output_spec(one_view))
+            output_spec = self.compute_output_spec(tf.nest.map_structure(
+                lambda t: keras.KerasTensor(t.shape, t.dtype), one_view))
+            targets["label"] = checks.checked_class_ids(labels, output_spec)
         variables = self.trainable_variables
 
         sums, losses, y_pred, norms, nonfinite = (
