@@ -1,4 +1,4 @@
-"""Kill-and-resume of DP training: same count and epsilon, no noise draw reused.
+"""Kill-and-resume DP training: same count and epsilon, no noise reused.
 
 The subprocess tests run tests/resume_worker.py, kill it (SIGKILL) at a
 chosen or random point, run the same command again and compare with an
@@ -87,7 +87,8 @@ def test_killed_run_resumes_to_the_same_count_epsilon_and_distinct_noise(
         killed = worker(tmp_path, *command, "--kill-in-save", 2)
     else:
         killed = worker(tmp_path, *command, "--pause", 0.1)
-        kill_when(killed, tmp_path, 5, np.random.default_rng(0).uniform(0, 0.1))
+        delay = np.random.default_rng(0).uniform(0, 0.1)
+        kill_when(killed, tmp_path, 5, delay)
     code, out = finish(killed)
     assert code == -signal.SIGKILL, out
     assert not (tmp_path / "result.json").exists()
@@ -190,7 +191,8 @@ def test_same_noise_on_other_data_cancels_in_a_difference():
     w_a, w_b = (train(m, 0, 1, data_seed=s) for m, s in zip(noisy, (1, 2)))
     e_a, e_b = (train(m, 0, 1, data_seed=s) for m, s in zip(exact, (1, 2)))
     assert np.abs(w_a - e_a).max() > 0.05  # each release is well noised...
-    np.testing.assert_allclose(w_a - w_b, e_a - e_b, atol=1e-6)  # ...not so here
+    # ...but not their difference:
+    np.testing.assert_allclose(w_a - w_b, e_a - e_b, atol=1e-6)
 
 
 class FailAt(keras.callbacks.Callback):

@@ -1,4 +1,4 @@
-"""In-graph checks of a training batch that must pass before anything is written.
+"""In-graph checks of a training batch, passed before anything is written.
 
 `DPModel.train_step` makes every write of an update (optimizer, EMA, update
 count) wait for these checks, so a bad batch raises and changes nothing.

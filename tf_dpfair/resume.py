@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints: resume a DP run without losing or reusing privacy state.
+"""Crash-safe checkpoints: resume DP training, privacy state intact.
 
 A run killed at any point (between updates, inside one, while a checkpoint is
 written) and started again with the same command continues from its last
@@ -174,7 +174,8 @@ class DPCheckpoint(keras.callbacks.Callback):
                             ("total_updates", total_updates)):
             if value is None and name == "total_updates":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if (isinstance(value, bool) or not isinstance(value, int)
+                    or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got "
                                  f"{value!r}.")
         self.directory = str(directory)
@@ -301,7 +302,7 @@ class DPCheckpoint(keras.callbacks.Callback):
 def fit_resumable(model, make_dataset, *, directory, total_updates,
                   steps_per_epoch, every_n_updates=100, callbacks=None,
                   **fit_kwargs):
-    """Runs `model.fit` to `total_updates`, resuming from `directory` if it can.
+    """Runs `model.fit` to `total_updates`, resuming from `directory`.
 
     Running the same call again after a crash continues the run; after it
     has finished, it returns None without training.
