@@ -64,10 +64,10 @@ back (an in-process retry) or when a seed is given. So `DPCheckpoint` keeps
 a marker: before an update is applied it records (in `noise_lease.json`,
 written atomically, a block of `every_n_updates` at a time) how far updates
 may have gone under the current noise key, and releases it when training
-ends cleanly. `restore` finds the marker beyond the checkpoint exactly when
-updates may have been applied and lost; it then gives the model a fresh
-secret noise seed, so no draw of a lost update is ever reused, whatever data
-the resumed run sees. Lost updates are never written by this module, so the
+ends cleanly. `restore` finds the marker beyond the checkpoint whenever
+updates may have been applied and lost (as it runs ahead, also sometimes
+when none were); it then gives the model a fresh secret noise seed, so no
+draw of a lost update is ever reused, whatever data the resumed run sees. Lost updates are never written by this module, so the
 re-done updates are the only ones released; a file another callback wrote
 between the checkpoint and the kill would show updates that are re-done with
 other noise (count them, or checkpoint only through this module).
@@ -160,6 +160,8 @@ class DPCheckpoint(keras.callbacks.Callback):
       every_n_updates: save after this many updates (and at the end).
       total_updates: stop training once the update count reaches it (so a
         resumed run ends where an uninterrupted one would); None: never.
+        With `steps_per_execution` k > 1 the count moves k at a time: make
+        it a multiple of k.
       verbose: 1 prints what `restore` found.
 
     Raises:
