@@ -1,6 +1,7 @@
 """tf_dpfair: differentially private, fairness-aware training of Keras image classifiers."""
 
 from tf_dpfair import accounting
+from tf_dpfair import audit
 from tf_dpfair import augment
 from tf_dpfair import callbacks
 from tf_dpfair import dashboard_sweep
@@ -11,6 +12,7 @@ from tf_dpfair import fairness
 from tf_dpfair import metrics
 from tf_dpfair import models
 from tf_dpfair import reports
+from tf_dpfair import resume
 from tf_dpfair import sampling
 from tf_dpfair.config import DPConfig
 from tf_dpfair.grouped import NonPrivateModel

@@ -57,7 +57,10 @@ class PrivacyStatement:
     accountant: str
 
     def __str__(self):
-        return (f"(epsilon={self.epsilon:.4g}, delta={self.delta:.3g})-DP for "
+        # An infinite epsilon is no guarantee; never let it read like one.
+        prefix = "NOT private: " if math.isinf(self.epsilon) else ""
+        return (prefix +
+                f"(epsilon={self.epsilon:.4g}, delta={self.delta:.3g})-DP for "
                 f"{self.steps} updates at noise multiplier "
                 f"{self.noise_multiplier:.4g}, q={self.sampling_probability:.4g}; "
                 f"{self.accountant.upper()} accountant; sampling: "

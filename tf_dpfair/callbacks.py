@@ -1,10 +1,11 @@
-"""Keras callbacks: epsilon in the logs, a budget stop, EMA evaluation."""
+"""Keras callbacks: epsilon in the logs, a budget guard, EMA evaluation."""
 
 import dataclasses
 
 import keras
 
 from tf_dpfair import accounting
+from tf_dpfair import resume
 
 OUTSIDE_GUARANTEE_NOTE = (
     "Note: loss, accuracy, clip_fraction and nonfinite_examples of training "
@@ -20,6 +21,12 @@ class PrivacyLogger(keras.callbacks.Callback):
     resume too. With `target_epsilon`, training stops before any update that
     would take epsilon above it, and refuses to start if not even one more
     update fits.
+
+    It also sums the step's `nonfinite_examples` over each epoch (Keras
+    would keep the last update's count only) and warns at the end when any
+    example had a NaN/Inf gradient: a diagnostic on training data, outside
+    the guarantee. A noise multiplier of 0 with a `target_epsilon` is
+    refused: such a run has epsilon = inf.
 
     Give it the pipeline's `sampling_spec` (from `tf_dpfair.data`) so the
     accountant's assumption is the pipeline's own; then `num_examples` and
@@ -72,6 +79,9 @@ class PrivacyLogger(keras.callbacks.Callback):
         self.target_epsilon = target_epsilon
         self.verbose = verbose
         self.stopped_for_budget = False
+        # Examples whose gradient was NaN/Inf (they contributed zero).
+        self.nonfinite_examples = 0
+        self._epoch_nonfinite = 0
 
     def _dp_config(self):
         config = getattr(self.model, "dp_config", None)
@@ -86,7 +96,9 @@ class PrivacyLogger(keras.callbacks.Callback):
         if config.expected_batch_size > self.num_examples:
             raise ValueError(
                 f"expected_batch_size {config.expected_batch_size} is larger "
-                f"than num_examples {self.num_examples}.")
+                f"than num_examples {self.num_examples}: the sampling rate "
+                f"would exceed 1. Use a logical batch of at most "
+                f"{self.num_examples} examples, or check num_examples.")
         spec = self.sampling_spec
         if spec is not None and spec.expected_batch_size != config.expected_batch_size:
             raise ValueError(
@@ -115,6 +127,7 @@ class PrivacyLogger(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         config = self._dp_config()
+        self.statement()  # Bad settings fail here, before any update.
         if self.verbose:
             print(OUTSIDE_GUARANTEE_NOTE)
         if config.noise_multiplier == 0:
@@ -123,6 +136,14 @@ class PrivacyLogger(keras.callbacks.Callback):
         if self.delta >= 1.0 / self.num_examples:
             print(f"Warning: delta={self.delta} >= 1/N={1 / self.num_examples:.3g}:"
                   f" a guarantee this weak allows releasing an example outright.")
+        if self.target_epsilon is not None and config.noise_multiplier == 0:
+            raise ValueError(
+                f"noise_multiplier is 0, so epsilon is infinite after one "
+                f"update: this run cannot meet target_epsilon="
+                f"{self.target_epsilon} and is not private. Set a noise "
+                f"multiplier > 0 (accounting.calibrate_noise_multiplier finds "
+                f"one for the budget), or drop target_epsilon for a "
+                f"non-private baseline.")
         if self.target_epsilon is not None and self._next_would_exceed():
             raise ValueError(
                 f"The privacy budget epsilon={self.target_epsilon} does not "
@@ -130,7 +151,15 @@ class PrivacyLogger(keras.callbacks.Callback):
                 f"updates, {self.statement()}. Raise the noise multiplier or "
                 f"the budget.")
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_nonfinite = 0
+
     def on_train_batch_end(self, batch, logs=None):
+        # Keras keeps only the last batch's value of a non-metric log, so the
+        # epoch's count of non-finite examples is summed here.
+        count = int(float((logs or {}).get("nonfinite_examples", 0)))
+        self._epoch_nonfinite += count
+        self.nonfinite_examples += count
         if self.target_epsilon is not None and self._next_would_exceed():
             self.model.stop_training = True
             self.stopped_for_budget = True
@@ -138,6 +167,8 @@ class PrivacyLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["epsilon"] = self.statement().epsilon
+            if "nonfinite_examples" in logs:
+                logs["nonfinite_examples"] = float(self._epoch_nonfinite)
 
     def on_train_end(self, logs=None):
         if self.verbose:
@@ -148,6 +179,12 @@ class PrivacyLogger(keras.callbacks.Callback):
                 print(f"Training stopped after {self.model.update_count} "
                       f"updates: one more would exceed the budget "
                       f"epsilon={self.target_epsilon}.")
+            if self.nonfinite_examples:
+                print(f"Warning: {self.nonfinite_examples} training examples "
+                      f"had a NaN or Inf gradient (check inputs and labels "
+                      f"for NaN/Inf) and contributed zero to their update. "
+                      f"This count is a diagnostic on training data, "
+                      f"outside the DP guarantee.")
 
 
 class EMAEvaluation(keras.callbacks.Callback):
@@ -179,3 +216,53 @@ class EMAEvaluation(keras.callbacks.Callback):
             for name, value in results.items():
                 logs[self.prefix + name] = value
 
+
+class BudgetGuard(PrivacyLogger):
+    """A `PrivacyLogger` with a required budget; saves and says why it stops.
+
+    Training stops before the update that would take epsilon above
+    `target_epsilon`; the model is then saved to `save_path` (atomically, so
+    a crash cannot leave half a file) and the reason is printed and kept in
+    `stop_reason`. It refuses to start (ValueError, nothing trained or saved)
+    when not even one more update fits, e.g. with noise_multiplier 0.
+
+    Args:
+      target_epsilon: the budget, > 0.
+      save_path: where the model is saved when the budget stops training; a
+        `.keras` file.
+      **kwargs: the other `PrivacyLogger` arguments (`delta`,
+        `sampling_spec` or `num_examples`, ...).
+
+    Attributes:
+      stop_reason: None, or the message saying why training stopped.
+
+    Raises:
+      ValueError: `save_path` is not a `.keras` path, or bad `PrivacyLogger`
+        arguments.
+    """
+
+    def __init__(self, target_epsilon, save_path, **kwargs):
+        if not str(save_path).endswith(".keras"):
+            raise ValueError(f"save_path must end in .keras, got "
+                             f"{save_path!r}.")
+        if target_epsilon is None:
+            raise ValueError("BudgetGuard needs a target_epsilon; use "
+                             "PrivacyLogger to log epsilon without a budget.")
+        super().__init__(target_epsilon=target_epsilon, **kwargs)
+        self.save_path = str(save_path)
+        self.stop_reason = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        if self.stopped_for_budget and self.stop_reason is None:
+            done = self.model.update_count
+            now = self.statement()
+            after = self.statement(done + self._updates_per_call())
+            resume.atomic_save_model(self.model, self.save_path)
+            self.stop_reason = (
+                f"Privacy budget reached: stopped after {done} updates at "
+                f"epsilon={now.epsilon:.4g} (delta={now.delta:.3g}); update "
+                f"{done + 1} would take epsilon to {after.epsilon:.4g}, above "
+                f"the target {self.target_epsilon}. Model saved to "
+                f"{self.save_path}.")
+            print(self.stop_reason)

@@ -155,7 +155,8 @@ class ExampleSource:
             An `ExampleSource`.
 
         Raises:
-            ValueError: shapes disagree, or group ids do not match `group_spec`.
+            ValueError: shapes disagree, group ids do not match `group_spec`, or
+                float images or labels hold NaN or Inf.
         """
         images = np.asarray(images)
         if images.ndim == 3:
@@ -164,8 +165,11 @@ class ExampleSource:
             raise ValueError(f"images must be [N, H, W, C] or [N, H, W]; got {images.shape}.")
         if images.dtype != np.uint8:
             images = images.astype(np.float32)
+            _check_finite(images, "images")
         num = len(images)
         columns = _label_columns(labels, label_mask, num)
+        if columns[LABEL].dtype == np.float32:
+            _check_finite(columns[LABEL], "labels")
         group_spec = group_spec if isinstance(group_spec, GroupSpec) else GroupSpec(group_spec)
         columns[GROUPS] = group_spec.check_ids(groups, num)
         columns[IMAGE] = images
@@ -426,6 +430,16 @@ def _check_image_size(image_size):
     if height <= 0 or width <= 0:
         raise ValueError(f"image_size must be positive; got {image_size!r}.")
     return height, width
+
+
+def _check_finite(array, name):
+    # Caught here, where the example can be named; in training a NaN/Inf
+    # example would only be dropped (zero contribution) and counted.
+    bad = np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))
+    if len(bad):
+        raise ValueError(
+                f"The {name} of {len(bad)} examples contain NaN or Inf, e.g. example "
+                f"{bad[0]}. Fix or drop those examples.")
 
 
 def _label_columns(labels, label_mask, num):

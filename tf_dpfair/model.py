@@ -25,6 +25,7 @@ import keras
 import tensorflow as tf
 
 from tf_dpfair import batch
+from tf_dpfair import checks
 from tf_dpfair import clipping
 from tf_dpfair import ema
 from tf_dpfair import ghost
@@ -252,15 +253,20 @@ class DPTraining(GroupedEvaluation):
         if sample_weight is None:
             return tf.ones([n], tf.float32)
         weights = tf.reshape(tf.cast(sample_weight, tf.float32), [n])
-        tf.debugging.assert_less_equal(
-            weights, 1.0, message=(
-                "DPModel: sample weights above 1 would raise the sensitivity "
-                "above l2_norm_clip; use weights in [0, 1] (0 = padding)."))
-        tf.debugging.assert_greater_equal(
-            weights, 0.0, message="DPModel: sample weights must be >= 0.")
-        # Second line of defence where assertions are compiled away (XLA):
-        # weights in [0, 1] keep each example's contribution within C.
-        return tf.clip_by_value(weights, 0.0, 1.0)
+        weight_checks = [
+            tf.debugging.assert_less_equal(
+                weights, 1.0, message=(
+                    "DPModel: sample weights above 1 would raise the "
+                    "sensitivity above l2_norm_clip; use weights in [0, 1] "
+                    "(0 = padding).")),
+            tf.debugging.assert_greater_equal(
+                weights, 0.0, message="DPModel: sample weights must be >= 0."),
+        ]
+        # The update depends on the checks, so a failing batch writes nothing.
+        # Clamping is the second line of defence where assertions are
+        # compiled away (XLA): weights in [0, 1] keep a contribution within C.
+        with tf.control_dependencies(weight_checks):
+            return tf.clip_by_value(weights, 0.0, 1.0)
 
     def train_step(self, data):
         """One DP-SGD update on one logical batch (see the module docstring)."""
@@ -279,11 +285,15 @@ class DPTraining(GroupedEvaluation):
         self._check_model()
         n = tf.shape(first)[0]
         weights = self._sample_weights(sample_weight, n)
+        one_view = (tf.nest.map_structure(lambda t: t[:, 0], x)
+                    if config.augmult > 1 else x)
         if not all(layer.built for layer in self._flatten_layers()):
             # Create variables outside the vectorized per-example pass.
-            one_view = (tf.nest.map_structure(lambda t: t[:, 0], x)
-                        if config.augmult > 1 else x)
             self(one_view, training=False)
+        if labels.dtype.is_integer:
+            output_spec = self.compute_output_spec(tf.nest.map_structure(
+                lambda t: keras.KerasTensor(t.shape, t.dtype), one_view))
+            targets["label"] = checks.checked_class_ids(labels, output_spec)
         variables = self.trainable_variables
 
         sums, losses, y_pred, norms, nonfinite = (
@@ -312,12 +322,16 @@ class DPTraining(GroupedEvaluation):
                 grads[i] = grads[i] + on_first_replica * tf.cast(g, tf.float32)
 
         grads = [tf.cast(g, v.dtype) for g, v in zip(grads, variables)]
-        self.optimizer.apply(grads, variables)
-        step = tf.convert_to_tensor(self._update_count.value)
-        if self._ema_shadows is not None:
-            ema.update_shadows(self._ema_shadows, variables,
-                               config.ema_decay, step)
-        self._update_count.assign_add(1)
+        # Every write waits for the whole step (input checks included), so a
+        # failing batch leaves weights, optimizer, EMA and the count as they
+        # were: no update is applied without being counted, or vice versa.
+        with tf.control_dependencies(grads):
+            self.optimizer.apply(grads, variables)
+            step = tf.convert_to_tensor(self._update_count.value)
+            if self._ema_shadows is not None:
+                ema.update_shadows(self._ema_shadows, variables,
+                                   config.ema_decay, step)
+            self._update_count.assign_add(1)
 
         # Diagnostics on training data: outside the DP guarantee.
         real = weights > 0
