@@ -235,7 +235,7 @@ class EpochEvaluation(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if not self.every or (epoch + 1) % self.every:
             return
-        saved = {"epoch": epoch + 1, "updates": int(self.model.optimizer.iterations)}
+        saved = {"epoch": epoch + 1, "updates": updates_applied(self.model)}
         for prefix, ema in (("", False), ("ema_", True)):
             if ema and getattr(self.model, "_ema_shadows", None) is None:
                 continue
@@ -275,6 +275,13 @@ def _compile(model, settings, multi_label):
                   metrics=None if multi_label else ["accuracy"])
 
 
+def updates_applied(model):
+    """Optimizer updates applied so far (saved with the model and its backups)."""
+    if isinstance(model, dpf.DPTraining):
+        return model.update_count
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+
+
 def _restore(model, backup_dir, steps_per_epoch):
     """Loads the backup (if any) and returns the updates already applied.
 
@@ -289,8 +296,7 @@ def _restore(model, backup_dir, steps_per_epoch):
     model.load_weights(weights)
     with open(os.path.join(backup_dir, "training_metadata.json")) as f:
         epoch = json.load(f)["epoch"]
-    done = (model.update_count if isinstance(model, dpf.DPTraining)
-            else int(model.optimizer.iterations))
+    done = updates_applied(model)
     if done != epoch * steps_per_epoch:
         raise ValueError(f"The backup in {backup_dir} holds {done} updates after {epoch} "
                          f"epochs of {steps_per_epoch}: it belongs to other settings. "
@@ -308,7 +314,7 @@ def _seeds(settings):
 def _privacy(settings, model, logger, sigma, spec, delta, total_steps):
     if logger is None:
         return {"private": False, "epsilon": None, "epsilon_label": "inf", "delta": None,
-                "noise_multiplier": 0.0, "steps": int(model.optimizer.iterations),
+                "noise_multiplier": 0.0, "steps": updates_applied(model),
                 "sampling": spec.accounting_sampling, "accountant": None,
                 "statement": "Not private (trained without DP-SGD): epsilon = inf."}
     statement = logger.statement()
