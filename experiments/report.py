@@ -21,7 +21,7 @@ import report_lib  # noqa: E402
 
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Folder of the sweep.", required=True)
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Report folder (default <sweep_dir>/report).")
-_BOOTSTRAP = flags.DEFINE_integer("n_bootstrap", 200,
+_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 200,
                                   "Bootstrap replicates of the matched comparisons.")
 
 
