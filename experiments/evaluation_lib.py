@@ -17,6 +17,7 @@ Everything here is computed on held-out test data.
 
 import os
 
+import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
@@ -224,3 +225,94 @@ def write_run_report(evaluation, accuracy, directory, title):
         f.write("\n\n## Accuracy (top-1)\n\n" + reports.to_markdown(groups)
                 + "\n" + reports.to_markdown(disparities))
     return paths
+
+
+class EpochEvaluation(keras.callbacks.Callback):
+    """Scores the test split every few epochs: logs and per-epoch checkpoints.
+
+    Adds `test_accuracy` / `test_auc` (and `ema_test_*`) to the epoch logs and
+    saves the scores as `checkpoints/epoch_NNN.npz`, so that a non-private
+    run offers every evaluated epoch to the matched-accuracy comparison.
+    """
+
+    def __init__(self, dataset, run_data, directory, every):
+        super().__init__()
+        self.dataset, self.run_data = dataset, run_data
+        self.directory, self.every = directory, every
+
+    def set_model(self, model):
+        super().set_model(model)
+        self._forward = forward_fn(model)
+
+    def scores(self, ema):
+        """Test predictions (see `predict`), EMA weights if `ema`."""
+        data = self.run_data
+        if ema:
+            with self.model.ema_weights():
+                return predict(self._forward, self.dataset,
+                                              data.test.num_examples, data.multi_label)
+        return predict(self._forward, self.dataset, data.test.num_examples,
+                                      data.multi_label)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.every or (epoch + 1) % self.every:
+            return
+        saved = {"epoch": epoch + 1,
+                 "updates": int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))}
+        for prefix, ema in (("", False), ("ema_", True)):
+            if ema and getattr(self.model, "_ema_shadows", None) is None:
+                continue
+            predictions = self.scores(ema)
+            evaluation = auc_evaluation(
+                predictions, self.run_data.group_spec, self.run_data.class_names,
+                self.run_data.multi_label, n_bootstrap=0)
+            saved[prefix + "scores"] = predictions["scores"].astype(np.float32)
+            if logs is not None:
+                logs[prefix + "test_auc"] = evaluation.overall_auc
+                if not self.run_data.multi_label:
+                    correct = predictions["scores"].argmax(1) == predictions["labels"]
+                    logs[prefix + "test_accuracy"] = float(correct.mean())
+        os.makedirs(self.directory, exist_ok=True)
+        labels_path = os.path.join(self.directory, "labels.npz")
+        if not os.path.exists(labels_path):
+            np.savez(labels_path, labels=predictions["labels"],
+                     **{"group_" + a: v for a, v in predictions["groups"].items()})
+        np.savez(os.path.join(self.directory, f"epoch_{epoch + 1:03d}.npz"), **saved)
+
+
+def evaluate_final(model, run_data, test, work_dir, n_bootstrap):
+    """Writes the final reports and predictions of a trained model.
+
+    Args:
+        model: the trained model (a DPModel with EMA gets both reports).
+        run_data: the run's `inputs_lib.RunData`.
+        test: the test split's evaluation dataset.
+        work_dir: the run's folder: `report_raw/`, `report_ema/` and
+            `predictions.npz` go there.
+        n_bootstrap: bootstrap replicates of the intervals.
+
+    Returns:
+        dict "raw", "ema" -> `summarize` output (None without EMA).
+    """
+    variants = {"raw": False}
+    if getattr(model, "_ema_shadows", None) is not None:
+        variants["ema"] = True
+    metrics, arrays = {"raw": None, "ema": None}, {}
+    callback = EpochEvaluation(test, run_data, None, 0)
+    callback.set_model(model)
+    for name, ema in variants.items():
+        predictions = callback.scores(ema)
+        evaluation = auc_evaluation(
+            predictions, run_data.group_spec, run_data.class_names, run_data.multi_label,
+            n_bootstrap=n_bootstrap)
+        accuracy = None if run_data.multi_label else accuracy_table(
+            predictions, run_data.group_spec, n_bootstrap=n_bootstrap)
+        weights = "EMA" if ema else "raw"
+        write_run_report(
+            evaluation, accuracy, os.path.join(work_dir, f"report_{name}"),
+            title=f"Test split, {weights} weights: {run_data.description}")
+        metrics[name] = summarize(evaluation, accuracy)
+        arrays[f"scores_{name}"] = predictions["scores"].astype(np.float32)
+    np.savez(os.path.join(work_dir, "predictions.npz"), labels=predictions["labels"],
+             **arrays, **{"group_" + a: v for a, v in predictions["groups"].items()})
+    return metrics

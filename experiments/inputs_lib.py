@@ -224,7 +224,8 @@ def build_model(settings, run_data):
             classes, input_shape=shape, image_size=options.pop("image_size", 64),
             weights_path=settings.pretrained or None, recipe=settings.finetune,
             num_blocks=settings.finetune_blocks, pixel_range=1.0, **options)
-    builder = {"tiny_cnn": tiny_cnn, "small_cnn": models.small_cnn, "wide_resnet": models.wide_resnet,
+    builder = {"tiny_cnn": tiny_cnn, "small_cnn": models.small_cnn,
+               "wide_resnet": models.wide_resnet,
                "nf_resnet": models.nf_resnet}[settings.model]
     model = builder(shape, classes, **options)
     if settings.pretrained:

@@ -56,9 +56,7 @@ def load_sweep(sweep_dir):
     path = os.path.join(sweep_dir, sweep_lib.SWEEP_FILE)
     if os.path.exists(path):
         with open(path) as f:
-            grid = json.load(f)["grid"]
-        for part in grid if isinstance(grid, list) else [grid]:
-            keys += [k for k in part if k not in keys]
+            keys = json.load(f).get("axes", [])
     keys = [k for k in keys if f"settings.{k}" in table
             and table[f"settings.{k}"].astype(str).nunique() > 1]
     return table, keys
@@ -192,8 +190,11 @@ def plot_metric_vs_epsilon(table, keys, path):
         ax.set_title(column if column != metric else f"{metric} (all test examples)", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"test {metric}")
-    axes[-1].legend(fontsize=7)
-    figure.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    rows = -(-len(labels) // 3)
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
+    figure.set_figheight(3.6 + 0.2 * rows)
+    figure.tight_layout(rect=(0, 0.05 + 0.2 * rows / figure.get_figheight(), 1, 1))
     figure.savefig(path, dpi=90)
 
 
@@ -309,7 +310,13 @@ def matched_comparisons(table, keys, sweep_dir, out_dir, n_bootstrap=200):
                     row.update(_accuracy_matched(final[f"scores_{use}"], checkpoints,
                                                  labels, d.attribute))
                 rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    order = {"raw": 0, "ema": 1}
+    return frame.sort_values(facets + ["epsilon", "attribute", "weights"],
+                             key=lambda c: c.map(order) if c.name == "weights" else c,
+                             kind="stable").reset_index(drop=True)
 
 
 def _accuracy_matched(private_scores, checkpoints, labels, attribute):

@@ -142,8 +142,11 @@ def run_sweep(work_dir, *, config=None, base=None, grid=None, callbacks=(), verb
         **(base or {}), **overrides, "work_dir": os.path.join(work_dir, name)}))
         for name, overrides in runs]
     os.makedirs(work_dir, exist_ok=True)
+    parts = grid if isinstance(grid, (list, tuple)) else [grid or {}]
     train_lib.write_json(os.path.join(work_dir, SWEEP_FILE), {
         "config": config, "base": base or {}, "grid": grid or {},
+        # JSON objects come back with sorted keys; the axes keep grid order.
+        "axes": list(dict.fromkeys(key for part in parts for key in part)),
         "runs": [name for name, _ in runs]})
     for index, (name, settings) in enumerate(plan):
         done = os.path.exists(os.path.join(settings.work_dir, train_lib.RESULT_FILE))

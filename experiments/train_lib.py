@@ -205,58 +205,6 @@ def extra_callbacks(settings, work_dir):
     return []
 
 
-class EpochEvaluation(keras.callbacks.Callback):
-    """Scores the test split every few epochs: logs and per-epoch checkpoints.
-
-    Adds `test_accuracy` / `test_auc` (and `ema_test_*`) to the epoch logs and
-    saves the scores as `checkpoints/epoch_NNN.npz`, so that a non-private
-    run offers every evaluated epoch to the matched-accuracy comparison.
-    """
-
-    def __init__(self, dataset, run_data, directory, every):
-        super().__init__()
-        self.dataset, self.run_data = dataset, run_data
-        self.directory, self.every = directory, every
-
-    def set_model(self, model):
-        super().set_model(model)
-        self._forward = evaluation_lib.forward_fn(model)
-
-    def scores(self, ema):
-        """Test predictions (see `evaluation_lib.predict`), EMA weights if `ema`."""
-        data = self.run_data
-        if ema:
-            with self.model.ema_weights():
-                return evaluation_lib.predict(self._forward, self.dataset,
-                                              data.test.num_examples, data.multi_label)
-        return evaluation_lib.predict(self._forward, self.dataset, data.test.num_examples,
-                                      data.multi_label)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not self.every or (epoch + 1) % self.every:
-            return
-        saved = {"epoch": epoch + 1, "updates": updates_applied(self.model)}
-        for prefix, ema in (("", False), ("ema_", True)):
-            if ema and getattr(self.model, "_ema_shadows", None) is None:
-                continue
-            predictions = self.scores(ema)
-            evaluation = evaluation_lib.auc_evaluation(
-                predictions, self.run_data.group_spec, self.run_data.class_names,
-                self.run_data.multi_label, n_bootstrap=0)
-            saved[prefix + "scores"] = predictions["scores"].astype(np.float32)
-            if logs is not None:
-                logs[prefix + "test_auc"] = evaluation.overall_auc
-                if not self.run_data.multi_label:
-                    correct = predictions["scores"].argmax(1) == predictions["labels"]
-                    logs[prefix + "test_accuracy"] = float(correct.mean())
-        os.makedirs(self.directory, exist_ok=True)
-        labels_path = os.path.join(self.directory, "labels.npz")
-        if not os.path.exists(labels_path):
-            np.savez(labels_path, labels=predictions["labels"],
-                     **{"group_" + a: v for a, v in predictions["groups"].items()})
-        np.savez(os.path.join(self.directory, f"epoch_{epoch + 1:03d}.npz"), **saved)
-
-
 def _compile(model, settings, multi_label):
     loss_class = (keras.losses.BinaryCrossentropy if multi_label
                   else keras.losses.SparseCategoricalCrossentropy)
@@ -330,32 +278,6 @@ def _privacy(settings, model, logger, sigma, spec, delta, total_steps):
             "stopped_for_budget": statement.steps < total_steps}
 
 
-def _evaluate_final(model, settings, run_data, test, work_dir):
-    """Writes the final reports and predictions; returns the metrics dict."""
-    variants = {"raw": False}
-    if getattr(model, "_ema_shadows", None) is not None:
-        variants["ema"] = True
-    metrics, arrays = {"raw": None, "ema": None}, {}
-    callback = EpochEvaluation(test, run_data, None, 0)
-    callback.set_model(model)
-    for name, ema in variants.items():
-        predictions = callback.scores(ema)
-        evaluation = evaluation_lib.auc_evaluation(
-            predictions, run_data.group_spec, run_data.class_names, run_data.multi_label,
-            n_bootstrap=settings.n_bootstrap)
-        accuracy = None if run_data.multi_label else evaluation_lib.accuracy_table(
-            predictions, run_data.group_spec, n_bootstrap=settings.n_bootstrap)
-        weights = "EMA" if ema else "raw"
-        evaluation_lib.write_run_report(
-            evaluation, accuracy, os.path.join(work_dir, f"report_{name}"),
-            title=f"Test split, {weights} weights: {run_data.description}")
-        metrics[name] = evaluation_lib.summarize(evaluation, accuracy)
-        arrays[f"scores_{name}"] = predictions["scores"].astype(np.float32)
-    np.savez(os.path.join(work_dir, "predictions.npz"), labels=predictions["labels"],
-             **arrays, **{"group_" + a: v for a, v in predictions["groups"].items()})
-    return metrics
-
-
 def run(settings, *, callbacks=(), strategy=None, verbose=2):
     """Trains, evaluates and writes one run (see the module docstring).
 
@@ -410,7 +332,8 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
                 target_epsilon=settings.epsilon, delta=delta, accountant=settings.accountant,
                 **spec.accountant_kwargs(total_steps))
     print(f"{run_data.description}; {total_steps} updates of expected batch "
-          f"{settings.batch_size}; {'noise multiplier %.4g' % sigma if settings.private else 'non-private'}")
+          f"{settings.batch_size}; "
+          + (f"noise multiplier {sigma:.4g}" if settings.private else "non-private"))
 
     with strategy.scope():
         base = inputs_lib.build_model(settings, run_data)
@@ -432,8 +355,8 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
     test = data_lib.make_eval_dataset(run_data.test, batch_size=settings.eval_batch_size,
                                       microbatch_size=1, num_replicas=1)
     logger = None
-    standard = [EpochEvaluation(test, run_data, os.path.join(work_dir, "checkpoints"),
-                                settings.eval_every)]
+    standard = [evaluation_lib.EpochEvaluation(
+        test, run_data, os.path.join(work_dir, "checkpoints"), settings.eval_every)]
     if settings.private:
         logger = dpf.callbacks.PrivacyLogger(
             delta=delta, sampling_spec=spec, accountant=settings.accountant,
@@ -461,7 +384,8 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
         "training": {"epochs": epochs, "steps_per_epoch": period,
                      "total_steps": total_steps, "replicas": replicas,
                      "seconds_this_session": train_seconds},
-        "metrics": _evaluate_final(model, settings, run_data, test, work_dir),
+        "metrics": evaluation_lib.evaluate_final(model, run_data, test, work_dir,
+                                                  settings.n_bootstrap),
     }
     model.save(os.path.join(work_dir, "model.keras"))
     write_json(result_path, result)
