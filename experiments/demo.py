@@ -35,7 +35,7 @@ def main(argv):
     print(f"\nData: {description}")
     for statement in table["privacy.statement"]:
         print(f"- {statement}")
-    print("\n" + reports.to_markdown(pd.read_csv(paths["summary_ema"])))
+    print("\n" + reports.to_markdown(pd.read_csv(paths["summary_ema"], dtype={"epsilon": str})))
     print(f"Markdown report: {paths['report']}")
     print(f"Per-run fairness reports: {_WORK_DIR.value}/<run>/report_raw|report_ema/report.md")
     print(f"TensorBoard: tensorboard --logdir {_WORK_DIR.value}")

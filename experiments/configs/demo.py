@@ -1,13 +1,12 @@
 """`make demo`: a private and a non-private run on Fashion-MNIST in a few minutes.
 
-A small CNN on 30k Fashion-MNIST images of which 10% are rotated 90 degrees
+A small CNN on the 60k Fashion-MNIST images, of which 10% are rotated 90 degrees
 (a rare group; 20% of the test images are rotated so it is measured), 2
 epochs at epsilon 3 (delta 1e-5) and without privacy.
 """
 
 SETTINGS = {
     "dataset": "fashion_mnist",
-    "train_examples": 30000,
     "rotated_fraction": 0.1,
     "test_rotated_fraction": 0.2,
     "model": "tiny_cnn",
