@@ -22,7 +22,7 @@ import sweep_lib  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", None, "Named config in experiments/configs/ "
                               "(its SETTINGS are the base of every run, its SWEEP the grid).")
-_WORK_DIR = flags.DEFINE_string("work_dir", None, "Folder of the sweep.", required=True)
+_WORK_DIR = flags.DEFINE_string("work_dir", None, "Folder of the sweep (required).")
 _GRID = flags.DEFINE_multi_string("grid", [], "setting=v1,v2,...: a grid axis (replaces "
                                   "the config's axis of that name).")
 _SET = flags.DEFINE_multi_string("set", [], "setting=value for every run (JSON values; "
@@ -34,6 +34,8 @@ def main(argv):
     """Runs (or lists) the sweep described by the flags."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not _WORK_DIR.value:
+        raise app.UsageError("--work_dir is required.")
     flags_lib.quiet_accountant()
     grid = sweep_lib.sweep_grid(_CONFIG.value, sweep_lib.parse_assignments(_GRID.value,
                                                                             many=True))

@@ -31,7 +31,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     flags_lib.quiet_accountant()
-    settings = train_lib.settings_from(_CONFIG.value, flags_lib.given_settings(train_lib.Settings))
+    try:
+        settings = train_lib.settings_from(_CONFIG.value,
+                                           flags_lib.given_settings(train_lib.Settings))
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
+    if not settings.work_dir:
+        raise app.UsageError("--work_dir is required.")
     result = train_lib.run(settings)
     print(f"\n{result['privacy']['statement']}")
     for variant in ("raw", "ema"):

@@ -144,6 +144,7 @@ def test_accuracy_table_counts_hits_per_group_by_hand():
     assert row["gap_low"] <= row["gap_high"]
 
 
+@pytest.mark.slow
 def test_binary_runs_from_the_command_line_and_reads_a_json_flag(tmp_path):
     code, output = run_script("train.py", tiny_flags(
         non_private=True, steps=2, work_dir=str(tmp_path)))
