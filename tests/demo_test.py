@@ -1,5 +1,6 @@
 """End-to-end test of the demo job on its synthetic fallback data."""
 
+import os
 
 import demo_lib
 
@@ -16,3 +17,18 @@ def test_demo_trains_privately_and_reports_epsilon(tmp_path, capsys):
     assert "Poisson subsampling" in result["statement"]
     # Ten smooth prototypes: private training clearly beats chance (0.1).
     assert result["test_accuracy"] > 0.5
+
+
+def test_run_demo_trains_both_and_writes_report_on_synthetic_fallback(tmp_path, capsys):
+    from experiment_fixtures import TINY
+
+    work_dir = str(tmp_path / "demo")
+    table, paths, description = demo_lib.run_demo(
+        work_dir, epsilon=2.0, data_dir=str(tmp_path / "missing"),
+        overrides={**TINY, "steps": 2}, verbose=0)
+    assert "synthetic" in capsys.readouterr().out and "synthetic" in description
+    assert sorted(table["privacy.private"]) == [False, True]
+    assert os.path.exists(paths["report"]) and os.path.exists(paths["metric_vs_epsilon"])
+    for run in ("epsilon=2", "epsilon=inf"):
+        assert os.listdir(os.path.join(work_dir, run, "tensorboard"))
+        assert os.path.exists(os.path.join(work_dir, run, "report_raw", "report.md"))

@@ -1,0 +1,35 @@
+"""Named settings for `train.py --config=NAME` and `sweep.py --config=NAME`.
+
+Each module here defines `SETTINGS`, a dict of `train_lib.Settings` fields
+(flags given on the command line override them), and may define `SWEEP`, a
+dict with "grid" (field -> list of values, crossed) for `sweep.py`.
+
+- Paper settings, ready for a user who has the data: `chexpert`,
+  `mimic_cxr`, `imagenet`, `places365`.
+- Studies that run here on real Fashion-MNIST: `rotated_study` (the PAIR
+  explorable's rotated subgroup) and `pretrained_study` (DP fine-tuning of
+  ImageNet-pretrained EfficientNet-Lite0).
+- `demo`: the short runs of `make demo`.
+"""
+
+import importlib
+
+NAMES = ("chexpert", "mimic_cxr", "imagenet", "places365", "rotated_study",
+         "pretrained_study", "demo")
+
+
+def load(name):
+    """Returns the config module `name`.
+
+    Args:
+        name: one of `NAMES`.
+
+    Returns:
+        The module (with `SETTINGS`, and `SWEEP` for sweep configs).
+
+    Raises:
+        ValueError: unknown name.
+    """
+    if name not in NAMES:
+        raise ValueError(f"Unknown config {name!r}; choose from {NAMES}.")
+    return importlib.import_module(f"configs.{name}")

@@ -1,0 +1,318 @@
+"""Exact evaluation of a run on its test split: predictions, per-group figures, reports.
+
+Figures reported for every run (raw weights, and EMA weights where kept):
+
+- AUC: `tf_dpfair.fairness.evaluate` with bootstrap intervals. For
+  multi-label data (chest X-rays) the mean AUC over labels, as in the paper.
+  For multi-class data (Fashion-MNIST, ImageNet) the macro mean of the
+  one-vs-rest AUCs of the classes (each class's AUC in a group is defined
+  when the group holds examples of that class and of others).
+- Accuracy, for multi-class data only: top-1 accuracy overall and per group,
+  with bootstrap intervals resampled within each group (the figure of the
+  PAIR explorable's rotated-digit study, where the rare group's accuracy
+  collapses while its AUC can stay far above chance).
+
+Everything here is computed on held-out test data.
+"""
+
+import os
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from tf_dpfair import fairness
+from tf_dpfair import reports
+
+NO_GROUPS = "all"
+
+
+def forward_fn(model):
+    """A traced inference pass of `model` (reuse it: tracing is slow)."""
+    return tf.function(lambda x: model(x, training=False))
+
+
+def predict(forward, dataset, num_examples, multi_label):
+    """Scores, labels and groups of every example of an evaluation dataset.
+
+    Args:
+        forward: `forward_fn(model)`, a model producing logits; EMA weights
+            swapped into the model's variables are seen by the same function.
+        dataset: from `tf_dpfair.data.make_eval_dataset` (with groups), in
+            index order with weight-0 padding at the end.
+        num_examples: real examples in the dataset (padding is dropped).
+        multi_label: sigmoid scores per label instead of softmax scores.
+
+    Returns:
+        dict with "scores" float `[N, L]` (probabilities), "labels" (`[N]`
+        class ids or `[N, L]` 0/1) and "groups" {attribute: int ids `[N]`}.
+    """
+    scores, labels, groups = [], [], {}
+    for x, y, _ in dataset:
+        logits = forward(x)
+        probabilities = tf.sigmoid(logits) if multi_label else tf.nn.softmax(logits)
+        scores.append(probabilities.numpy())
+        labels.append(y["label"].numpy())
+        for attribute, ids in y.get("groups", {}).items():
+            groups.setdefault(attribute, []).append(ids.numpy())
+    return {"scores": np.concatenate(scores)[:num_examples].astype(np.float64),
+            "labels": np.concatenate(labels)[:num_examples],
+            "groups": {a: np.concatenate(v)[:num_examples] for a, v in groups.items()}}
+
+
+def _groups_and_names(predictions, group_spec):
+    """Group ids and names for `fairness.evaluate`; one group "all" when none."""
+    groups = predictions["groups"]
+    if not groups:
+        count = len(predictions["labels"])
+        return {NO_GROUPS: np.zeros(count, np.int64)}, {NO_GROUPS: [NO_GROUPS]}
+    return groups, {a: list(group_spec.names(a)) for a in groups}
+
+
+def auc_evaluation(predictions, group_spec, class_names, multi_label, *, n_bootstrap,
+                   seed=0):
+    """Per-group AUC with intervals (`fairness.evaluate`) of one model's predictions.
+
+    Args:
+        predictions: output of `predict`.
+        group_spec: `GroupSpec` naming the group ids.
+        class_names: names of the classes (multi-class) or labels.
+        multi_label: whether labels are `[N, L]` 0/1 targets.
+        n_bootstrap: bootstrap replicates.
+        seed: bootstrap seed; equal seeds give paired intervals in
+            `reports.compare_matched`.
+
+    Returns:
+        A `fairness.GroupEvaluation` (one-vs-rest per class for multi-class
+        data; its summary label "mean" is the macro mean).
+    """
+    labels = predictions["labels"]
+    if not multi_label:
+        labels = np.eye(len(class_names))[labels]
+    groups, names = _groups_and_names(predictions, group_spec)
+    return fairness.evaluate(labels, predictions["scores"], groups, label_names=class_names,
+                             group_names=names, n_bootstrap=n_bootstrap, seed=seed,
+                             split="test")
+
+
+def accuracy_table(predictions, group_spec, *, n_bootstrap, seed=0, confidence=0.95):
+    """Top-1 accuracy overall and per group, with bootstrap intervals.
+
+    The bootstrap resamples within each group, so each replicate of a group's
+    accuracy is Binomial(n, accuracy) / n; worst group and gap get intervals
+    from the same replicates.
+
+    Args:
+        predictions: output of `predict` for multi-class data.
+        group_spec: `GroupSpec` naming the group ids.
+        n_bootstrap: bootstrap replicates (0: NaN bounds).
+        seed: bootstrap seed.
+        confidence: confidence level of the intervals.
+
+    Returns:
+        `(groups, disparities)` DataFrames: one row per attribute and group
+        (attribute "overall" holds all examples) with count, accuracy,
+        accuracy_low, accuracy_high; and one row per attribute with
+        worst_group, worst_accuracy and gap (max - min) with intervals.
+    """
+    correct = (predictions["scores"].argmax(axis=1) == predictions["labels"]).astype(float)
+    groups, names = _groups_and_names(predictions, group_spec)
+    rng = np.random.default_rng([seed, 7])
+    rows, disparities = [], []
+
+    def row(attribute, group, hits):
+        accuracy = float(hits.mean()) if hits.size else np.nan
+        draws = (rng.binomial(hits.size, accuracy, n_bootstrap) / hits.size
+                 if hits.size else np.full(n_bootstrap, np.nan))
+        low, high = fairness.percentile_interval(draws, confidence)
+        rows.append({"attribute": attribute, "group": group, "count": int(hits.size),
+                     "accuracy": accuracy, "accuracy_low": low, "accuracy_high": high})
+        return accuracy, draws
+
+    row("overall", "all", correct)
+    for attribute, ids in groups.items():
+        values, draws = zip(*(row(attribute, name, correct[ids == g])
+                              for g, name in enumerate(names[attribute])))
+        values, draws = np.array(values), np.array(draws)
+        present = ~np.isnan(values)
+        worst = int(np.nanargmin(values))
+        gap_draws = np.nanmax(draws[present], 0) - np.nanmin(draws[present], 0)
+        worst_low, worst_high = fairness.percentile_interval(
+            np.nanmin(draws[present], 0), confidence)
+        gap_low, gap_high = fairness.percentile_interval(gap_draws, confidence)
+        disparities.append({
+            "attribute": attribute, "worst_group": names[attribute][worst],
+            "worst_accuracy": values[worst], "worst_accuracy_low": worst_low,
+            "worst_accuracy_high": worst_high,
+            "gap": float(np.nanmax(values) - np.nanmin(values)),
+            "gap_low": gap_low, "gap_high": gap_high})
+    return pd.DataFrame(rows), pd.DataFrame(disparities)
+
+
+def summarize(evaluation, accuracy=None):
+    """The figures of one model that go into result.json (plain floats).
+
+    Args:
+        evaluation: the model's `fairness.GroupEvaluation`.
+        accuracy: `accuracy_table` output, or None (multi-label data).
+
+    Returns:
+        dict with "auc", "accuracy" (or None), and per attribute "groups"
+        {group: {count, auc, auc_low, auc_high, accuracy, ...}}, "worst" and
+        "gap" {"auc", "accuracy"} and "worst_group".
+    """
+    label = evaluation.summary_label
+
+    def number(value):
+        return None if pd.isna(value) else float(value)
+
+    out = {"auc": number(evaluation.overall_auc), "accuracy": None, "groups": {},
+           "worst_group": {}, "worst": {}, "gap": {}}
+    table = evaluation.groups[evaluation.groups["label"] == label]
+    for r in table.itertuples():
+        out["groups"].setdefault(r.attribute, {})[r.group] = {
+            "count": int(r.count), "auc": number(r.auc), "auc_low": number(r.auc_low),
+            "auc_high": number(r.auc_high)}
+    disparities = evaluation.disparities[evaluation.disparities["label"] == label]
+    for r in disparities.itertuples():
+        out["worst_group"][r.attribute] = r.worst_group
+        out["worst"][r.attribute] = {"auc": number(r.worst_auc)}
+        out["gap"][r.attribute] = {"auc": number(r.gap), "auc_low": number(r.gap_low),
+                                   "auc_high": number(r.gap_high)}
+    if accuracy is not None:
+        groups, accuracy_disparities = accuracy
+        out["accuracy"] = number(groups.loc[groups["attribute"] == "overall",
+                                            "accuracy"].iloc[0])
+        for r in groups[groups["attribute"] != "overall"].itertuples():
+            out["groups"][r.attribute][r.group].update(
+                accuracy=number(r.accuracy), accuracy_low=number(r.accuracy_low),
+                accuracy_high=number(r.accuracy_high))
+        for r in accuracy_disparities.itertuples():
+            # The accuracy's worst group can differ from the AUC's.
+            out["worst"][r.attribute].update(accuracy=number(r.worst_accuracy),
+                                             accuracy_group=r.worst_group)
+            out["gap"][r.attribute].update(accuracy=number(r.gap),
+                                           accuracy_low=number(r.gap_low),
+                                           accuracy_high=number(r.gap_high))
+    return out
+
+
+def write_run_report(evaluation, accuracy, directory, title):
+    """Writes the exact fairness report of one model (CSV, Markdown, PNG).
+
+    `reports.write_report` writes the AUC tables and figures; the accuracy
+    tables (multi-class data) are added as CSV and as a section of
+    report.md.
+
+    Args:
+        evaluation: `fairness.GroupEvaluation`.
+        accuracy: `accuracy_table` output, or None.
+        directory: output folder.
+        title: report title.
+
+    Returns:
+        dict name -> path, as `reports.write_report`, plus the accuracy CSVs.
+    """
+    paths = reports.write_report(evaluation, directory, title=title)
+    if accuracy is None:
+        return paths
+    groups, disparities = accuracy
+    for name, table in (("accuracy_groups", groups), ("accuracy_disparities", disparities)):
+        paths[name] = os.path.join(directory, f"{name}.csv")
+        table.to_csv(paths[name], index=False)
+    with open(paths["report"], "a") as f:
+        f.write("\n\n## Accuracy (top-1)\n\n" + reports.to_markdown(groups)
+                + "\n" + reports.to_markdown(disparities))
+    return paths
+
+
+class EpochEvaluation(keras.callbacks.Callback):
+    """Scores the test split every few epochs: logs and per-epoch checkpoints.
+
+    Adds `test_accuracy` / `test_auc` (and `ema_test_*`) to the epoch logs and
+    saves the scores as `checkpoints/epoch_NNN.npz`, so that a non-private
+    run offers every evaluated epoch to the matched-accuracy comparison.
+    """
+
+    def __init__(self, dataset, run_data, directory, every):
+        super().__init__()
+        self.dataset, self.run_data = dataset, run_data
+        self.directory, self.every = directory, every
+
+    def set_model(self, model):
+        super().set_model(model)
+        self._forward = forward_fn(model)
+
+    def scores(self, ema):
+        """Test predictions (see `predict`), EMA weights if `ema`."""
+        data = self.run_data
+        if ema:
+            with self.model.ema_weights():
+                return predict(self._forward, self.dataset,
+                                              data.test.num_examples, data.multi_label)
+        return predict(self._forward, self.dataset, data.test.num_examples,
+                                      data.multi_label)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.every or (epoch + 1) % self.every:
+            return
+        saved = {"epoch": epoch + 1,
+                 "updates": int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))}
+        for prefix, ema in (("", False), ("ema_", True)):
+            if ema and getattr(self.model, "_ema_shadows", None) is None:
+                continue
+            predictions = self.scores(ema)
+            evaluation = auc_evaluation(
+                predictions, self.run_data.group_spec, self.run_data.class_names,
+                self.run_data.multi_label, n_bootstrap=0)
+            saved[prefix + "scores"] = predictions["scores"].astype(np.float32)
+            if logs is not None:
+                logs[prefix + "test_auc"] = evaluation.overall_auc
+                if not self.run_data.multi_label:
+                    correct = predictions["scores"].argmax(1) == predictions["labels"]
+                    logs[prefix + "test_accuracy"] = float(correct.mean())
+        os.makedirs(self.directory, exist_ok=True)
+        labels_path = os.path.join(self.directory, "labels.npz")
+        if not os.path.exists(labels_path):
+            np.savez(labels_path, labels=predictions["labels"],
+                     **{"group_" + a: v for a, v in predictions["groups"].items()})
+        np.savez(os.path.join(self.directory, f"epoch_{epoch + 1:03d}.npz"), **saved)
+
+
+def evaluate_final(model, run_data, test, work_dir, n_bootstrap):
+    """Writes the final reports and predictions of a trained model.
+
+    Args:
+        model: the trained model (a DPModel with EMA gets both reports).
+        run_data: the run's `inputs_lib.RunData`.
+        test: the test split's evaluation dataset.
+        work_dir: the run's folder: `report_raw/`, `report_ema/` and
+            `predictions.npz` go there.
+        n_bootstrap: bootstrap replicates of the intervals.
+
+    Returns:
+        dict "raw", "ema" -> `summarize` output (None without EMA).
+    """
+    variants = {"raw": False}
+    if getattr(model, "_ema_shadows", None) is not None:
+        variants["ema"] = True
+    metrics, arrays = {"raw": None, "ema": None}, {}
+    callback = EpochEvaluation(test, run_data, None, 0)
+    callback.set_model(model)
+    for name, ema in variants.items():
+        predictions = callback.scores(ema)
+        evaluation = auc_evaluation(
+            predictions, run_data.group_spec, run_data.class_names, run_data.multi_label,
+            n_bootstrap=n_bootstrap)
+        accuracy = None if run_data.multi_label else accuracy_table(
+            predictions, run_data.group_spec, n_bootstrap=n_bootstrap)
+        weights = "EMA" if ema else "raw"
+        write_run_report(
+            evaluation, accuracy, os.path.join(work_dir, f"report_{name}"),
+            title=f"Test split, {weights} weights: {run_data.description}")
+        metrics[name] = summarize(evaluation, accuracy)
+        arrays[f"scores_{name}"] = predictions["scores"].astype(np.float32)
+    np.savez(os.path.join(work_dir, "predictions.npz"), labels=predictions["labels"],
+             **arrays, **{"group_" + a: v for a, v in predictions["groups"].items()})
+    return metrics

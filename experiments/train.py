@@ -1,0 +1,54 @@
+"""Trains one model (private or not) and writes its reports and result.json.
+
+Every field of `train_lib.Settings` is a flag; `--config=NAME` starts from a
+config in `experiments/configs/` and flags given on the command line
+override it. Rerunning the same command resumes an interrupted run; a
+finished run (result.json present) is not run again.
+
+Examples:
+  python experiments/train.py --dataset=fashion_mnist --epsilon=4 \
+      --rotated_fraction=0.1 --work_dir=/tmp/runs/eps4
+  python experiments/train.py --config=chexpert --data_dir=/data/chexpert \
+      --epsilon=8 --work_dir=/tmp/runs/chexpert_eps8
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+import flags_lib  # noqa: E402
+import train_lib  # noqa: E402
+
+_CONFIG = flags.DEFINE_string("config", None, "Named config in experiments/configs/.")
+flags_lib.define_settings_flags(train_lib.Settings)
+
+
+def main(argv):
+    """Runs the training job described by the flags."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    flags_lib.quiet_accountant()
+    try:
+        settings = train_lib.settings_from(_CONFIG.value,
+                                           flags_lib.given_settings(train_lib.Settings))
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
+    if not settings.work_dir:
+        raise app.UsageError("--work_dir is required.")
+    result = train_lib.run(settings)
+    print(f"\n{result['privacy']['statement']}")
+    for variant in ("raw", "ema"):
+        metrics = result["metrics"][variant]
+        if metrics:
+            print(f"{variant:>3} weights: AUC {metrics['auc']:.4f}"
+                  + (f", accuracy {metrics['accuracy']:.4f}" if metrics["accuracy"] is not None
+                     else "") + f", gap {metrics['gap']}")
+    print(f"Results in {settings.work_dir}; TensorBoard: tensorboard --logdir "
+          f"{os.path.join(settings.work_dir, 'tensorboard')}")
+
+
+if __name__ == "__main__":
+    app.run(main)

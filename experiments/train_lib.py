@@ -1,0 +1,394 @@
+"""One training run: settings in, checkpoints, logs, fairness reports and result.json out.
+
+`run(settings)` trains one model (private with DP-SGD, or the non-private
+baseline on the same pipeline), evaluates it exactly on the test split and
+writes into `settings.work_dir`:
+
+- `backup/`: `keras.callbacks.BackupAndRestore` state, kept until the run is
+  finished: rerunning the same settings resumes at the last finished epoch,
+  and the data pipeline restarts at update `model.update_count`.
+- `tensorboard/`: `keras.callbacks.TensorBoard` logs (loss, epsilon, test
+  accuracy/AUC per epoch, with EMA weights too).
+- `checkpoints/epoch_NNN.npz`: test-set scores after each evaluated epoch
+  (raw and EMA weights) and `checkpoints/labels.npz`: the matched-accuracy
+  comparison (`reports.compare_matched`) picks among these.
+- `report_raw/`, `report_ema/`: the exact fairness report of the final model
+  (`fairness.evaluate` + `reports.write_report`, plus accuracy tables).
+- `model.keras`, `predictions.npz` (final test scores), `settings.json`.
+- `result.json`, written last: privacy statement, settings, data, metrics.
+  A run whose result.json exists is finished; `run` returns it unchanged.
+
+Noise and sampling seeds are fresh secrets unless `deterministic` is set
+(for tests: anyone who knows the seed can remove the noise).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import secrets
+import shutil
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import evaluation_lib
+import inputs_lib
+import tf_dpfair as dpf
+from tf_dpfair import data as data_lib
+
+RESULT_FILE = "result.json"
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def _field(default, help_text):
+    kind = dict if isinstance(default, dict) else None
+    if kind:
+        return dataclasses.field(default_factory=dict, metadata={"help": help_text})
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting of one run; `train.py` has one flag per field (see each help)."""
+
+    dataset: str = _field("fashion_mnist", f"Dataset: {', '.join(inputs_lib.DATASETS)}.")
+    data_dir: str = _field("", "Dataset folder (TFDS data_dir); '' = the dataset's default.")
+    dataset_options: dict = _field({}, "JSON dict of extra loader arguments.")
+    train_examples: int = _field(0, "Random subset of the training split (0 = all).")
+    test_examples: int = _field(0, "Random subset of the test split (0 = all).")
+    rotated_fraction: float = _field(0.0, "MNIST-like data: share of training images "
+                                     "rotated 90 degrees (group 'orientation').")
+    test_rotated_fraction: float = _field(None, "Share of rotated test images "
+                                          "(default: rotated_fraction).")
+    image_size: int = _field(0, "Image side for file/TFDS datasets (0 = 224).")
+    model: str = _field("tiny_cnn", f"Model: {', '.join(inputs_lib.MODELS)}.")
+    model_options: dict = _field({}, "JSON dict of model arguments (e.g. depth, "
+                                 "image_size for efficientnet_lite0).")
+    pretrained: str = _field("", "'imagenet' (efficientnet_lite0), a .keras/.weights.h5 "
+                             "file, or '' for random initialisation.")
+    finetune: str = _field("all", "Trainable layers: head, last_blocks, all.")
+    finetune_blocks: int = _field(1, "Blocks trained by finetune=last_blocks.")
+    non_private: bool = _field(False, "Train without DP (NonPrivateModel, epsilon = inf).")
+    epsilon: float = _field(None, "Target epsilon; the noise multiplier is calibrated "
+                            "to it. inf means non-private.")
+    noise_multiplier: float = _field(None, "Noise multiplier (instead of epsilon).")
+    delta: float = _field(None, "Target delta (default 1/N).")
+    clip_norm: float = _field(1.0, "Per-example gradient clip norm C.")
+    accountant: str = _field("rdp", "Accountant: rdp or pld.")
+    sampling: str = _field("poisson", "Logical batches: poisson or shuffle.")
+    batch_size: int = _field(256, "Logical (expected) batch size per update.")
+    microbatch_size: int = _field(32, "Examples per vectorized per-example pass.")
+    augmult: int = _field(1, "Augmentation multiplicity K.")
+    ema_decay: float = _field(0.0, "EMA decay of the weights (0 = no EMA).")
+    epochs: int = _field(1, "Epochs (ignored when steps > 0).")
+    steps: int = _field(0, "Total updates (0 = use epochs).")
+    steps_per_epoch: int = _field(0, "Updates per Keras epoch, the period of evaluation, "
+                                  "checkpoints and logs (0 = N / batch_size).")
+    optimizer: str = _field("sgd", "Optimizer: sgd or adam.")
+    learning_rate: float = _field(0.5, "Learning rate.")
+    momentum: float = _field(0.0, "SGD momentum.")
+    non_private_optimizer: str = _field("", "Optimizer of non-private runs ('' = optimizer); "
+                                        "their gradients are not clipped, so they often "
+                                        "need other settings.")
+    non_private_learning_rate: float = _field(0.0, "Learning rate of non-private runs "
+                                              "(0 = learning_rate).")
+    strategy: str = _field("default", f"tf.distribute strategy: {', '.join(STRATEGIES)}.")
+    tpu: str = _field("", "TPU address for strategy=tpu.")
+    work_dir: str = _field("", "Output folder of the run.")
+    seed: int = _field(0, "Seed of initialisation, subsets and rotated images.")
+    deterministic: bool = _field(False, "Derive noise and sampling seeds from seed "
+                                 "(reproducible, NOT private: for tests).")
+    eval_batch_size: int = _field(500, "Evaluation batch size.")
+    eval_every: int = _field(1, "Evaluate on test every N epochs (0 = final only).")
+    n_bootstrap: int = _field(200, "Bootstrap replicates of the report's intervals.")
+
+    @property
+    def private(self):
+        """False for non-private runs (flag, or epsilon = inf)."""
+        return not (self.non_private or (self.epsilon is not None
+                                         and math.isinf(self.epsilon)))
+
+    def to_json(self):
+        """The settings as a JSON-safe dict (inf becomes "inf")."""
+        return _json_safe(dataclasses.asdict(self))
+
+
+def settings_from(config=None, overrides=None):
+    """Builds `Settings`: defaults, then a named config, then overrides.
+
+    Args:
+        config: name of a module in `configs` (its `SETTINGS`), or None.
+        overrides: dict field -> value applied last (e.g. flags given).
+
+    Returns:
+        A validated `Settings`.
+
+    Raises:
+        ValueError: unknown fields or config, or inconsistent values.
+    """
+    import configs  # Only binaries and tests put experiments/ on the path.
+
+    values = dict(configs.load(config).SETTINGS) if config else {}
+    values.update(overrides or {})
+    known = {f.name for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"Unknown settings {unknown}; known: {sorted(known)}.")
+    settings = Settings(**values)
+    _validate(settings)
+    return settings
+
+
+def _validate(s):
+    if s.private and s.epsilon is None and s.noise_multiplier is None:
+        raise ValueError("A private run needs epsilon or noise_multiplier "
+                         "(or non_private=True).")
+    if s.private and s.epsilon is not None and s.noise_multiplier is not None:
+        raise ValueError("Give epsilon or noise_multiplier, not both.")
+    if s.non_private_optimizer not in ("",) + OPTIMIZERS:
+        raise ValueError(f"non_private_optimizer must be '' or one of {OPTIMIZERS}.")
+    for name, allowed in (("strategy", STRATEGIES), ("optimizer", OPTIMIZERS),
+                          ("sampling", ("poisson", "shuffle")),
+                          ("accountant", ("rdp", "pld"))):
+        if getattr(s, name) not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}; got {getattr(s, name)!r}.")
+    if s.epochs < 1 and s.steps < 1:
+        raise ValueError("epochs or steps must be >= 1.")
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return "inf" if math.isinf(value) else (None if math.isnan(value) else float(value))
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    return value
+
+
+def write_json(path, value):
+    """Writes JSON atomically (a reader never sees half a file)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(_json_safe(value), f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def make_strategy(name, tpu=""):
+    """Returns the `tf.distribute` strategy called `name` (see `STRATEGIES`)."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":  # Cluster from the TF_CONFIG environment variable.
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def extra_callbacks(settings, work_dir):
+    """HOOK: callbacks every run gets beyond the standard ones; none yet.
+
+    When the package's TensorBoard dashboard callback lands
+    (`tf_dpfair.dashboards`), return it here with its log dir
+    `os.path.join(work_dir, "tensorboard")`; it runs before the TensorBoard
+    writer, so anything it adds to the epoch logs is written.
+    """
+    del settings, work_dir
+    return []
+
+
+def _compile(model, settings, multi_label):
+    loss_class = (keras.losses.BinaryCrossentropy if multi_label
+                  else keras.losses.SparseCategoricalCrossentropy)
+    # Mean over real rows: weight-0 padding of Poisson batches must not dilute
+    # the non-private loss (the DP step divides by the expected batch itself).
+    loss = loss_class(from_logits=True, reduction="mean_with_sample_weight")
+    rate, name = settings.learning_rate, settings.optimizer
+    if not settings.private:
+        rate = settings.non_private_learning_rate or rate
+        name = settings.non_private_optimizer or name
+    if name == "sgd":
+        optimizer = keras.optimizers.SGD(rate, momentum=settings.momentum)
+    else:
+        optimizer = keras.optimizers.Adam(rate)
+    model.compile(optimizer=optimizer, loss=loss,
+                  metrics=None if multi_label else ["accuracy"])
+
+
+def updates_applied(model):
+    """Optimizer updates applied so far (saved with the model and its backups)."""
+    if isinstance(model, dpf.DPTraining):
+        return model.update_count
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+
+
+def _restore(model, backup_dir, steps_per_epoch):
+    """Loads the backup (if any) and returns the updates already applied.
+
+    BackupAndRestore would load it too, but only inside `fit`; the pipeline
+    has to know the update count before `fit` to restart at the right batch.
+    """
+    weights = os.path.join(backup_dir, "latest.weights.h5")
+    if not os.path.exists(weights):
+        return 0
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model.load_weights(weights)
+    with open(os.path.join(backup_dir, "training_metadata.json")) as f:
+        epoch = json.load(f)["epoch"]
+    done = updates_applied(model)
+    if done != epoch * steps_per_epoch:
+        raise ValueError(f"The backup in {backup_dir} holds {done} updates after {epoch} "
+                         f"epochs of {steps_per_epoch}: it belongs to other settings. "
+                         f"Remove it or use another work_dir.")
+    return done
+
+
+def _seeds(settings):
+    """(sampling seed, noise seed): secret unless `deterministic`."""
+    if settings.deterministic:
+        return settings.seed + 1, settings.seed + 2
+    return secrets.randbits(62), None  # DPConfig draws its own secret seed.
+
+
+def _privacy(settings, model, logger, sigma, spec, delta, total_steps):
+    if logger is None:
+        return {"private": False, "epsilon": None, "epsilon_label": "inf", "delta": None,
+                "noise_multiplier": 0.0, "steps": updates_applied(model),
+                "sampling": spec.accounting_sampling, "accountant": None,
+                "statement": "Not private (trained without DP-SGD): epsilon = inf."}
+    statement = logger.statement()
+    return {"private": True, "epsilon": statement.epsilon,
+            "epsilon_label": f"{statement.epsilon:.3g}", "target_epsilon": settings.epsilon,
+            "delta": statement.delta, "target_delta": delta, "noise_multiplier": sigma,
+            "sampling_probability": statement.sampling_probability,
+            "steps": statement.steps, "sampling": statement.sampling,
+            "accountant": statement.accountant, "clip_norm": settings.clip_norm,
+            "statement": str(statement), "pipeline": spec.statement(),
+            # The guard also stops after the planned last update; only an
+            # earlier stop means the budget cut the run short.
+            "stopped_for_budget": statement.steps < total_steps}
+
+
+def run(settings, *, callbacks=(), strategy=None, verbose=2):
+    """Trains, evaluates and writes one run (see the module docstring).
+
+    Args:
+        settings: a `Settings` with a `work_dir`.
+        callbacks: more Keras callbacks for `fit` (run before the standard
+            ones' epoch-end writers; tests use this to interrupt a run).
+        strategy: a `tf.distribute.Strategy` to use instead of
+            `settings.strategy`.
+        verbose: `fit` verbosity.
+
+    Returns:
+        The result dict, as written to result.json (read back unchanged when
+        the run had finished before).
+
+    Raises:
+        ValueError: no work_dir, bad settings, or a backup of other settings.
+    """
+    if not settings.work_dir:
+        raise ValueError("settings.work_dir is required.")
+    work_dir = settings.work_dir
+    result_path = os.path.join(work_dir, RESULT_FILE)
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            return json.load(f)
+    os.makedirs(work_dir, exist_ok=True)
+    write_json(os.path.join(work_dir, "settings.json"), settings.to_json())
+    keras.utils.set_random_seed(settings.seed)
+    run_data = inputs_lib.load_data(settings)
+    strategy = strategy or make_strategy(settings.strategy, settings.tpu)
+    replicas = strategy.num_replicas_in_sync
+    num_train = run_data.train.num_examples
+    delta = settings.delta or 1.0 / num_train
+    sampling_seed, noise_seed = _seeds(settings)
+
+    def pipeline(start_step):
+        return data_lib.make_train_dataset(
+            run_data.train, expected_batch_size=settings.batch_size, seed=sampling_seed,
+            mode=settings.sampling, microbatch_size=settings.microbatch_size,
+            num_replicas=replicas, augmult=settings.augmult, start_step=start_step)
+
+    spec = pipeline(0).spec
+    wanted = settings.steps or settings.epochs * spec.steps_per_epoch
+    period = min(settings.steps_per_epoch or spec.steps_per_epoch, wanted)
+    epochs = -(-wanted // period)  # Rounded up to whole periods.
+    total_steps = epochs * period
+    sigma = 0.0
+    if settings.private:
+        sigma = settings.noise_multiplier
+        if sigma is None:
+            sigma = dpf.accounting.calibrate_noise_multiplier(
+                target_epsilon=settings.epsilon, delta=delta, accountant=settings.accountant,
+                **spec.accountant_kwargs(total_steps))
+    print(f"{run_data.description}; {total_steps} updates of expected batch "
+          f"{settings.batch_size}; "
+          + (f"noise multiplier {sigma:.4g}" if settings.private else "non-private"))
+
+    with strategy.scope():
+        base = inputs_lib.build_model(settings, run_data)
+        if settings.private:
+            config = dpf.DPConfig(
+                l2_norm_clip=settings.clip_norm, noise_multiplier=sigma,
+                expected_batch_size=settings.batch_size,
+                microbatch_size=settings.microbatch_size, augmult=settings.augmult,
+                ema_decay=settings.ema_decay or None, seed=noise_seed)
+            model = dpf.make_private(base, config)
+        else:
+            if settings.augmult > 1:
+                raise ValueError("augmult > 1 is implemented by DPModel only.")
+            model = dpf.make_non_private(base)
+        _compile(model, settings, run_data.multi_label)
+        backup_dir = os.path.join(work_dir, "backup")
+        start = _restore(model, backup_dir, period)
+
+    test = data_lib.make_eval_dataset(run_data.test, batch_size=settings.eval_batch_size,
+                                      microbatch_size=1, num_replicas=1)
+    logger = None
+    standard = [evaluation_lib.EpochEvaluation(
+        test, run_data, os.path.join(work_dir, "checkpoints"), settings.eval_every)]
+    if settings.private:
+        logger = dpf.callbacks.PrivacyLogger(
+            delta=delta, sampling_spec=spec, accountant=settings.accountant,
+            target_epsilon=settings.epsilon)
+        standard.insert(0, logger)
+    standard += extra_callbacks(settings, work_dir)
+    standard += [keras.callbacks.TensorBoard(os.path.join(work_dir, "tensorboard"),
+                                             write_graph=False, profile_batch=0),
+                 # Last, so an epoch's checkpoint files exist before its backup.
+                 keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False)]
+    started = time.time()
+    if start < total_steps:
+        print(f"Training from update {start} of {total_steps}.")
+        model.fit(pipeline(start).dataset, epochs=epochs, steps_per_epoch=period,
+                  callbacks=list(callbacks) + standard, verbose=verbose)
+    train_seconds = time.time() - started
+    result = {
+        "finished": True, "settings": settings.to_json(),
+        "privacy": _privacy(settings, model, logger, sigma, spec, delta, total_steps),
+        "data": {"description": run_data.description, "num_train": num_train,
+                 "num_test": run_data.test.num_examples,
+                 "multi_label": run_data.multi_label,
+                 "groups": {a: list(run_data.group_spec.names(a))
+                            for a in run_data.group_spec.attributes}},
+        "training": {"epochs": epochs, "steps_per_epoch": period,
+                     "total_steps": total_steps, "replicas": replicas,
+                     "seconds_this_session": train_seconds},
+        "metrics": evaluation_lib.evaluate_final(model, run_data, test, work_dir,
+                                                  settings.n_bootstrap),
+    }
+    model.save(os.path.join(work_dir, "model.keras"))
+    write_json(result_path, result)
+    shutil.rmtree(backup_dir, ignore_errors=True)
+    with open(result_path) as f:
+        return json.load(f)

