@@ -193,16 +193,21 @@ def make_strategy(name, tpu=""):
     return tf.distribute.TPUStrategy(resolver)
 
 
-def extra_callbacks(settings, work_dir):
-    """HOOK: callbacks every run gets beyond the standard ones; none yet.
+def extra_callbacks(settings, work_dir, *, privacy_logger, run_data, test):
+    """The TensorBoard fairness dashboard of a run.
 
-    When the package's TensorBoard dashboard callback lands
-    (`tf_dpfair.dashboards`), return it here with its log dir
-    `os.path.join(work_dir, "tensorboard")`; it runs before the TensorBoard
-    writer, so anything it adds to the epoch logs is written.
+    Exact per-group AUC with bootstrap bands (`tf_dpfair.dashboards`) needs
+    binary or multi-label targets and groups; for multi-class data the
+    dashboard still records privacy spend and the run's settings (HParams),
+    and per-group accuracy is in the run's reports.
     """
-    del settings, work_dir
-    return []
+    grouped = run_data.multi_label and bool(run_data.group_spec.attributes)
+    return [dpf.dashboards.FairnessDashboard(
+        os.path.join(work_dir, "tensorboard"), privacy_logger=privacy_logger,
+        hparams={"dataset": settings.dataset, "model": settings.model},
+        evaluation_data=test if grouped else None,
+        group_names=run_data.group_spec if grouped else None,
+        n_bootstrap=max(1, settings.n_bootstrap // 5))]
 
 
 def _compile(model, settings, multi_label):
@@ -362,7 +367,8 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
             delta=delta, sampling_spec=spec, accountant=settings.accountant,
             target_epsilon=settings.epsilon)
         standard.insert(0, logger)
-    standard += extra_callbacks(settings, work_dir)
+    standard += extra_callbacks(settings, work_dir, privacy_logger=logger,
+                                run_data=run_data, test=test)
     standard += [keras.callbacks.TensorBoard(os.path.join(work_dir, "tensorboard"),
                                              write_graph=False, profile_batch=0),
                  # Last, so an epoch's checkpoint files exist before its backup.

@@ -189,3 +189,15 @@ def test_plot_attribute_draws_both_models_and_labels_counts():
         reports.plot_attribute(result, "site")
     with pytest.raises(ValueError, match="Unknown label 'edema'"):
         reports.plot_attribute(result, "sex", label="edema")
+
+
+def test_plot_survives_an_interval_that_misses_the_estimate():
+    evaluation = fairness.evaluate(
+        np.array([0, 1, 0, 1, 1, 0, 0, 1]), np.linspace(0, 1, 8),
+        {"sex": np.array([0, 0, 0, 0, 1, 1, 1, 1])}, n_bootstrap=3, seed=0)
+    groups = evaluation.groups.copy()
+    groups.loc[:, "auc_low"] = groups["auc"] + 0.1  # interval above the estimate
+    groups.loc[:, "auc_high"] = groups["auc"] + 0.2
+    evaluation.groups.loc[:, ["auc_low", "auc_high"]] = groups[["auc_low", "auc_high"]]
+    figure = reports.plot_attribute(evaluation, "sex")
+    assert len(figure.axes) == 1

@@ -339,7 +339,9 @@ class FairnessDashboard(keras.callbacks.Callback):
                 if ids is None or batch_lib.label_mask_of(y) is not None:
                     raise ValueError("evaluation_data must give y = {'label': ..., 'groups': "
                                      "...} without label masks (exact AUC needs 0/1 labels).")
-                predicted = np.asarray(self.model.predict_on_batch(x))
+                # A direct call: under MirroredStrategy, predict_on_batch of a
+                # plain tensor returns every replica's copy of the batch.
+                predicted = np.asarray(self.model(x, training=False))
                 keep = (np.ones(len(predicted), bool) if weights is None
                         else np.asarray(weights).reshape(-1) > 0)
                 labels.append(np.asarray(label).reshape(len(keep), -1)[keep])

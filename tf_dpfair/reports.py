@@ -274,8 +274,11 @@ def plot_attribute(result, attribute, *, label=None, private_name="private"):
                             & (model.groups["label"] == label)]
         x = np.arange(len(rows)) + (k - (len(series) - 1) / 2) * width
         auc = rows["auc"].to_numpy(float)
-        errors = np.nan_to_num(np.vstack([auc - rows["auc_low"].to_numpy(float),
-                                          rows["auc_high"].to_numpy(float) - auc]))
+        # A percentile interval need not contain the point estimate (few
+        # replicates, skewed resamples); bars then start at the estimate.
+        errors = np.maximum(0.0, np.nan_to_num(np.vstack(
+            [auc - rows["auc_low"].to_numpy(float),
+             rows["auc_high"].to_numpy(float) - auc])))
         axes.errorbar(x, auc, yerr=errors, fmt="o", capsize=4, color=colors[k], label=name)
         small = (rows["status"] == "too_small").to_numpy()
         axes.plot(x[small], auc[small], "o", color=colors[k], markerfacecolor="white", zorder=3)
