@@ -16,9 +16,11 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import keras  # noqa: E402
 
-import demo_lib  # noqa: E402
+import numpy as np  # noqa: E402
+
 import tf_dpfair as dpf  # noqa: E402
 from tf_dpfair import models  # noqa: E402
+from tf_dpfair.datasets import fashion_mnist  # noqa: E402
 
 _TRAIN = flags.DEFINE_integer("train_examples", 3000, "Training subset size.")
 _TEST = flags.DEFINE_integer("test_examples", 2000, "Test subset size.")
@@ -31,6 +33,21 @@ _SCRATCH_RECIPE = flags.DEFINE_string(
     "scratch_recipe", "all", "Trainable layers of the randomly initialised net.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Size the network runs at.")
 _LR = flags.DEFINE_float("learning_rate", 1.0, "SGD learning rate.")
+_DATA_DIR = flags.DEFINE_string("data_dir", fashion_mnist.DEFAULT_ROOT,
+                                "Folder with the Fashion-MNIST IDX files.")
+
+
+def load_arrays(root):
+    """Fashion-MNIST as ((x_train, y_train), (x_test, y_test)) in [0, 1]."""
+    arrays = []
+    for split in ("train", "t10k"):
+        images = fashion_mnist.read_idx(
+            os.path.join(root, f"{split}-images-idx3-ubyte.gz"))
+        labels = fashion_mnist.read_idx(
+            os.path.join(root, f"{split}-labels-idx1-ubyte.gz"))
+        arrays.append(((images[..., None] / 255.0).astype(np.float32),
+                       labels.astype(np.int32)))
+    return arrays
 
 
 def train_and_evaluate(weights_path, recipe, data, sigma):
@@ -55,7 +72,8 @@ def train_and_evaluate(weights_path, recipe, data, sigma):
 
 def main(argv):
     del argv
-    (x_train, y_train), (x_test, y_test), source = demo_lib.load_data()
+    (x_train, y_train), (x_test, y_test) = load_arrays(_DATA_DIR.value)
+    source = f"Fashion-MNIST from {_DATA_DIR.value}"
     n = _TRAIN.value - _TRAIN.value % _BATCH.value
     data = ((x_train[:n], y_train[:n]), (x_test[:_TEST.value], y_test[:_TEST.value]))
     steps = _EPOCHS.value * n // _BATCH.value
