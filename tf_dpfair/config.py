@@ -29,8 +29,9 @@ class DPConfig:
       clipping: how per-example clipped gradients are computed: "vectorized"
         (every example differentiated through the whole model with
         `tf.vectorized_map`), "ghost" (norms from layer activations and one
-        reweighted backward pass; functional models only) or "auto" (ghost
-        where the model allows it, else vectorized). All give the same sum.
+        reweighted backward pass; functional models only) or "auto" (the
+        faster where measured: vectorized on CPU so far, see
+        benchmarks/dp_overhead.py). All give the same sum.
       seed: the secret seed of the noise stream. None (the default) draws a
         fresh secret seed. An explicit seed makes noise reproducible, so it is
         for tests only: anyone who knows it can subtract the noise. It is

@@ -233,18 +233,22 @@ class DPTraining(GroupedEvaluation):
                 rows(nonfinite))
 
     def _ghost_state(self):
-        """The ghost-clipping taps of this model, or None for vectorized."""
+        """The ghost-clipping taps of this model, or None for vectorized.
+
+        "auto" resolves to vectorized: on the 2-core CPU where both were
+        measured (benchmarks/dp_overhead.py), ghost clipping was slower on the
+        benchmark CNN (2.3x vs 1.7x the non-private step) and on NF-ResNet
+        (2.1x vs 1.5x).
+        """
         if self._ghost is None:
-            mode = self._dp_config.clipping
-            taps = None if mode == "vectorized" else ghost.plan(self)
-            if taps is None and mode == "ghost":
-                raise ValueError(
-                    "DPConfig(clipping='ghost') needs a functional model whose "
-                    "layers with weights are each called once; use "
-                    "clipping='vectorized' or 'auto' for this model.")
-            if taps is None and mode == "auto":
-                print(f"tf_dpfair: {self.name} cannot use ghost clipping; "
-                      f"using vectorized per-example gradients.")
+            taps = None
+            if self._dp_config.clipping == "ghost":
+                taps = ghost.plan(self)
+                if taps is None:
+                    raise ValueError(
+                        "DPConfig(clipping='ghost') needs a functional model "
+                        "whose layers with weights are each called once; use "
+                        "clipping='vectorized' or 'auto' for this model.")
             # A plain holder, so Keras does not track the probe model.
             self._ghost = _GhostState(taps, taps and ghost.tap_model(self, taps))
         return self._ghost if self._ghost.taps else None
