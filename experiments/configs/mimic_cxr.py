@@ -16,33 +16,11 @@ your own pretrained NF-ResNet instead:
       --work_dir=/runs/mimic_cxr_sweep   # epsilons 0.5-8 and non-private
 """
 
-SETTINGS = {
-    "dataset": "mimic_cxr",
-    # The 5 evaluation pathologies; uncertain labels count as negative.
-    "dataset_options": {"uncertain": "zeros", "frontal_only": True},
-    "image_size": 224,
-    "model": "efficientnet_lite0",
-    "model_options": {"image_size": 224},
-    "pretrained": "imagenet",
-    "finetune": "all",
-    "clip_norm": 0.001,
-    "delta": None,  # 1/N of the training split.
-    "sampling": "poisson",
-    "accountant": "rdp",
-    "batch_size": 4096,
-    "microbatch_size": 64,  # 64 per-example gradients at a time; 4096 per update.
-    "augmult": 1,
-    "ema_decay": 0.9999,
-    "epochs": 10,
-    "optimizer": "sgd",
-    # Untuned here (no data): updates are means of gradients clipped to
-    # 0.001, so the rate scales with 1 / clip norm. Tune it on validation data.
-    "learning_rate": 1000.0,
-    "momentum": 0.9,
-    "non_private_optimizer": "adam",
-    "non_private_learning_rate": 1e-4,
-    "eval_batch_size": 256,
-    "n_bootstrap": 1000,
-}
+from configs import chexpert
 
-SWEEP = {"grid": {"epsilon": [0.5, 1.0, 2.0, 4.0, 8.0, float("inf")], "seed": [0]}}
+# The chest X-ray settings of the paper, shared with CheXpert; only the data
+# differ (MIMIC-CXR images are frontal-only here, as in the paper's setup).
+SETTINGS = dict(chexpert.SETTINGS, dataset="mimic_cxr",
+                dataset_options={"uncertain": "zeros", "frontal_only": True})
+
+SWEEP = chexpert.SWEEP
