@@ -5,47 +5,147 @@ Instead of differentiating every example separately through the whole network
 parameterised layer's input `a` and output `y`, and one backward pass of the
 summed loss gives every example's output gradient `g = dL_i/dy_i` (example i's
 loss depends on its own rows only: BatchNorm in training mode is refused).
-Per-example gradient norms then come layer by layer:
+Everything else is done layer by layer, from `a` and `g`:
 
-- Dense (2-D input) and Conv2D with a linear or ReLU activation: the kernel
-  gradient of example i is `patches_i^T g_i` (for Dense the patches are the
-  input rows), formed with one einsum; the bias gradient is `sum_p g_ip`. For
-  ReLU, the pre-activation gradient is `g * (y > 0)`.
-- Any other layer: its own per-example gradient, vectorized over examples for
-  that layer only (`d(y_i . g_i)/d theta` with `a_i` and `g_i` fixed).
+1. Each layer's share of every example's squared gradient norm:
 
-The clipped sum is one more backward pass over the same tape: the gradient of
-the per-example losses weighted by `weight_i * min(1, C / ||g_i||)`. It equals
-the vectorized path's sum (tested to 1e-5), at a fraction of its cost.
+   - Dense (any input rank), Conv1D and Conv2D (and their kernel-transforming
+     subclasses such as `nfnet.WSConv2D`), with a linear, ReLU, tanh or
+     sigmoid activation. Example i's kernel gradient is `A_i^T G_i`, where
+     `A_i` [P, K] holds its input patches (input rows for Dense) at the P
+     output positions and `G_i` [P, O] its pre-activation output gradients.
+     Two ways to get its norm; the cheaper is picked per layer:
+     * direct: form `A_i^T G_i` (P*K*O multiply-adds per example);
+     * norm trick: `||A_i^T G_i||^2 = sum((A_i A_i^T) * (G_i G_i^T))`
+       (P^2*(K+O)), which wins when P is small: always for Dense on flat
+       inputs (P = 1: `|a_i|^2 |g_i|^2`), never for large feature maps.
+   - DepthwiseConv2D: direct, per channel.
+   - Embedding: the norm trick over token positions (same token = same row).
+   - LayerNormalization / GroupNormalization on the last axis: the output is
+     `xhat * gamma + beta`, so the gamma gradient is `sum_p g * xhat`, read
+     off the output where gamma allows (see `_NormalizationClip`).
+   - Any other layer: its own per-example gradients, vectorized over examples
+     for that layer only (`d(y_i . g_i)/d theta` with `a_i` and `g_i` fixed).
+
+2. Each example's clip factor `s_i = weight_i * min(1, C / ||grad_i||)`.
+
+3. The clipped sum, again per layer, with no second pass through the network:
+   `sum_i s_i A_i^T G_i` is one matrix product of the patches with the
+   reweighted output gradients (or, where the per-example gradients were
+   formed and fit in memory, their reweighted sum).
+
+It equals the vectorized path's sum (tested to 1e-5 relative). An example
+whose gradient is not finite gets `s_i = 0`, and its rows are zeroed before
+they are summed, so it contributes exactly nothing.
 """
+
+import logging
+import math
 
 import keras
 import tensorflow as tf
 
 from tf_dpfair import clipping
 
-_DIRECT = "direct"
-_GENERIC = "generic"
+_LOG = logging.getLogger(__name__)
+
+LINEAR = "linear"
+DEPTHWISE = "depthwise"
+EMBEDDING = "embedding"
+NORMALIZATION = "normalization"
+GENERIC = "generic"
+
+# Per-example kernel gradients formed for a norm are kept for the clipped sum
+# while their total size stays below this; beyond it they are recomputed as a
+# product of patches and reweighted output gradients.
+KEEP_PER_EXAMPLE_BYTES = 256 * 2**20
+# The Embedding norm trick forms [m, P, P]; above this many positions per
+# example the layer uses its own vectorized per-example gradient instead.
+MAX_EMBEDDING_POSITIONS = 1024
+
+_ACTIVATIONS = ("linear", "relu", "tanh", "sigmoid")
 
 
-def _activation_kind(layer):
+def _activation_name(layer):
     name = getattr(getattr(layer, "activation", None), "__name__", "")
-    return {"linear": "linear", "relu": "relu"}.get(name)
+    return name if name in _ACTIVATIONS else None
 
 
-def _layer_kind(layer):
-    """How per-example norms of `layer`'s weights are computed."""
-    if isinstance(layer, keras.layers.Conv2D) and not isinstance(
-            layer, (keras.layers.Conv2DTranspose, keras.layers.DepthwiseConv2D,
-                    keras.layers.SeparableConv2D)):
-        if (layer.groups == 1 and layer.data_format == "channels_last"
-                and _activation_kind(layer) and type(layer) is keras.layers.Conv2D):
-            return _DIRECT
-        return _GENERIC
-    if (type(layer) is keras.layers.Dense and _activation_kind(layer)
-            and len(layer.input.shape) == 2):
-        return _DIRECT
-    return _GENERIC
+def _weights_are(layer, *names):
+    """True when the layer's trainable weights are exactly these attributes."""
+    expected = [getattr(layer, n, None) for n in names]
+    expected = {id(v) for v in expected if v is not None}
+    return expected == {id(v) for v in layer.trainable_weights}
+
+
+def _is_conv(layer, cls):
+    """A `cls` (Conv1D/Conv2D proper, or a subclass whose only change is the
+    kernel it convolves with) that the patch form handles."""
+    if not isinstance(layer, cls):
+        return False
+    transformed = type(layer) is not cls
+    if transformed and not callable(getattr(layer, "standardized_kernel", None)):
+        return False
+    extra = ("gain",) if transformed else ()
+    return (layer.groups == 1 and layer.data_format == "channels_last"
+            and layer.padding in ("valid", "same")
+            and _activation_name(layer) is not None
+            and (not transformed or hasattr(layer, "gain"))
+            and _weights_are(layer, "kernel", "bias", *extra))
+
+
+def layer_kind(layer):
+    """How per-example norms and the clipped sum of `layer` are computed."""
+    plain = not getattr(layer, "lora_enabled", False) and not getattr(
+        layer, "quantization_mode", None)
+    if not plain:
+        return GENERIC
+    if type(layer) is keras.layers.Dense and _activation_name(layer) \
+            and _weights_are(layer, "kernel", "bias"):
+        return LINEAR
+    if _is_conv(layer, keras.layers.Conv2D) or _is_conv(layer, keras.layers.Conv1D):
+        return LINEAR
+    if (type(layer) is keras.layers.DepthwiseConv2D and _activation_name(layer)
+            and layer.data_format == "channels_last"
+            and _weights_are(layer, "kernel", "bias")):
+        return DEPTHWISE
+    if (type(layer) is keras.layers.Embedding
+            and _weights_are(layer, "embeddings")):
+        positions = _static_prod(layer.input.shape[1:])
+        if positions is not None and positions <= MAX_EMBEDDING_POSITIONS:
+            return EMBEDDING
+    if type(layer) in (keras.layers.LayerNormalization,
+                       keras.layers.GroupNormalization):
+        rank = len(layer.input.shape)
+        axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        if ([a % rank for a in axis] == [rank - 1]
+                and _weights_are(layer, "gamma", "beta")):
+            return NORMALIZATION
+    return GENERIC
+
+
+def _plan(model):
+    """`(taps, None)`, or `(None, reason)` when ghost clipping cannot apply."""
+    if not (getattr(model, "inputs", None) and getattr(model, "outputs", None)):
+        return None, "it is not a functional model"
+    if len(model.outputs) != 1:
+        return None, "it has several outputs"
+    taps = []
+    covered = set()
+    for layer in model.layers:
+        if not layer.trainable_weights:
+            continue
+        try:
+            if len(layer._inbound_nodes) != 1:
+                raise ValueError
+            layer.input  # raises for layers with several call sites
+        except (AttributeError, ValueError):
+            return None, f"layer {layer.name!r} is called more than once"
+        taps.append((layer, layer_kind(layer)))
+        covered.update(id(v) for v in layer.trainable_weights)
+    if covered != {id(v) for v in model.trainable_weights}:
+        return None, "some trainable weights are not owned by its top-level layers"
+    return taps, None
 
 
 def plan(model):
@@ -59,27 +159,41 @@ def plan(model):
       model: a built functional Keras model.
 
     Returns:
-      A list of `(layer, kind)` pairs, or None.
+      A list of `(layer, kind)` pairs, kind one of LINEAR, DEPTHWISE,
+      EMBEDDING, NORMALIZATION, GENERIC; or None.
     """
-    if not (getattr(model, "inputs", None) and getattr(model, "outputs", None)):
+    return _plan(model)[0]
+
+
+def plan_or_notice(model, required):
+    """`plan(model)`, with a one-line notice of what falls back.
+
+    Args:
+      model: a built Keras model.
+      required: True when the user asked for ghost clipping: a model it
+        cannot handle is then an error rather than a notice.
+
+    Returns:
+      The taps, or None for the vectorized path.
+
+    Raises:
+      ValueError: `required` and the model cannot use ghost clipping.
+    """
+    taps, reason = _plan(model)
+    if taps is None:
+        if required:
+            raise ValueError(
+                f"DPConfig(clipping='ghost') needs a functional model whose "
+                f"layers with weights are each called once, but {reason}; use "
+                f"clipping='vectorized' or 'auto' for this model.")
+        _LOG.warning("tf_dpfair: ghost clipping does not apply (%s); the "
+                     "whole model uses vectorized per-example gradients.", reason)
         return None
-    if len(model.outputs) != 1:
-        return None
-    taps = []
-    covered = set()
-    try:
-        for layer in model.layers:
-            if not layer.trainable_weights:
-                continue
-            if len(layer._inbound_nodes) != 1:  # shared layer: several inputs
-                return None
-            layer.input  # raises for layers with several call sites
-            taps.append((layer, _layer_kind(layer)))
-            covered.update(id(v) for v in layer.trainable_weights)
-    except (AttributeError, ValueError):
-        return None
-    if covered != {id(v) for v in model.trainable_weights}:
-        return None
+    generic = [layer.name for layer, kind in taps if kind == GENERIC]
+    if generic:
+        _LOG.warning("tf_dpfair: ghost clipping has no closed form for %s; "
+                     "those layers use their own vectorized per-example "
+                     "gradients.", ", ".join(generic))
     return taps
 
 
@@ -90,48 +204,324 @@ def tap_model(model, taps):
     return keras.Model(model.inputs, outputs)
 
 
+def _static_prod(dims):
+    """Product of static dimensions, or None if one is unknown."""
+    dims = list(dims)
+    return None if None in dims else math.prod(dims)
+
+
 def _per_example(t, m):
     """[m * K * ..., C] -> [m, positions, C]: views and positions of one example."""
-    return tf.reshape(t, [m, -1, tf.shape(t)[-1]])
+    channels = t.shape[-1] if t.shape[-1] is not None else tf.shape(t)[-1]
+    return tf.reshape(t, [m, -1, channels])
 
 
-def _direct_sq_norm(layer, a, y, g, m):
-    """Squared per-example gradient norm of a Dense/Conv2D (kernel and bias)."""
-    if _activation_kind(layer) == "relu":
-        g = g * tf.cast(y > 0, g.dtype)
-    if isinstance(layer, keras.layers.Conv2D):
-        kh, kw = layer.kernel_size
-        sh, sw = layer.strides
-        dh, dw = layer.dilation_rate
-        a = tf.image.extract_patches(
+def _zero_rows(t, keep):
+    """Zeroes example i's slice of `t` ([m, ...]) where keep[i] is False."""
+    mask = tf.reshape(keep, [-1] + [1] * (t.shape.rank - 1))
+    return tf.where(mask, t, tf.zeros_like(t))
+
+
+def _scale_rows(t, scale, keep):
+    """`scale[i] * t[i]`, exactly zero where keep[i] is False (even if NaN)."""
+    t = _zero_rows(t, keep)
+    return t * tf.reshape(scale, [-1] + [1] * (t.shape.rank - 1))
+
+
+def _sq_sum(t):
+    """[m, ...] -> [m]: sum of squares of each example's slice."""
+    return tf.reduce_sum(tf.reshape(tf.square(t), [tf.shape(t)[0], -1]), axis=1)
+
+
+def _pre_activation_grad(layer, y, g):
+    """Output gradient before the layer's own activation, from its output y."""
+    name = _activation_name(layer)
+    y = tf.cast(y, g.dtype)
+    if name == "relu":
+        return g * tf.cast(y > 0, g.dtype)
+    if name == "tanh":
+        return g * (1.0 - tf.square(y))
+    if name == "sigmoid":
+        return g * y * (1.0 - y)
+    return g
+
+
+def _image_patches(a, kernel_size, strides, dilation, padding):
+    """[n, H, W, C] -> [n, H', W', kh * kw * C]: what each output position reads.
+
+    Flattened in (kh, kw, C) order, the order of a conv kernel's axes. Built
+    from kh * kw strided slices of the (padded) input, several times faster
+    on CPU than `tf.image.extract_patches`, which it equals; that op is the
+    fallback when the spatial size is not static.
+    """
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation
+    h, w = a.shape[1], a.shape[2]
+    if h is None or w is None:
+        return tf.image.extract_patches(
             a, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1],
-            rates=[1, dh, dw, 1], padding=layer.padding.upper())
-    a, g = _per_example(a, m), _per_example(g, m)
-    kernel_grads = tf.einsum("mpk,mpo->mko", a, g)
-    sq = tf.reduce_sum(tf.square(kernel_grads), axis=[1, 2])
-    if layer.use_bias:
-        sq += tf.reduce_sum(tf.square(tf.reduce_sum(g, axis=1)), axis=1)
-    return sq
+            rates=[1, dh, dw, 1], padding=padding.upper())
+    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    if padding == "same":
+        oh, ow = -(-h // sh), -(-w // sw)
+        pad_h = max((oh - 1) * sh + span_h - h, 0)
+        pad_w = max((ow - 1) * sw + span_w - w, 0)
+        a = tf.pad(a, [[0, 0], [pad_h // 2, pad_h - pad_h // 2],
+                       [pad_w // 2, pad_w - pad_w // 2], [0, 0]])
+    else:
+        oh, ow = (h - span_h) // sh + 1, (w - span_w) // sw + 1
+    return tf.concat(
+        [a[:, i * dh:i * dh + (oh - 1) * sh + 1:sh,
+           j * dw:j * dw + (ow - 1) * sw + 1:sw, :]
+         for i in range(kh) for j in range(kw)], axis=-1)
 
 
-def _generic_sq_norm(layer, a, g, m):
-    """Squared per-example gradient norm of any layer, vectorized over examples."""
-    variables = layer.trainable_weights
-    a = tf.nest.map_structure(
-        lambda t: tf.reshape(t, tf.concat([[m, -1], tf.shape(t)[1:]], 0)), a)
-    g = tf.reshape(g, tf.concat([[m, -1], tf.shape(g)[1:]], 0))
+def _patches(layer, a):
+    """The input patches each output position of a Dense/Conv layer reads."""
+    if isinstance(layer, keras.layers.Dense):
+        return a
+    if isinstance(layer, keras.layers.Conv1D):  # as a 1 x L image
+        return _image_patches(a[:, tf.newaxis], (1, layer.kernel_size[0]),
+                              (1, layer.strides[0]),
+                              (1, layer.dilation_rate[0]), layer.padding)
+    return _image_patches(a, layer.kernel_size, layer.strides,
+                          layer.dilation_rate, layer.padding)
 
-    def one(example):
-        inputs, out_grad = example
+
+class _LinearClip:
+    """Dense / Conv1D / Conv2D: kernel gradient `A_i^T G_i`, bias `sum_p G_i`.
+
+    A kernel-transforming conv (`y = conv(a, T(kernel, gain))`, nfnet.WSConv2D)
+    is handled through the transformed kernel: per-example gradients with
+    respect to `T`'s output are pulled back through `T` (linear in them).
+    """
+
+    def __init__(self, layer, m, views, keep_budget):
+        self.layer = layer
+        kernel_shape = layer.kernel.shape
+        self.k = math.prod(kernel_shape[:-1])
+        self.o = kernel_shape[-1]
+        self.transformed = callable(getattr(layer, "standardized_kernel", None))
+        positions = _static_prod(layer.output.shape[1:-1])
+        # P^2 (K + O) for the norm trick against P K O for the direct form.
+        self.norm_trick = (
+            not self.transformed and positions is not None
+            and positions * views * (self.k + self.o) < self.k * self.o)
+        size = m * self.k * self.o * 4
+        self.keep = not self.norm_trick and size <= keep_budget[0]
+        if self.keep:
+            keep_budget[0] -= size
+
+    def sq_norms(self, a, y, g, m):
+        layer = self.layer
+        a = tf.cast(a, tf.float32)
+        g = _pre_activation_grad(layer, y, g)
+        self.a = _per_example(_patches(layer, a), m)      # [m, P, K]
+        self.g = _per_example(g, m)                       # [m, P, O]
+        sq = tf.zeros([m], tf.float32)
+        if layer.use_bias:
+            self.bias_grads = tf.reduce_sum(self.g, axis=1)  # [m, O]
+            sq += _sq_sum(self.bias_grads)
+        self.kernel_grads = None
+        if self.norm_trick:
+            if self.a.shape[1] == 1:
+                kernel_sq = _sq_sum(self.a) * _sq_sum(self.g)
+            else:
+                kernel_sq = tf.reduce_sum(
+                    tf.einsum("mpk,mqk->mpq", self.a, self.a)
+                    * tf.einsum("mpo,mqo->mpq", self.g, self.g), axis=[1, 2])
+            return sq + kernel_sq
+        kernel_grads = tf.einsum("mpk,mpo->mko", self.a, self.g)
+        if self.transformed:
+            kernel_grads = self._pull_back_each(kernel_grads)
+            for extra in kernel_grads[1:]:
+                sq += _sq_sum(extra)
+        else:
+            kernel_grads = [kernel_grads]
+        sq += _sq_sum(kernel_grads[0])
+        if self.keep:
+            self.kernel_grads = kernel_grads
+        return sq
+
+    def _pull_back(self, grad_t):
+        """Gradients of (kernel, gain) given the gradient of `T`'s output."""
+        layer = self.layer
         with tf.GradientTape() as tape:
-            y = layer(inputs, training=True)
-            dot = tf.reduce_sum(tf.cast(y, tf.float32) * out_grad)
-        grads = tape.gradient(dot, variables,
-                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return tf.add_n([tf.reduce_sum(tf.square(tf.convert_to_tensor(gr)))
-                         for gr in grads])
+            transformed = layer.standardized_kernel(layer.kernel)
+        return tape.gradient(
+            transformed, [layer.kernel, layer.gain],
+            output_gradients=tf.reshape(grad_t, layer.kernel.shape))
 
-    return tf.vectorized_map(one, (a, g))
+    def _pull_back_each(self, grads_t):
+        return list(tf.vectorized_map(self._pull_back, grads_t))
+
+    def clipped_sum(self, scale, keep):
+        layer = self.layer
+        if self.kernel_grads is not None:
+            kernels = [tf.reduce_sum(_scale_rows(t, scale, keep), axis=0)
+                       for t in self.kernel_grads]
+        else:
+            kernel = tf.einsum("mpk,mpo->ko", _zero_rows(self.a, keep),
+                               _scale_rows(self.g, scale, keep))
+            kernels = (self._pull_back(kernel) if self.transformed
+                       else [kernel])
+        grads = {id(layer.kernel): tf.reshape(kernels[0], layer.kernel.shape)}
+        if self.transformed:
+            grads[id(layer.gain)] = kernels[1]
+        if layer.use_bias:
+            grads[id(layer.bias)] = tf.reduce_sum(
+                _scale_rows(self.bias_grads, scale, keep), axis=0)
+        return grads
+
+
+class _DepthwiseClip:
+    """DepthwiseConv2D: per channel, the kernel gradient is `A_ic^T G_ic`."""
+
+    def __init__(self, layer, m, views, keep_budget):
+        self.layer = layer
+
+    def sq_norms(self, a, y, g, m):
+        layer = self.layer
+        kh, kw, channels, multiplier = layer.kernel.shape
+        a = tf.cast(a, tf.float32)
+        g = _pre_activation_grad(layer, y, g)
+        patches = _image_patches(a, layer.kernel_size, layer.strides,
+                                 layer.dilation_rate, layer.padding)
+        patches = tf.reshape(patches, [m, -1, kh * kw, channels])
+        g = tf.reshape(g, [m, -1, channels, multiplier])
+        self.kernel_grads = tf.einsum("mpsc,mpcj->mscj", patches, g)
+        sq = _sq_sum(self.kernel_grads)
+        if layer.use_bias:
+            self.bias_grads = tf.reshape(tf.reduce_sum(g, axis=1), [m, -1])
+            sq += _sq_sum(self.bias_grads)
+        return sq
+
+    def clipped_sum(self, scale, keep):
+        layer = self.layer
+        grads = {id(layer.kernel): tf.reshape(
+            tf.reduce_sum(_scale_rows(self.kernel_grads, scale, keep), axis=0),
+            layer.kernel.shape)}
+        if layer.use_bias:
+            grads[id(layer.bias)] = tf.reduce_sum(
+                _scale_rows(self.bias_grads, scale, keep), axis=0)
+        return grads
+
+
+class _EmbeddingClip:
+    """Embedding: rows of the table; positions with the same token share one."""
+
+    def __init__(self, layer, m, views, keep_budget):
+        self.layer = layer
+
+    def sq_norms(self, a, y, g, m):
+        self.ids = tf.reshape(tf.cast(a, tf.int32), [m, -1])
+        self.g = tf.reshape(g, [m, tf.shape(self.ids)[1], -1])
+        same = tf.cast(self.ids[:, :, tf.newaxis] == self.ids[:, tf.newaxis, :],
+                       tf.float32)
+        return tf.reduce_sum(
+            same * tf.einsum("mpd,mqd->mpq", self.g, self.g), axis=[1, 2])
+
+    def clipped_sum(self, scale, keep):
+        table = self.layer.embeddings
+        rows = _scale_rows(self.g, scale, keep)
+        return {id(table): tf.math.unsorted_segment_sum(
+            tf.reshape(rows, [-1, table.shape[-1]]),
+            tf.reshape(self.ids, [-1]), table.shape[0])}
+
+
+class _NormalizationClip:
+    """Layer/Group normalization on the last axis: `y = xhat * gamma + beta`.
+
+    Per example, `dL/dgamma = sum_p g * xhat` and `dL/dbeta = sum_p g`. When
+    every channel's gamma is non-zero and not much smaller than its beta, the
+    first comes from the tapped output, `(sum_p g * y - beta sum_p g) / gamma`,
+    at the cost of a product and two sums; otherwise xhat is recomputed from
+    the layer input with gamma = 1 and beta = 0 (a second forward pass of the
+    layer). Either way the norm is the norm of the gradient that is summed.
+    """
+
+    # Largest |beta / gamma| for which the gamma gradient is read off the
+    # output: y's rounding error, divided by gamma, stays ~1e-5 relative.
+    MAX_BETA_OVER_GAMMA = 100.0
+
+    def __init__(self, layer, m, views, keep_budget):
+        self.layer = layer
+
+    def _xhat_dot(self, a, g, m, channels):
+        """sum_p g * xhat, recomputing xhat from the layer input."""
+        layer = self.layer
+        unit = [tf.ones(v.shape, tf.float32) if v is layer.gamma
+                else tf.zeros(v.shape, tf.float32)
+                for v in layer.trainable_variables]
+        xhat, _ = layer.stateless_call(
+            unit, [v.value for v in layer.non_trainable_variables], a)
+        xhat = tf.reshape(tf.cast(xhat, tf.float32), [m, -1, channels])
+        return tf.reduce_sum(g * xhat, axis=1)
+
+    def sq_norms(self, a, y, g, m):
+        layer = self.layer
+        channels = g.shape[-1]
+        g = tf.reshape(g, [m, -1, channels])
+        beta_grads = tf.reduce_sum(g, axis=1)
+        self.grads = {}
+        if layer.gamma is not None:
+            gamma = tf.cast(layer.gamma, tf.float32)
+            beta = (tf.zeros_like(gamma) if layer.beta is None
+                    else tf.cast(layer.beta, tf.float32))
+
+            def from_output():
+                y_rows = tf.reshape(tf.cast(y, tf.float32), [m, -1, channels])
+                return (tf.reduce_sum(g * y_rows, axis=1)
+                        - beta * beta_grads) / gamma
+
+            well_conditioned = tf.reduce_all(
+                (gamma != 0)
+                & (tf.abs(beta) <= self.MAX_BETA_OVER_GAMMA * tf.abs(gamma)))
+            self.grads[id(layer.gamma)] = tf.cond(
+                well_conditioned, from_output,
+                lambda: self._xhat_dot(a, g, m, channels))
+        if layer.beta is not None:
+            self.grads[id(layer.beta)] = beta_grads
+        return tf.add_n([_sq_sum(t) for t in self.grads.values()])
+
+    def clipped_sum(self, scale, keep):
+        return {key: tf.reduce_sum(_scale_rows(t, scale, keep), axis=0)
+                for key, t in self.grads.items()}
+
+
+class _GenericClip:
+    """Any layer: its own per-example gradients, vectorized over examples."""
+
+    def __init__(self, layer, m, views, keep_budget):
+        self.layer = layer
+
+    def sq_norms(self, a, y, g, m):
+        layer = self.layer
+        variables = layer.trainable_weights
+        a = tf.nest.map_structure(
+            lambda t: tf.reshape(t, tf.concat([[m, -1], tf.shape(t)[1:]], 0)), a)
+        g = tf.reshape(g, tf.concat([[m, -1], tf.shape(g)[1:]], 0))
+
+        def one(example):
+            inputs, out_grad = example
+            with tf.GradientTape() as tape:
+                out = layer(inputs, training=True)
+                dot = tf.reduce_sum(tf.cast(out, tf.float32) * out_grad)
+            grads = tape.gradient(
+                dot, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return [tf.cast(tf.convert_to_tensor(gr), tf.float32) for gr in grads]
+
+        self.grads = dict(zip([id(v) for v in variables],
+                              tf.vectorized_map(one, (a, g))))
+        return tf.add_n([_sq_sum(t) for t in self.grads.values()])
+
+    def clipped_sum(self, scale, keep):
+        return {key: tf.reduce_sum(_scale_rows(t, scale, keep), axis=0)
+                for key, t in self.grads.items()}
+
+
+_CLIPPERS = {LINEAR: _LinearClip, DEPTHWISE: _DepthwiseClip,
+             EMBEDDING: _EmbeddingClip, NORMALIZATION: _NormalizationClip,
+             GENERIC: _GenericClip}
 
 
 def clipped_gradient_sum(taps, probe, variables, loss_fn, inputs, targets,
@@ -145,45 +535,46 @@ def clipped_gradient_sum(taps, probe, variables, loss_fn, inputs, targets,
       loss_fn: `loss_fn(targets, y_pred) -> [rows]` unreduced per-row losses.
       inputs: [m, ...], or [m, K, ...] with `views` = K.
       targets: nest of [m, ...] targets (repeated over views here).
-      weights: [m] weights in [0, 1].
+      weights: [m] weights in [0, 1]; m must be static.
       l2_norm_clip: C.
       views: augmentation multiplicity K.
 
     Returns:
       A `clipping.ClippedSum`.
     """
-    m = tf.shape(weights)[0]
+    m = weights.shape[0]
+    if m is None:
+        raise ValueError("Ghost clipping needs a static micro-batch size.")
     if views > 1:
         inputs = tf.nest.map_structure(
             lambda t: tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0)), inputs)
         targets = tf.nest.map_structure(
             lambda t: tf.repeat(t, views, axis=0), targets)
     n_taps = len(taps)
-    with tf.GradientTape(persistent=True) as tape:
+    with tf.GradientTape() as tape:
         outs = probe(inputs, training=True)
         layer_inputs, layer_outputs = outs[:n_taps], outs[n_taps:2 * n_taps]
         y_pred = outs[-1]
         losses = tf.reduce_mean(tf.reshape(loss_fn(targets, y_pred), [m, views]),
                                 axis=1)
         total = tf.reduce_sum(losses)
-    out_grads = tape.gradient(total, layer_outputs)
+    out_grads = tape.gradient(total, layer_outputs,
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    keep_budget = [KEEP_PER_EXAMPLE_BYTES]
+    clippers = [_CLIPPERS[kind](layer, m, views, keep_budget)
+                for layer, kind in taps]
     sq = tf.zeros([m], tf.float32)
-    for (layer, kind), a, y, g in zip(taps, layer_inputs, layer_outputs, out_grads):
-        g = tf.cast(g, tf.float32)
-        if kind == _DIRECT:
-            sq += _direct_sq_norm(layer, tf.cast(a, tf.float32), y, g, m)
-        else:
-            sq += _generic_sq_norm(layer, a, g, m)
+    for clipper, a, y, g in zip(clippers, layer_inputs, layer_outputs, out_grads):
+        sq += clipper.sq_norms(a, y, tf.cast(g, tf.float32), m)
     norms = tf.sqrt(sq)
     finite = tf.math.is_finite(norms)
     scale = tf.minimum(1.0, l2_norm_clip / norms) * weights
     scale = tf.where(finite, scale, tf.zeros_like(scale))
-    gradient_sum = tape.gradient(
-        losses, variables, output_gradients=scale,
-        unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    del tape
-    # Embedding gradients arrive as IndexedSlices; the sum is kept dense.
-    gradient_sum = [tf.convert_to_tensor(g) for g in gradient_sum]
+    keep = scale > 0
+    sums = {}
+    for clipper in clippers:
+        sums.update(clipper.clipped_sum(scale, keep))
+    gradient_sum = [sums[id(v)] for v in variables]
     predictions = tf.reduce_mean(
         tf.reshape(tf.cast(y_pred, tf.float32),
                    tf.concat([[m, views], tf.shape(y_pred)[1:]], 0)), axis=1)

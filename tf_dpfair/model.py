@@ -196,17 +196,12 @@ class DPTraining(GroupedEvaluation):
 
         def fast(micro, micro_weights):
             state = self._ghost_state()
-            result = ghost.clipped_gradient_sum(
+            return ghost.clipped_gradient_sum(
                 state.taps, state.probe, variables,
                 lambda t, p: self._per_example_losses(t["label"], p,
                                                       t.get("mask")),
                 micro[0], micro[1], micro_weights,
                 self._dp_config.l2_norm_clip, self._dp_config.augmult)
-            # A NaN/Inf in one example would leak into the batched backward
-            # pass; the vectorized path zeroes such an example exactly.
-            return tf.cond(tf.reduce_any(result.nonfinite),
-                           lambda: vectorized(micro, micro_weights),
-                           lambda: result)
 
         def body(i, sums, losses, outputs, norms, nonfinite):
             micro, micro_weights = microbatch(i)
@@ -237,20 +232,15 @@ class DPTraining(GroupedEvaluation):
     def _ghost_state(self):
         """The ghost-clipping taps of this model, or None for vectorized.
 
-        "auto" resolves to vectorized: on the 2-core CPU where both were
-        measured (benchmarks/dp_overhead.py), ghost clipping was slower on the
-        benchmark CNN (2.3x vs 1.7x the non-private step) and on NF-ResNet
-        (2.1x vs 1.5x).
+        "ghost" requires them; "auto" uses them where the model allows (a
+        functional graph whose weighted layers are each called once) and
+        otherwise falls back to the vectorized path with a one-line notice.
         """
         if self._ghost is None:
             taps = None
-            if self._dp_config.clipping == "ghost":
-                taps = ghost.plan(self)
-                if taps is None:
-                    raise ValueError(
-                        "DPConfig(clipping='ghost') needs a functional model "
-                        "whose layers with weights are each called once; use "
-                        "clipping='vectorized' or 'auto' for this model.")
+            if self._dp_config.clipping in ("ghost", "auto"):
+                taps = ghost.plan_or_notice(
+                    self, required=self._dp_config.clipping == "ghost")
             # A plain holder, so Keras does not track the probe model.
             self._ghost = _GhostState(taps, taps and ghost.tap_model(self, taps))
         return self._ghost if self._ghost.taps else None
