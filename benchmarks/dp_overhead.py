@@ -13,7 +13,11 @@ batches 1,024 and 65,536 (same micro-batch), each in a fresh process.
 
 `--xla` adds the DP modes compiled with XLA (jit_compile=True).
 
-Usage: python benchmarks/dp_overhead.py [--epochs 4] [--microbatch 64] [--memory] [--xla]
+The micro-batch defaults to DPConfig's (32): on this 2-core CPU, smaller
+micro-batches stay in cache and run faster per example (measured: 1.2x at
+32 against 1.3x at 64 and 1.45x at 128 for ghost clipping).
+
+Usage: python benchmarks/dp_overhead.py [--epochs 4] [--microbatch 32] [--memory] [--xla]
 """
 
 import argparse
@@ -174,7 +178,8 @@ def main():
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--examples", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--microbatch", type=int, default=64)
+    parser.add_argument("--microbatch", type=int,
+                        default=dpf.DPConfig.microbatch_size)
     parser.add_argument("--models", default="cnn32,nf_resnet64")
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--xla", action="store_true",

@@ -46,19 +46,33 @@ def predict(forward, dataset, num_examples, multi_label):
 
     Returns:
         dict with "scores" float `[N, L]` (probabilities), "labels" (`[N]`
-        class ids or `[N, L]` 0/1) and "groups" {attribute: int ids `[N]`}.
+        class ids or `[N, L]` 0/1), "groups" {attribute: int ids `[N]`} and
+        "label_mask" (`[N, L]`, 0 = label unknown; None when every label is
+        known).
     """
-    scores, labels, groups = [], [], {}
+    scores, labels, masks, groups = [], [], [], {}
     for x, y, _ in dataset:
         logits = forward(x)
         probabilities = tf.sigmoid(logits) if multi_label else tf.nn.softmax(logits)
         scores.append(probabilities.numpy())
         labels.append(y["label"].numpy())
+        if y.get("label_mask") is not None:
+            masks.append(y["label_mask"].numpy())
         for attribute, ids in y.get("groups", {}).items():
             groups.setdefault(attribute, []).append(ids.numpy())
     return {"scores": np.concatenate(scores)[:num_examples].astype(np.float64),
             "labels": np.concatenate(labels)[:num_examples],
+            "label_mask": np.concatenate(masks)[:num_examples] if masks else None,
             "groups": {a: np.concatenate(v)[:num_examples] for a, v in groups.items()}}
+
+
+def label_arrays(predictions):
+    """The arrays saved beside scores: labels, label mask (if any), groups."""
+    arrays = {"labels": predictions["labels"]}
+    if predictions.get("label_mask") is not None:
+        arrays["label_mask"] = predictions["label_mask"]
+    arrays.update({"group_" + a: v for a, v in predictions["groups"].items()})
+    return arrays
 
 
 def _groups_and_names(predictions, group_spec):
@@ -93,7 +107,7 @@ def auc_evaluation(predictions, group_spec, class_names, multi_label, *, n_boots
     groups, names = _groups_and_names(predictions, group_spec)
     return fairness.evaluate(labels, predictions["scores"], groups, label_names=class_names,
                              group_names=names, n_bootstrap=n_bootstrap, seed=seed,
-                             split="test")
+                             split="test", label_mask=predictions.get("label_mask"))
 
 
 def accuracy_table(predictions, group_spec, *, n_bootstrap, seed=0, confidence=0.95):
@@ -275,8 +289,7 @@ class EpochEvaluation(keras.callbacks.Callback):
         os.makedirs(self.directory, exist_ok=True)
         labels_path = os.path.join(self.directory, "labels.npz")
         if not os.path.exists(labels_path):
-            np.savez(labels_path, labels=predictions["labels"],
-                     **{"group_" + a: v for a, v in predictions["groups"].items()})
+            np.savez(labels_path, **label_arrays(predictions))
         np.savez(os.path.join(self.directory, f"epoch_{epoch + 1:03d}.npz"), **saved)
 
 
@@ -313,6 +326,6 @@ def evaluate_final(model, run_data, test, work_dir, n_bootstrap):
             title=f"Test split, {weights} weights: {run_data.description}")
         metrics[name] = summarize(evaluation, accuracy)
         arrays[f"scores_{name}"] = predictions["scores"].astype(np.float32)
-    np.savez(os.path.join(work_dir, "predictions.npz"), labels=predictions["labels"],
-             **arrays, **{"group_" + a: v for a, v in predictions["groups"].items()})
+    np.savez(os.path.join(work_dir, "predictions.npz"), **arrays,
+             **label_arrays(predictions))
     return metrics

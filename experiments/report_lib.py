@@ -151,7 +151,8 @@ def _overall_and_gap(scores, labels, metric, attribute):
         correct = scores.argmax(1) == truth
         per_group = [correct[ids == g].mean() for g in np.unique(ids)]
         return float(correct.mean()), float(max(per_group) - min(per_group))
-    predictions = {"scores": scores, "labels": truth, "groups": {attribute: ids}}
+    predictions = {"scores": scores, "labels": truth, "groups": {attribute: ids},
+                   "label_mask": _label_mask(labels)}
     names = GroupSpec({attribute: [str(g) for g in range(ids.max() + 1)]})
     evaluation = evaluation_lib.auc_evaluation(predictions, names,
                                                [str(j) for j in range(scores.shape[1])],
@@ -241,10 +242,15 @@ def _counterpart(table, row, keys):
     return None if matches.empty else matches.iloc[0]
 
 
+def _label_mask(labels_file):
+    """The saved label mask (0 = label unknown), or None if all are known."""
+    return labels_file["label_mask"] if "label_mask" in labels_file else None
+
+
 def _predictions(scores, labels_file, attribute_names):
     groups = {a: labels_file["group_" + a] for a in attribute_names}
     return {"scores": scores.astype(np.float64), "labels": labels_file["labels"],
-            "groups": groups}
+            "groups": groups, "label_mask": _label_mask(labels_file)}
 
 
 def matched_comparisons(table, keys, sweep_dir, out_dir, n_bootstrap=200):
@@ -292,7 +298,8 @@ def matched_comparisons(table, keys, sweep_dir, out_dir, n_bootstrap=200):
             comparison = reports.compare_matched(
                 private, checkpoints, labels=truth, groups=groups, label_names=names,
                 group_names={a: list(spec.names(a)) for a in attributes},
-                n_bootstrap=n_bootstrap, seed=0, split="test")
+                n_bootstrap=n_bootstrap, seed=0, split="test",
+                label_mask=_label_mask(labels))
             reports.write_report(comparison, os.path.join(out_dir, "matched", f"{r['run']}_{use}"),
                                  title=f"{r['run']} ({use} weights) vs non-private at matched AUC")
             for d in comparison.disparities[

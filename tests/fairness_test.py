@@ -299,3 +299,30 @@ def test_bad_dataframe_and_label_inputs():
         fairness.evaluate(labels, labels * 0.5, {"sex": [0, 1]}, label_names=["a", "mean"])
     with pytest.raises(ValueError, match="No examples"):
         fairness.evaluate(np.zeros(0), np.zeros(0), {"sex": np.zeros(0)})
+
+
+def test_label_mask_leaves_unknown_labels_out_of_aucs_counts_and_intervals():
+    labels, scores, groups = _random_data(900, num_labels=2, seed=4)
+    rng = np.random.default_rng(5)
+    mask = (rng.random(labels.shape) < 0.7).astype(float)
+    # Unknown labels may hold any placeholder; a confident wrong score on
+    # each would pull every AUC down if they were counted.
+    placeholder = np.where(mask == 1, labels, -1.0)
+    scores = np.where(mask == 1, scores, 10.0)
+    result = fairness.evaluate(placeholder, scores, groups, group_names=NAMES,
+                               label_names=["a", "b"], n_bootstrap=200, label_mask=mask)
+    for g, group in enumerate(NAMES["sex"]):
+        for j, label in enumerate("ab"):
+            rows = (groups["sex"] == g) & (mask[:, j] == 1)
+            row = _row(result.groups, attribute="sex", group=group, label=label)
+            assert row["auc"] == pytest.approx(
+                roc_auc_score(labels[rows, j], scores[rows, j]), abs=1e-12)
+            assert row["count"] == rows.sum()
+            assert row["positives"] == labels[rows, j].sum()
+            assert row["auc_low"] < row["auc"] < row["auc_high"]
+            assert row["auc_high"] - row["auc_low"] < 0.3
+    # Without the mask the placeholders are refused, not silently scored.
+    with pytest.raises(ValueError, match="mark unknown labels with label_mask"):
+        fairness.evaluate(placeholder, scores, groups, n_bootstrap=0)
+    with pytest.raises(ValueError, match="label_mask must be 0/1"):
+        fairness.evaluate(labels, scores, groups, n_bootstrap=0, label_mask=mask[:, :1])

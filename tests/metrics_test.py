@@ -334,3 +334,23 @@ def test_bad_inputs_raise_clear_errors():
 def test_bad_constructor_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GroupedAUC(**kwargs)
+
+
+def test_label_mask_leaves_unknown_labels_out_of_every_auc():
+    labels, scores, groups = _random_data(3000, num_labels=2, seed=7)
+    mask = (np.random.default_rng(8).random(labels.shape) < 0.6).astype("float32")
+    # Unknown entries recorded as negatives with high scores: counted, they
+    # would drag every AUC down.
+    recorded = labels * mask
+    scores = np.where(mask == 1, scores, 0.99).astype("float32")
+    metric = GroupedAUC(GROUPS, label_names=["a", "b"], num_thresholds=NUM_THRESHOLDS)
+    metric.update_state({"label": recorded, "groups": groups, "label_mask": mask}, scores)
+    result = _floats(metric.result())
+    for j, label in enumerate("ab"):
+        known = mask[:, j] == 1
+        assert result[f"auc/{label}"] == pytest.approx(
+            _keras_auc(labels[known, j], scores[known, j]), abs=TOL)
+        for i, group in enumerate(GROUPS["sex"]):
+            rows = known & (groups["sex"] == i)
+            assert result[f"auc/{label}/sex/{group}"] == pytest.approx(
+                roc_auc_score(labels[rows, j], scores[rows, j]), abs=0.005)

@@ -1,5 +1,6 @@
 """Tests of experiments/report.py on tiny sweeps (multi-class and multi-label data)."""
 
+import json
 import math
 import os
 
@@ -7,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from absl import flags
+from sklearn.metrics import roc_auc_score
 
 import experiment_fixtures  # noqa: F401 (puts experiments/ on the path)
 from experiment_fixtures import TINY
@@ -93,3 +95,25 @@ def test_multi_label_sweep_reports_mean_auc(tmp_path):
 def test_report_of_an_empty_sweep_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="No finished run"):
         report_lib.write_sweep_report(str(tmp_path))
+
+
+def test_unknown_labels_stay_out_of_run_and_sweep_reports(tmp_path):
+    """Labels masked out ("ignore" policy) are left out of every AUC reported."""
+    sweep_dir = str(tmp_path / "sweep")
+    options = {**TINY["dataset_options"], "unknown_fraction": 0.4}
+    sweep_lib.run_sweep(sweep_dir, base={**TINY, "steps": 2, "dataset_options": options},
+                        grid={"epsilon": [2.0, math.inf]}, verbose=0)
+    run = next(p for p in (tmp_path / "sweep").iterdir() if p.name.startswith("epsilon=2"))
+    saved = np.load(run / "predictions.npz")
+    mask, labels, scores = saved["label_mask"], saved["labels"], saved["scores_raw"]
+    assert 0.5 < mask.mean() < 0.7  # the masks were saved, not all ones
+    # By hand: sklearn on the known entries of each label, averaged.
+    expected = np.mean([roc_auc_score(labels[mask[:, j] == 1, j],
+                                      scores[mask[:, j] == 1, j])
+                        for j in range(labels.shape[1])])
+    result = json.loads((run / "result.json").read_text())
+    assert result["metrics"]["raw"]["auc"] == pytest.approx(expected, abs=1e-6)
+    paths = report_lib.write_sweep_report(sweep_dir, n_bootstrap=10)
+    summary = pd.read_csv(paths["summary_raw"])
+    private = summary[summary["epsilon"].astype(str) != "inf"]
+    assert private["auc"].iloc[0] == pytest.approx(expected, abs=1e-3)

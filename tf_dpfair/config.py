@@ -28,10 +28,11 @@ class DPConfig:
         weights (the paper uses 0.9999), or None for no EMA. In [0, 1).
       clipping: how per-example clipped gradients are computed: "vectorized"
         (every example differentiated through the whole model with
-        `tf.vectorized_map`), "ghost" (norms from layer activations and one
-        reweighted backward pass; functional models only) or "auto" (the
-        faster where measured: vectorized on CPU so far, see
-        benchmarks/dp_overhead.py). All give the same sum.
+        `tf.vectorized_map`), "ghost" (per-example norms and the clipped sum
+        layer by layer from activations and output gradients; functional
+        models only, see `tf_dpfair.ghost`) or "auto" (ghost where the model
+        allows, else vectorized with a one-line notice; ghost is the faster
+        in benchmarks/dp_overhead.py). All give the same sum.
       seed: the secret seed of the noise stream. None (the default) draws a
         fresh secret seed. An explicit seed makes noise reproducible, so it is
         for tests only: anyone who knows it can subtract the noise. It is

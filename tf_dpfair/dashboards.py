@@ -331,14 +331,15 @@ class FairnessDashboard(keras.callbacks.Callback):
 
     def _evaluate(self, ema):
         """Exact grouped evaluation of `evaluation_data` (EMA weights if `ema`)."""
-        labels, scores, groups = [], [], {a: [] for a in self.group_names}
+        labels, scores, masks, groups = [], [], [], {a: [] for a in self.group_names}
         with self.model.ema_weights() if ema else contextlib.nullcontext():
             for element in self.evaluation_data:
                 x, y, weights = keras.utils.unpack_x_y_sample_weight(element)
                 label, ids = batch_lib.split_labels(y)
-                if ids is None or batch_lib.label_mask_of(y) is not None:
+                if ids is None:
                     raise ValueError("evaluation_data must give y = {'label': ..., 'groups': "
-                                     "...} without label masks (exact AUC needs 0/1 labels).")
+                                     "...} (exact AUC needs each example's groups).")
+                mask = batch_lib.label_mask_of(y)
                 # A direct call: under MirroredStrategy, predict_on_batch of a
                 # plain tensor returns every replica's copy of the batch.
                 predicted = np.asarray(self.model(x, training=False))
@@ -346,12 +347,16 @@ class FairnessDashboard(keras.callbacks.Callback):
                         else np.asarray(weights).reshape(-1) > 0)
                 labels.append(np.asarray(label).reshape(len(keep), -1)[keep])
                 scores.append(predicted.reshape(len(keep), -1)[keep])
+                masks.append(np.ones_like(labels[-1]) if mask is None
+                             else np.asarray(mask).reshape(len(keep), -1)[keep])
                 for attribute in groups:
                     groups[attribute].append(np.asarray(ids[attribute]).reshape(-1)[keep])
+        # Unknown labels (mask 0) are left out of the AUCs, as of the loss.
         return fairness.evaluate(
             np.concatenate(labels), np.concatenate(scores),
             {a: np.concatenate(v) for a, v in groups.items()}, group_names=self.group_names,
-            n_bootstrap=self.n_bootstrap, confidence=self.confidence, split="validation")
+            n_bootstrap=self.n_bootstrap, confidence=self.confidence, split="validation",
+            label_mask=np.concatenate(masks))
 
     def write_evaluation(self, evaluation, *, step=None, ema=False):
         """Writes an exact evaluation: `ci/` scalars and per-attribute images.

@@ -95,8 +95,13 @@ def _outside_dp(split):
 
 
 def _auc_or_nan(y_true, y_score):
-    """scikit-learn's ROC AUC, NaN when only one class is present."""
-    y_true = np.asarray(y_true)
+    """scikit-learn's ROC AUC, NaN when only one class is present.
+
+    Entries whose label is NaN (unknown, masked out) are left out.
+    """
+    y_true = np.asarray(y_true, dtype=float)
+    known = ~np.isnan(y_true)
+    y_true, y_score = y_true[known], np.asarray(y_score)[known]
     if y_true.size == 0 or y_true.min() == y_true.max():
         return math.nan
     return float(roc_auc_score(y_true, y_score))
@@ -157,8 +162,9 @@ def _bootstrap_aucs(labels, scores, rows, n_bootstrap, rng):
         flat = (np.arange(b)[:, None] * n + draws).ravel()
         weights = np.bincount(flat, minlength=b * n).reshape(b, n).astype(float)
         for j in range(num_labels):
+            known = ~np.isnan(labels[rows, j])  # masked-out labels drop out
             out[j, start:start + b] = _weighted_aucs(
-                labels[rows, j], scores[rows, j], weights)
+                labels[rows, j][known], scores[rows, j][known], weights[:, known])
     return out
 
 
@@ -189,10 +195,11 @@ def _column(data, name, what):
     return data[name].to_numpy()
 
 
-def _prepare(labels, scores, groups, data, label_names, group_names):
+def _prepare(labels, scores, groups, data, label_names, group_names, label_mask=None):
     """Validates inputs; returns labels, scores `[N, L]`, label names, groups.
 
     `groups` comes back as a dict attribute -> (names list, codes `[N]`).
+    Labels that `label_mask` marks unknown come back as NaN.
     """
     if data is not None:
         if not isinstance(data, pd.DataFrame):
@@ -219,10 +226,20 @@ def _prepare(labels, scores, groups, data, label_names, group_names):
     n, num_labels = labels.shape
     if n == 0:
         raise ValueError("No examples: labels and scores are empty.")
-    if not np.all(np.isin(labels, (0.0, 1.0))):
+    if label_mask is not None:
+        label_mask = np.asarray(label_mask, dtype=float)
+        if label_mask.ndim == 1:
+            label_mask = label_mask[:, None]
+        if label_mask.shape != labels.shape or not np.all(np.isin(label_mask, (0.0, 1.0))):
+            raise ValueError(f"label_mask must be 0/1 of the labels' shape {labels.shape}; "
+                             f"got shape {label_mask.shape}.")
+        labels = np.where(label_mask == 1, labels, np.nan)
+    known = np.ones(labels.shape, bool) if label_mask is None else label_mask == 1
+    if not np.all(np.isin(labels[known], (0.0, 1.0))):
+        bad = labels[known][~np.isin(labels[known], (0.0, 1.0))]
         raise ValueError("labels must be 0 or 1 (NaN, -1 or soft labels are not "
-                         "supported); got values "
-                         f"{np.unique(labels[~np.isin(labels, (0.0, 1.0))])[:5]}.")
+                         "supported; mark unknown labels with label_mask); got values "
+                         f"{np.unique(bad)[:5]}.")
     if not np.all(np.isfinite(scores)):
         bad = np.flatnonzero(~np.isfinite(scores).all(axis=1))
         raise ValueError(f"scores contain NaN or infinite values ({bad.size} rows, "
@@ -306,11 +323,16 @@ def _with_mean(aucs, replicates, multi):
 
 
 def _counts(labels, rows, j):
-    """Count, positives and negatives of label j (NA for the mean label)."""
+    """Count, positives and negatives of label j (NA for the mean label).
+
+    The count is of the examples whose label j is known (not masked out).
+    """
     if j >= labels.shape[1]:
         return {"count": len(rows), "positives": pd.NA, "negatives": pd.NA}
-    positives = int(labels[rows, j].sum())
-    return {"count": len(rows), "positives": positives, "negatives": len(rows) - positives}
+    values = labels[rows, j]
+    count = int((~np.isnan(values)).sum())
+    positives = int(np.nansum(values))
+    return {"count": count, "positives": positives, "negatives": count - positives}
 
 
 def _bounds(replicates, confidence):
@@ -361,7 +383,7 @@ def _disparity_row(attribute, label, group_rows, replicates, n_bootstrap, confid
 
 def evaluate(labels, scores, groups, *, data=None, label_names=None, group_names=None,
              intersections=(), min_group_size=30, n_bootstrap=1000, confidence=0.95,
-             seed=0, split="test"):
+             seed=0, split="test", label_mask=None):
     """Exact per-group AUC and disparities with bootstrap confidence intervals.
 
     Args:
@@ -386,12 +408,17 @@ def evaluate(labels, scores, groups, *, data=None, label_names=None, group_names
         seed: seed of the bootstrap draws.
         split: where the data came from. "train" (or "training") marks every
             table as outside the DP guarantee and warns.
+        label_mask: optional 0/1 array of the labels' shape; 0 marks a label
+            as unknown (e.g. CheXpert's uncertain labels under the "ignore"
+            policy). An unknown label is left out of that label's AUC, its
+            intervals and its counts, as it is left out of the training loss.
 
     Returns:
         A `GroupEvaluation`.
 
     Raises:
-        ValueError: mismatched shapes or lengths, labels other than 0/1,
+        ValueError: mismatched shapes or lengths, labels other than 0/1 (or a
+            label_mask that is not 0/1 of their shape),
             NaN or infinite scores, missing or unknown columns, attributes or
             group ids, reserved or duplicate names, bad settings.
     """
@@ -408,7 +435,7 @@ def evaluate(labels, scores, groups, *, data=None, label_names=None, group_names
     if _outside_dp(split):
         warnings.warn(f"Group figures on split {split!r}: {OUTSIDE_DP_NOTE}", stacklevel=2)
     labels, scores, label_names, groups = _prepare(
-        labels, scores, groups, data, label_names, group_names)
+        labels, scores, groups, data, label_names, group_names, label_mask)
     _add_intersections(groups, intersections)
     multi = len(label_names) > 1
     summary_label = MEAN_LABEL if multi else label_names[0]

@@ -51,7 +51,7 @@ class GroupedEvaluation:
         if groups is not None:
             for metric in self._group_metrics:
                 metric.update_state(labels, y_pred, sample_weight=sample_weight,
-                                    groups=groups)
+                                    groups=groups, label_mask=batch.label_mask_of(y))
         return super().compute_metrics(x, labels, y_pred, sample_weight)
 
     def training_logs(self, x, labels, y_pred, sample_weight):

@@ -215,7 +215,8 @@ class GroupedAUC(keras.metrics.Metric):
                 f"{values.shape}.")
         return tf.reshape(tf.cast(values, self.dtype), [-1, num_labels])
 
-    def update_state(self, y_true, y_pred, sample_weight=None, groups=None):
+    def update_state(self, y_true, y_pred, sample_weight=None, groups=None,
+                     label_mask=None):
         """Adds a batch to the per-group histograms.
 
         Args:
@@ -229,6 +230,10 @@ class GroupedAUC(keras.metrics.Metric):
                 are ignored, ids included.
             groups: dict attribute -> int `[B]` group ids; required unless
                 `y_true` carries them. Extra attributes are ignored.
+            label_mask: optional `[B, L]` (or `[B]`) 0/1: 0 marks a label as
+                unknown, and that entry counts in no AUC (it is left out of
+                the training loss too). Taken from `y_true["label_mask"]`
+                when not given.
 
         Raises:
             ValueError: no group ids, a configured attribute missing, or
@@ -240,6 +245,8 @@ class GroupedAUC(keras.metrics.Metric):
                 rows with out-of-range ids then count only in the overall
                 AUC, never in another group.
         """
+        if label_mask is None:
+            label_mask = batch_lib.label_mask_of(y_true)
         y_true, label_groups = batch_lib.split_labels(y_true)
         if groups is None:
             groups = label_groups
@@ -308,11 +315,13 @@ class GroupedAUC(keras.metrics.Metric):
         index = tf.where(rows[:, :, None] >= 0, index, -1)
 
         positive = tf.cast(labels != 0, self.dtype)
+        known = (tf.ones_like(positive) if label_mask is None
+                 else tf.reshape(tf.cast(label_mask, self.dtype), tf.shape(positive)))
         shape = tf.shape(index)
         segments = self._num_rows * num_thresholds * num_labels
         variable_shape = (self._num_rows, num_thresholds, num_labels)
-        for variable, label_weight in ((self.positives, positive),
-                                       (self.negatives, 1.0 - positive)):
+        for variable, label_weight in ((self.positives, positive * known),
+                                       (self.negatives, (1.0 - positive) * known)):
             data = tf.broadcast_to((weights[:, None] * label_weight)[:, None, :], shape)
             histogram = tf.math.unsorted_segment_sum(data, index, segments)
             variable.assign_add(tf.reshape(histogram, variable_shape))

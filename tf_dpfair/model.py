@@ -5,10 +5,11 @@ The DP step, one `train_step` call = one optimizer update = one logical batch
 
 1. Walk the share in micro-batches of `microbatch_size` (rows past the end of
    the last one get weight 0); for each micro-batch compute every example's
-   gradient in one vectorized pass (`clipping.clipped_gradient_sum`), or with
-   `DPConfig(clipping="ghost")` its norm from layer activations
-   (`ghost.clipped_gradient_sum`; same sum). With augmult K an example's loss
-   is the mean over its K views.
+   gradient in one vectorized pass (`clipping.clipped_gradient_sum`), or
+   (ghost clipping, the default where the model allows) every example's
+   gradient norm and the clipped sum layer by layer from one batched forward
+   and backward pass (`ghost.clipped_gradient_sum`; same sum). With augmult K
+   an example's loss is the mean over its K views.
 2. Clip each example's gradient to global L2 norm C, multiply by its weight in
    [0, 1], and add it to a running sum.
 3. Noise enters here, once per update for the whole job: replica 0 adds

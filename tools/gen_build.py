@@ -1,7 +1,8 @@
 """Writes the Bazel BUILD file from the Python sources, so it stays in sync.
 
 One `py_library` per package module and per helper module (`experiments/*_lib.py`,
-`tests/*.py` that are not tests), one `py_test` per `tests/*_test.py`, one
+`tests/*.py` that are not tests), one for the named configs (`experiments/configs/`,
+imported as `configs`), one `py_test` per `tests/*_test.py`, one
 `py_binary` per other script under `experiments/` and `benchmarks/`; `deps`
 come from each file's imports of those modules. `tests/build_test.py` fails when BUILD
 differs from what this script writes.
@@ -37,6 +38,14 @@ def helper_sources():
     helpers += [p for p in sorted((ROOT / "tests").glob("*.py"))
                 if not p.name.endswith("_test.py") and p.name != "conftest.py"]
     return [p.relative_to(ROOT) for p in helpers]
+
+
+CONFIGS_TARGET = "experiments_configs"
+
+
+def config_sources():
+    """The named experiment configs: one library, imported as `configs`."""
+    return sorted(p.relative_to(ROOT) for p in (ROOT / "experiments" / "configs").glob("*.py"))
 
 
 def package_data():
@@ -84,6 +93,8 @@ def generate():
     libs = library_sources()
     known = {module_of(p): target_name(p) for p in libs}
     known.update({p.stem: target_name(p) for p in helper_sources()})
+    known["configs"] = CONFIGS_TARGET
+    known.update({f"configs.{p.stem}": CONFIGS_TARGET for p in config_sources()})
     blocks = [HEADER.rstrip("\n")]
     data = package_data()
     for path in libs:
@@ -100,6 +111,9 @@ def generate():
     for path in helper_sources():
         deps = {known[m] for m in imported_modules(path, known)} - {target_name(path)}
         blocks.append(rule("py_library", target_name(path), [path], deps))
+    config_deps = set().union(*(imported_modules(p, known) for p in config_sources()))
+    blocks.append(rule("py_library", CONFIGS_TARGET, config_sources(),
+                       {known[m] for m in config_deps} - {CONFIGS_TARGET}))
     for directory, kind in (("experiments", "py_binary"),
                             ("benchmarks", "py_binary"), ("tests", "py_test")):
         for path in sorted((ROOT / directory).glob("*.py")):

@@ -12,6 +12,9 @@ strength. Difficulty is group-dependent through:
 - `group_label_noise`: flips each recorded label of examples in a group
     with that probability (the image keeps the true labels).
 
+`unknown_fraction` marks that share of recorded labels unknown (label mask
+0, recorded as 0), like CheXpert's uncertain labels under the "ignore" policy.
+
 A matched filter (`image . template`) recovers each label, so a planted gap
 shows up even without training; a small CNN learns it from 32x32 images.
 """
@@ -52,7 +55,7 @@ def templates(image_size=32):
 
 
 def generate(num_examples, *, image_size=32, seed=0, signal=0.1, noise_std=0.2,
-             group_signal=None, group_label_noise=None):
+             group_signal=None, group_label_noise=None, unknown_fraction=0.0):
     """Draws synthetic CheXpert-shaped examples as numpy arrays.
 
     Args:
@@ -65,11 +68,14 @@ def generate(num_examples, *, image_size=32, seed=0, signal=0.1, noise_std=0.2,
             for examples in that group (factors of several attributes multiply).
         group_label_noise: `{attribute: {group name: probability}}` of flipping
             each recorded label of examples in that group.
+        unknown_fraction: probability, in [0, 1), that a recorded label is
+            unknown (its mask 0 and its recorded value 0).
 
     Returns:
         dict with "image" uint8 `[N, S, S, 1]`, "label" float32 `[N, 5]`
-        (recorded), "clean_label" float32 `[N, 5]` (before label noise) and
-        "groups" {"sex", "age"} int32 `[N]` ids into `GROUP_SPEC`.
+        (recorded), "clean_label" float32 `[N, 5]` (before label noise),
+        "label_mask" float32 `[N, 5]` (1 = known) and "groups" {"sex", "age"}
+        int32 `[N]` ids into `GROUP_SPEC`.
 
     Raises:
         ValueError: bad sizes, or an unknown attribute or group name.
@@ -78,6 +84,8 @@ def generate(num_examples, *, image_size=32, seed=0, signal=0.1, noise_std=0.2,
         raise ValueError(f"num_examples must be a positive integer; got {num_examples!r}.")
     if int(image_size) != image_size or image_size < 8:
         raise ValueError(f"image_size must be an integer >= 8; got {image_size!r}.")
+    if not 0.0 <= unknown_fraction < 1.0:
+        raise ValueError(f"unknown_fraction must lie in [0, 1); got {unknown_fraction!r}.")
     rng = np.random.default_rng(seed)
     groups = {}
     for attribute, proportions in _PROPORTIONS.items():
@@ -93,7 +101,10 @@ def generate(num_examples, *, image_size=32, seed=0, signal=0.1, noise_std=0.2,
     image = np.clip(np.round(pixels * 255.0), 0, 255).astype(np.uint8)[..., np.newaxis]
     flipped = rng.random(clean.shape) < flip[:, None]
     label = np.where(flipped, 1.0 - clean, clean).astype(np.float32)
-    return {"image": image, "label": label, "clean_label": clean, "groups": groups}
+    # Drawn last, so the other arrays are those of the same seed without it.
+    known = (rng.random(clean.shape) >= unknown_fraction).astype(np.float32)
+    return {"image": image, "label": label * known, "clean_label": clean,
+            "label_mask": known, "groups": groups}
 
 
 def load(*, num_train=4000, num_test=2000, seed=0, **kwargs):
@@ -104,18 +115,20 @@ def load(*, num_train=4000, num_test=2000, seed=0, **kwargs):
         num_test: test examples.
         seed: seed; the test split uses `seed + 1`.
         **kwargs: passed to `generate` (image_size, signal, noise_std,
-            group_signal, group_label_noise).
+            group_signal, group_label_noise, unknown_fraction).
 
     Returns:
         dict "train", "test" -> `data.ExampleSource` with float32 `[5]` labels
-        (`LABELS`) and groups "sex", "age" (`GROUP_SPEC`).
+        (`LABELS`), a label mask when `unknown_fraction` > 0, and groups
+        "sex", "age" (`GROUP_SPEC`).
     """
     sources = {}
     for offset, (name, num) in enumerate((("train", num_train), ("test", num_test))):
         arrays = generate(num, seed=seed + offset, **kwargs)
         sources[name] = data.ExampleSource.from_arrays(
                 arrays["image"], arrays["label"], groups=arrays["groups"],
-                group_spec=GROUP_SPEC)
+                group_spec=GROUP_SPEC,
+                label_mask=arrays["label_mask"] if kwargs.get("unknown_fraction") else None)
     return sources
 
 
