@@ -136,15 +136,34 @@ def test_sequence_layers_equal_vectorized(augmult, microbatch):
     assert min(np.abs(g).max() for g in slow) > 0.1
 
 
-def test_recomputed_sum_equals_kept_per_example_gradients(monkeypatch):
-    """Past the memory budget the kernel sum is recomputed; same result."""
-    x, y, weights = data(10)
-    kept = one_update("ghost", x, y, weights)
-    monkeypatch.setattr(ghost, "KEEP_PER_EXAMPLE_BYTES", 0)
-    recomputed = one_update("ghost", x, y, weights)
-    slow = one_update("vectorized", x, y, weights)
-    assert_same_update(recomputed, slow)
-    assert_same_update(kept, slow)
+@pytest.mark.parametrize("max_patch_entries, keep_bytes", [
+    (10**9, 0),      # patches; sums recomputed from reweighted output gradients
+    (0, 2**28),      # every conv example by example; sums from kept gradients
+    (0, 0),          # example by example, sums recomputed
+])
+def test_every_way_to_the_norms_and_sums_equals_vectorized(
+        monkeypatch, max_patch_entries, keep_bytes):
+    monkeypatch.setattr(ghost._LinearClip, "MAX_PATCH_ENTRIES", max_patch_entries)
+    monkeypatch.setattr(ghost, "KEEP_PER_EXAMPLE_BYTES", keep_bytes)
+    x, y, weights = data(10, augmult=2)
+    fast = one_update("ghost", x, y, weights, augmult=2)
+    slow = one_update("vectorized", x, y, weights, augmult=2)
+    assert_same_update(fast, slow)
+    rng = np.random.default_rng(3)
+    tokens, labels = rng.integers(0, 20, (10, 6)), rng.integers(0, 3, 10)
+    fast = one_update("ghost", tokens, labels, weights, build=sequence_model)
+    slow = one_update("vectorized", tokens, labels, weights, build=sequence_model)
+    assert_same_update(fast, slow)
+
+
+def test_large_feature_maps_take_per_example_conv_gradients():
+    inputs = keras.Input((64, 64, 16))
+    conv = keras.layers.Conv2D(16, 3, padding="same")
+    small = keras.layers.Conv2D(16, 3, padding="same")
+    keras.Model(inputs, small(keras.layers.MaxPooling2D(4)(conv(inputs))))
+    # 4096 positions x 144 = 590k patch entries; 256 x 144 = 37k.
+    assert ghost._LinearClip(conv, 8, 1, [0]).method == "per_example_conv"
+    assert ghost._LinearClip(small, 8, 1, [0]).method == "patches"
 
 
 def test_nonfinite_example_contributes_exactly_nothing():
