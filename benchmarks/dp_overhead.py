@@ -8,8 +8,9 @@ Random data, logical batch 256, noise multiplier 1, clip norm 1. For each
 clipping mode ("vectorized", "ghost", "auto") and for plain Keras `fit`, the
 fastest epoch over interleaved rounds (after a tracing epoch) gives
 examples per second; the DP / non-private ratio is in the same run. `--memory` also measures the
-resident memory one update adds on top of its input batch, at logical
-batches 1,024 and 65,536 (same micro-batch), each in a fresh process.
+resident memory one update adds on top of what the process holds before it
+(its input batch included), at logical batches 1,024 and 65,536 (same
+micro-batch), each in a fresh process.
 
 `--xla` adds the DP modes compiled with XLA (jit_compile=True).
 
@@ -123,10 +124,10 @@ def _rss_mib():
 def one_update_peak_memory(batch, microbatch, clipping):
     """MiB that one DP update at logical batch `batch` adds on top of its input.
 
-    The model is built and traced on a micro-batch-sized input first, and the
-    full input batch is materialised before the baseline is read; a thread
-    samples resident memory every 2 ms during the first full-size update, and
-    the figure is the peak minus the baseline.
+    One full-size update runs first (tracing for the input's shape, and the
+    allocator's first growth, happen there); then a thread samples resident
+    memory every 2 ms during a second update, and the figure is its peak
+    minus the resident memory just before it.
     """
     build, shape = MODELS["cnn32"]
     x = tf.random.normal((batch,) + shape)
@@ -135,7 +136,7 @@ def one_update_peak_memory(batch, microbatch, clipping):
     next(iter(data))
     model = compile_model(dpf.make_private(build(), dp_config(batch, microbatch,
                                                               clipping)))
-    model.fit(x[:microbatch], y[:microbatch], batch_size=microbatch, verbose=0)
+    model.fit(data, verbose=0)
     baseline = _rss_mib()
     peak = [baseline]
     done = threading.Event()
@@ -151,8 +152,8 @@ def one_update_peak_memory(batch, microbatch, clipping):
     done.set()
     sampler.join()
     input_mib = (x.shape.num_elements() * 4 + batch * 8) / 2**20
-    return {"added_mib": peak[0] - baseline,
-            "peak_minus_input_mib": peak[0] - input_mib}
+    return {"added_mib": peak[0] - baseline, "before_mib": baseline,
+            "input_mib": input_mib}
 
 
 def memory(args):
@@ -165,12 +166,13 @@ def memory(args):
                 capture_output=True, text=True, check=True).stdout
             got[batch] = json.loads(out.strip().splitlines()[-1])
         small, large = got[1024], got[65536]
-        print(f"[memory, {clipping}] peak RSS minus the input batch: logical "
-              f"1,024: {small['peak_minus_input_mib']:.0f} MiB; 65,536: "
-              f"{large['peak_minus_input_mib']:.0f} MiB (ratio "
-              f"{large['peak_minus_input_mib'] / small['peak_minus_input_mib']:.3f}); "
-              f"added by the update itself: {small['added_mib']:.0f} / "
-              f"{large['added_mib']:.0f} MiB", flush=True)
+        print(f"[memory, {clipping}] the update adds {small['added_mib']:.0f} MiB "
+              f"at logical batch 1,024 and {large['added_mib']:.0f} MiB at 65,536 "
+              f"(micro-batch {args.microbatch}); resident before it: "
+              f"{small['before_mib']:.0f} / {large['before_mib']:.0f} MiB, of "
+              f"which the input batch {small['input_mib']:.0f} / "
+              f"{large['input_mib']:.0f} MiB (held in the test's tensor and "
+              f"its dataset)", flush=True)
 
 
 def main():

@@ -244,3 +244,54 @@ def test_embedding_and_layer_norm_match_vectorized():
         updates[clipping] = [b - v.numpy() for b, v in
                              zip(before, model.trainable_variables)]
     assert_same_update(updates["ghost"], updates["vectorized"])
+
+
+def test_fallbacks_are_announced_in_one_line(caplog):
+    x, y, weights = data(4)
+    with caplog.at_level("WARNING", logger="tf_dpfair.ghost"):
+        one_update("auto", x, y, weights)
+    notices = [r.getMessage() for r in caplog.records if "closed form" in r.getMessage()]
+    assert len(notices) == 1 and "\n" not in notices[0]
+    assert "conv2d" in notices[0]  # the elu conv, the one generic layer
+
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    caplog.clear()
+    config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=0.0,
+                          expected_batch_size=4, clipping="auto")
+    model = dpf.make_private(Sub(), config)
+    model.compile(optimizer="sgd",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with caplog.at_level("WARNING", logger="tf_dpfair.ghost"):
+        model.fit(np.ones((4, 3), np.float32), np.zeros(4, np.int32), batch_size=4,
+                  verbose=0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "tf_dpfair: ghost clipping does not apply (it is not a functional model); "
+        "the whole model uses vectorized per-example gradients."]
+
+
+def nested_model(seed=0):
+    """A backbone model inside the model, its input named like the outer one
+    (as `models.finetune` builds them)."""
+    keras.utils.set_random_seed(seed)
+    inner_input = keras.Input((12, 12, 3), name="image")
+    backbone = keras.Model(
+        inner_input, keras.layers.Conv2D(4, 3, activation="relu")(inner_input),
+        name="backbone")
+    inputs = keras.Input((12, 12, 3), name="image")
+    h = keras.layers.GlobalAveragePooling2D()(backbone(inputs))
+    return keras.Model(inputs, keras.layers.Dense(5)(h))
+
+
+def test_nested_model_is_tapped_at_its_call_and_matches_vectorized():
+    assert [kind for _, kind in ghost.plan(nested_model())] == ["generic", "linear"]
+    x, y, weights = data(8)
+    fast = one_update("ghost", x, y, weights, build=nested_model)
+    slow = one_update("vectorized", x, y, weights, build=nested_model)
+    assert_same_update(fast, slow)

@@ -141,8 +141,9 @@ def _plan(model):
             layer.input  # raises for layers with several call sites
         except (AttributeError, ValueError):
             return None, f"layer {layer.name!r} is called more than once"
-        if isinstance(layer.output, (list, tuple, dict)):
-            return None, f"layer {layer.name!r} has several outputs"
+        node = layer._inbound_nodes[0]
+        if len(node.input_tensors) != 1 or len(node.output_tensors) != 1:
+            return None, f"layer {layer.name!r} has several inputs or outputs"
         taps.append((layer, layer_kind(layer)))
         covered.update(id(v) for v in layer.trainable_weights)
     if covered != {id(v) for v in model.trainable_weights}:
@@ -167,8 +168,9 @@ def plan(model):
     return _plan(model)[0]
 
 
-def plan_or_notice(model, required):
-    """`plan(model)`, with a one-line notice of what falls back.
+def prepare(model, required):
+    """The taps and tap model of ghost clipping, with a one-line notice of
+    what falls back to per-example gradients.
 
     Args:
       model: a built Keras model.
@@ -176,12 +178,18 @@ def plan_or_notice(model, required):
         cannot handle is then an error rather than a notice.
 
     Returns:
-      The taps, or None for the vectorized path.
+      `(taps, tap_model)`, or None for the vectorized path.
 
     Raises:
       ValueError: `required` and the model cannot use ghost clipping.
     """
     taps, reason = _plan(model)
+    probe = None
+    if taps is not None:
+        try:
+            probe = tap_model(model, taps)
+        except ValueError as error:
+            taps, reason = None, f"its layer graph cannot be tapped: {error}"
     if taps is None:
         if required:
             raise ValueError(
@@ -196,13 +204,18 @@ def plan_or_notice(model, required):
         _LOG.warning("tf_dpfair: ghost clipping has no closed form for %s; "
                      "those layers use their own vectorized per-example "
                      "gradients.", ", ".join(generic))
-    return taps
+    return taps, probe
 
 
 def tap_model(model, taps):
-    """A model returning every tapped layer's input and output, then the output."""
-    outputs = ([layer.input for layer, _ in taps]
-               + [layer.output for layer, _ in taps] + [model.outputs[0]])
+    """A model returning every tapped layer's input and output, then the output.
+
+    The tensors are those of each layer's call in `model`'s graph (for a
+    nested model, `layer.input` would be its own inner input instead).
+    """
+    nodes = [layer._inbound_nodes[0] for layer, _ in taps]
+    outputs = ([node.input_tensors[0] for node in nodes]
+               + [node.output_tensors[0] for node in nodes] + [model.outputs[0]])
     return keras.Model(model.inputs, outputs)
 
 

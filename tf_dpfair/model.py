@@ -238,12 +238,12 @@ class DPTraining(GroupedEvaluation):
         otherwise falls back to the vectorized path with a one-line notice.
         """
         if self._ghost is None:
-            taps = None
+            prepared = None
             if self._dp_config.clipping in ("ghost", "auto"):
-                taps = ghost.plan_or_notice(
+                prepared = ghost.prepare(
                     self, required=self._dp_config.clipping == "ghost")
             # A plain holder, so Keras does not track the probe model.
-            self._ghost = _GhostState(taps, taps and ghost.tap_model(self, taps))
+            self._ghost = _GhostState(*(prepared or (None, None)))
         return self._ghost if self._ghost.taps else None
 
     def _sample_weights(self, sample_weight, n):
