@@ -295,3 +295,12 @@ def test_nested_model_is_tapped_at_its_call_and_matches_vectorized():
     fast = one_update("ghost", x, y, weights, build=nested_model)
     slow = one_update("vectorized", x, y, weights, build=nested_model)
     assert_same_update(fast, slow)
+
+
+def test_auto_sends_models_with_trainable_nested_models_to_vectorized(caplog):
+    config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=0.0,
+                          expected_batch_size=4, clipping="auto")
+    model = dpf.make_private(nested_model(), config)
+    with caplog.at_level("WARNING", logger="tf_dpfair.ghost"):
+        assert model._ghost_state() is None
+    assert "model layer(s) backbone hold trainable weights" in caplog.text

@@ -175,7 +175,10 @@ def prepare(model, required):
     Args:
       model: a built Keras model.
       required: True when the user asked for ghost clipping: a model it
-        cannot handle is then an error rather than a notice.
+        cannot handle is then an error rather than a notice, and nested
+        models with trainable weights are handled as generic layers (in
+        "auto" they send the whole model to the vectorized path, which is
+        then the cheaper).
 
     Returns:
       `(taps, tap_model)`, or None for the vectorized path.
@@ -184,6 +187,12 @@ def prepare(model, required):
       ValueError: `required` and the model cannot use ghost clipping.
     """
     taps, reason = _plan(model)
+    nested = [layer.name for layer, kind in taps or ()
+              if kind == GENERIC and isinstance(layer, keras.Model)]
+    if nested and not required:
+        # Its own per-example gradients would cost the vectorized path's
+        # pass, on top of the tapped forward and backward passes.
+        taps, reason = None, f"model layer(s) {', '.join(nested)} hold trainable weights"
     probe = None
     if taps is not None:
         try:
