@@ -53,6 +53,17 @@ def sequence_model(seed=0):
 LEARNING_RATE = 1000.0
 
 
+class Subclassed(keras.Model):
+    """A model without a functional graph: ghost clipping cannot tap it."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.dense(x)
+
+
 def one_update(clipping, x, y, weights, augmult=1, microbatch=4, strategy=None,
                build=mixed_model):
     scope = strategy.scope() if strategy else tf.distribute.get_strategy().scope()
@@ -185,20 +196,12 @@ def test_ghost_equals_vectorized_on_two_replicas():
 
 
 def test_unsupported_models_refuse_ghost_and_train_with_auto():
-    class Sub(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.dense = keras.layers.Dense(2)
-
-        def call(self, x):
-            return self.dense(x)
-
     x = np.ones((4, 3), np.float32)
     y = np.zeros(4, np.int32)
     for clipping in ("auto", "ghost"):
         config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=0.0,
                               expected_batch_size=4, clipping=clipping)
-        model = dpf.make_private(Sub(), config)
+        model = dpf.make_private(Subclassed(), config)
         model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(
             from_logits=True))
         if clipping == "ghost":
@@ -254,18 +257,10 @@ def test_fallbacks_are_announced_in_one_line(caplog):
     assert len(notices) == 1 and "\n" not in notices[0]
     assert "conv2d" in notices[0]  # the elu conv, the one generic layer
 
-    class Sub(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.dense = keras.layers.Dense(2)
-
-        def call(self, x):
-            return self.dense(x)
-
     caplog.clear()
     config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=0.0,
                           expected_batch_size=4, clipping="auto")
-    model = dpf.make_private(Sub(), config)
+    model = dpf.make_private(Subclassed(), config)
     model.compile(optimizer="sgd",
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     with caplog.at_level("WARNING", logger="tf_dpfair.ghost"):

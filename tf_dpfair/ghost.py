@@ -311,6 +311,19 @@ def _patches(layer, a):
                           layer.dilation_rate, layer.padding)
 
 
+class _PerExampleClip:
+    """A layer whose per-example gradients are formed: `self.grads` maps each
+    weight's id to its `[m, *shape]` gradients; the clipped sum reweights them."""
+
+    def __init__(self, layer, m, views, keep_budget):
+        self.layer = layer
+        self.grads = {}
+
+    def clipped_sum(self, scale, keep):
+        return {key: tf.reduce_sum(_scale_rows(t, scale, keep), axis=0)
+                for key, t in self.grads.items()}
+
+
 def _conv_kernel_grad(layer, a, g):
     """`sum_n dL/dkernel` of a conv on rows `a` with output gradients `g`.
 
@@ -473,11 +486,8 @@ class _LinearClip:
         return grads
 
 
-class _DepthwiseClip:
+class _DepthwiseClip(_PerExampleClip):
     """DepthwiseConv2D: per channel, the kernel gradient is `A_ic^T G_ic`."""
-
-    def __init__(self, layer, m, views, keep_budget):
-        self.layer = layer
 
     def sq_norms(self, a, y, g, m):
         layer = self.layer
@@ -488,22 +498,11 @@ class _DepthwiseClip:
                                  layer.dilation_rate, layer.padding)
         patches = tf.reshape(patches, [m, -1, kh * kw, channels])
         g = tf.reshape(g, [m, -1, channels, multiplier])
-        self.kernel_grads = tf.einsum("mpsc,mpcj->mscj", patches, g)
-        sq = _sq_sum(self.kernel_grads)
+        self.grads[id(layer.kernel)] = tf.reshape(
+            tf.einsum("mpsc,mpcj->mscj", patches, g), [m, *layer.kernel.shape])
         if layer.use_bias:
-            self.bias_grads = tf.reshape(tf.reduce_sum(g, axis=1), [m, -1])
-            sq += _sq_sum(self.bias_grads)
-        return sq
-
-    def clipped_sum(self, scale, keep):
-        layer = self.layer
-        grads = {id(layer.kernel): tf.reshape(
-            tf.reduce_sum(_scale_rows(self.kernel_grads, scale, keep), axis=0),
-            layer.kernel.shape)}
-        if layer.use_bias:
-            grads[id(layer.bias)] = tf.reduce_sum(
-                _scale_rows(self.bias_grads, scale, keep), axis=0)
-        return grads
+            self.grads[id(layer.bias)] = tf.reshape(tf.reduce_sum(g, axis=1), [m, -1])
+        return tf.add_n([_sq_sum(t) for t in self.grads.values()])
 
 
 class _EmbeddingClip:
@@ -528,7 +527,7 @@ class _EmbeddingClip:
             tf.reshape(self.ids, [-1]), table.shape[0])}
 
 
-class _NormalizationClip:
+class _NormalizationClip(_PerExampleClip):
     """Layer/Group normalization on the last axis: `y = xhat * gamma + beta`.
 
     Per example, `dL/dgamma = sum_p g * xhat` and `dL/dbeta = sum_p g`. When
@@ -542,9 +541,6 @@ class _NormalizationClip:
     # Largest |beta / gamma| for which the gamma gradient is read off the
     # output: y's rounding error, divided by gamma, stays ~1e-5 relative.
     MAX_BETA_OVER_GAMMA = 100.0
-
-    def __init__(self, layer, m, views, keep_budget):
-        self.layer = layer
 
     def _xhat_dot(self, a, g, m, channels):
         """sum_p g * xhat, recomputing xhat from the layer input."""
@@ -562,7 +558,6 @@ class _NormalizationClip:
         channels = g.shape[-1]
         g = tf.reshape(g, [m, -1, channels])
         beta_grads = tf.reduce_sum(g, axis=1)
-        self.grads = {}
         if layer.gamma is not None:
             gamma = tf.cast(layer.gamma, tf.float32)
             beta = (tf.zeros_like(gamma) if layer.beta is None
@@ -583,16 +578,9 @@ class _NormalizationClip:
             self.grads[id(layer.beta)] = beta_grads
         return tf.add_n([_sq_sum(t) for t in self.grads.values()])
 
-    def clipped_sum(self, scale, keep):
-        return {key: tf.reduce_sum(_scale_rows(t, scale, keep), axis=0)
-                for key, t in self.grads.items()}
 
-
-class _GenericClip:
+class _GenericClip(_PerExampleClip):
     """Any layer: its own per-example gradients, vectorized over examples."""
-
-    def __init__(self, layer, m, views, keep_budget):
-        self.layer = layer
 
     def sq_norms(self, a, y, g, m):
         layer = self.layer
@@ -613,10 +601,6 @@ class _GenericClip:
         self.grads = dict(zip([id(v) for v in variables],
                               tf.vectorized_map(one, (a, g))))
         return tf.add_n([_sq_sum(t) for t in self.grads.values()])
-
-    def clipped_sum(self, scale, keep):
-        return {key: tf.reduce_sum(_scale_rows(t, scale, keep), axis=0)
-                for key, t in self.grads.items()}
 
 
 _CLIPPERS = {LINEAR: _LinearClip, DEPTHWISE: _DepthwiseClip,
