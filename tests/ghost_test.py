@@ -35,7 +35,8 @@ def mixed_model(seed=0):
 
 
 def sequence_model(seed=0):
-    """Token layers: Embedding, Conv1D, Dense on 3-D input, EinsumDense."""
+    """Token layers: Embedding, Conv1D, Dense on 3-D input, EinsumDense
+    (Dense-like, and general)."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((6,), dtype="int32")
     h = keras.layers.Embedding(20, 4)(inputs)
@@ -44,7 +45,9 @@ def sequence_model(seed=0):
     h = keras.layers.Conv1D(5, 2, strides=2, padding="valid")(h)
     h = keras.layers.Dense(7, activation="tanh")(h)  # 3-D input: 3 positions
     h = keras.layers.EinsumDense("abc,cd->abd", output_shape=(3, 4),
-                                 bias_axes="d")(h)  # generic
+                                 bias_axes="d", activation="relu")(h)  # as Dense
+    h = keras.layers.EinsumDense("abc,cde->abde", output_shape=(3, 2, 2))(h)  # generic
+    h = keras.layers.Reshape((3, 4))(h)
     h = keras.layers.Flatten()(h)
     outputs = keras.layers.Dense(3)(h)
     return keras.Model(inputs, outputs)
@@ -109,7 +112,7 @@ def test_plan_covers_every_weight_and_picks_closed_forms():
                      "linear", "linear"]
     sequence_kinds = [kind for _, kind in ghost.plan(sequence_model())]
     assert sequence_kinds == ["embedding", "linear", "normalization", "linear",
-                              "linear", "generic", "linear"]
+                              "linear", "linear", "generic", "linear"]
 
 
 def test_norm_trick_is_picked_only_where_cheaper():

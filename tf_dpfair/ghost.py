@@ -9,7 +9,7 @@ Everything else is done layer by layer, from `a` and `g`:
 
 1. Each layer's share of every example's squared gradient norm:
 
-   - Dense (any input rank), Conv1D and Conv2D (and their kernel-transforming
+   - Dense (any input rank; also EinsumDense of that form), Conv1D and Conv2D (and their kernel-transforming
      subclasses such as `nfnet.WSConv2D`), with a linear, ReLU, tanh or
      sigmoid activation. Example i's kernel gradient is `A_i^T G_i`, where
      `A_i` [P, K] holds its input patches (input rows for Dense) at the P
@@ -94,14 +94,30 @@ def _is_conv(layer, cls):
             and _weights_are(layer, "kernel", "bias", *extra))
 
 
+def _is_dense_like(layer):
+    """Dense, or an EinsumDense that is a Dense on the last axis
+    ("...c,cd->...d" with a 2-D kernel, bias on "d" or none)."""
+    if type(layer) is keras.layers.Dense:
+        return True
+    if type(layer) is not keras.layers.EinsumDense:
+        return False
+    inputs, _, output = layer.equation.replace(" ", "").partition("->")
+    inputs, _, kernel = inputs.partition(",")
+    return (len(kernel) == 2 and inputs.endswith(kernel[0])
+            and output == inputs[:-1] + kernel[1]
+            and kernel[0] not in inputs[:-1] + kernel[1]
+            and layer.bias_axes in (None, kernel[1])
+            and "." not in inputs)
+
+
 def layer_kind(layer):
     """How per-example norms and the clipped sum of `layer` are computed."""
     plain = not getattr(layer, "lora_enabled", False) and not getattr(
         layer, "quantization_mode", None)
     if not plain:
         return GENERIC
-    if type(layer) is keras.layers.Dense and _activation_name(layer) \
-            and _weights_are(layer, "kernel", "bias"):
+    if (_is_dense_like(layer) and _activation_name(layer)
+            and _weights_are(layer, "kernel", "bias")):
         return LINEAR
     if _is_conv(layer, keras.layers.Conv2D) or _is_conv(layer, keras.layers.Conv1D):
         return LINEAR
@@ -301,7 +317,7 @@ def _image_patches(a, kernel_size, strides, dilation, padding):
 
 def _patches(layer, a):
     """The input patches each output position of a Dense/Conv layer reads."""
-    if isinstance(layer, keras.layers.Dense):
+    if _is_dense_like(layer):
         return a
     if isinstance(layer, keras.layers.Conv1D):  # as a 1 x L image
         return _image_patches(a[:, tf.newaxis], (1, layer.kernel_size[0]),
@@ -380,7 +396,7 @@ class _LinearClip:
         kernel_shape = layer.kernel.shape
         self.k = math.prod(kernel_shape[:-1])
         self.o = kernel_shape[-1]
-        self.is_conv = not isinstance(layer, keras.layers.Dense)
+        self.is_conv = not _is_dense_like(layer)
         self.transformed = callable(getattr(layer, "standardized_kernel", None))
         positions = _static_prod(layer.output.shape[1:-1])
         positions = None if positions is None else positions * views
@@ -408,7 +424,7 @@ class _LinearClip:
         self.g = _pre_activation_grad(layer, y, g)        # rows [m * views, ..., O]
         g_rows = _per_example(self.g, m)                  # [m, P, O]
         sq = tf.zeros([m], tf.float32)
-        if layer.use_bias:
+        if layer.bias is not None:
             self.bias_grads = tf.reduce_sum(g_rows, axis=1)  # [m, O]
             sq += _sq_sum(self.bias_grads)
         self.kernel_grads = None
@@ -480,7 +496,7 @@ class _LinearClip:
         grads = {id(layer.kernel): tf.reshape(kernels[0], layer.kernel.shape)}
         if self.transformed:
             grads[id(layer.gain)] = kernels[1]
-        if layer.use_bias:
+        if layer.bias is not None:
             grads[id(layer.bias)] = tf.reduce_sum(
                 _scale_rows(self.bias_grads, scale, keep), axis=0)
         return grads
