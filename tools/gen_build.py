@@ -4,7 +4,8 @@ One `py_library` per package module and per helper module (`experiments/*_lib.py
 `tests/*.py` that are not tests), one for the named configs (`experiments/configs/`,
 imported as `configs`), one `py_test` per `tests/*_test.py`, one
 `py_binary` per other script under `experiments/` and `benchmarks/`; `deps`
-come from each file's imports of those modules. `tests/build_test.py` fails when BUILD
+come from each file's imports of those modules, and a test that names a
+script's path (such as "benchmarks/dp_overhead.py") gets it as `data`. `tests/build_test.py` fails when BUILD
 differs from what this script writes.
 
 Usage: python tools/gen_build.py [--check]
@@ -75,6 +76,15 @@ def imported_modules(path, known):
     return found
 
 
+def scripts_named_in(path):
+    """The experiment and benchmark scripts whose path `path`'s text names."""
+    text = (ROOT / path).read_text()
+    scripts = sorted((ROOT / "experiments").glob("*.py")) + sorted(
+        (ROOT / "benchmarks").glob("*.py"))
+    return [str(p.relative_to(ROOT)) for p in scripts
+            if str(p.relative_to(ROOT)) in text]
+
+
 def rule(kind, name, srcs, deps, extra=""):
     lines = [f"{kind}(", f'    name = "{name}",',
              f"    srcs = [{', '.join(repr(str(s)).replace(chr(39), chr(34)) for s in srcs)}],"]
@@ -127,6 +137,11 @@ def generate():
             if kind == "py_test":
                 srcs.append(pathlib.Path("tests/conftest.py"))
             extra = f'    main = "{path}",'
+            if kind == "py_test":
+                scripts = scripts_named_in(path)
+                if scripts:
+                    extra = ("    data = [" + ", ".join(f'"{s}"' for s in scripts)
+                             + "],\n" + extra)
             blocks.append(rule(kind, target_name(path), srcs, deps, extra))
     return "\n\n".join(blocks) + "\n"
 

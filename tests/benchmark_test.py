@@ -1,0 +1,46 @@
+"""The benchmark script runs and prints what the README quotes from it.
+
+Timings themselves are not asserted (this machine's speed varies); what is
+checked is that every variant trains and that the memory probe measures the
+update it claims to.
+"""
+
+import importlib.util
+import os
+import re
+import sys
+
+_PATH = os.path.join(os.path.dirname(__file__), os.pardir,
+                     "benchmarks/dp_overhead.py")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("dp_overhead", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speed_prints_every_variant_with_its_ratio(monkeypatch, capsys):
+    bench = _load()
+    monkeypatch.setattr(sys, "argv", [
+        "dp_overhead.py", "--models", "cnn32", "--examples", "64",
+        "--batch", "32", "--microbatch", "16", "--epochs", "1"])
+    bench.main()
+    lines = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("[cnn32]")]
+    labels = [line.split("]")[1].split(":")[0].strip() for line in lines]
+    assert labels == ["non-private", "DP vectorized", "DP ghost", "DP auto"]
+    for line in lines:
+        speed, ratio = re.search(r"(\d+) ex/s, ratio to non-private ([\d.]+)x",
+                                 line).groups()
+        assert int(speed) > 0 and float(ratio) > 0
+    assert "ratio to non-private 1.00x" in lines[0]
+
+
+def test_memory_probe_reports_the_input_it_was_given():
+    bench = _load()
+    got = bench.one_update_peak_memory(64, 16, "ghost")
+    # 64 images of 32x32x3 float32 and 64 int64 labels.
+    assert abs(got["input_mib"] - (64 * 32 * 32 * 3 * 4 + 64 * 8) / 2**20) < 1e-9
+    assert got["added_mib"] >= 0 and got["before_mib"] > 0
