@@ -40,7 +40,17 @@ import tf_dpfair as dpf
 from tf_dpfair import data as data_lib
 
 RESULT_FILE = "result.json"
-STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+STRATEGIES = ("default", "mirrored", "tpu")
+# Keras 3's `fit` cannot train under MultiWorkerMirroredStrategy: it reduces
+# nested batches and scalar logs in ways the collective strategy rejects
+# (keras-team/keras#20585, tensorflow/tensorflow#72388; reproduced here with
+# two local workers). A multi-worker DP run would also need every worker to
+# share the secret sampling seed, or each update would combine slices of
+# different logical batches and the accountant's sampling would not hold.
+MULTI_WORKER_REFUSAL = (
+    "strategy='multi_worker' is not supported: Keras 3's fit() fails under "
+    "tf.distribute.MultiWorkerMirroredStrategy (keras-team/keras#20585). Use "
+    "'mirrored' for several accelerators on one machine, or 'tpu'.")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -149,6 +159,8 @@ def _validate(s):
                          "(or non_private=True).")
     if s.private and s.epsilon is not None and s.noise_multiplier is not None:
         raise ValueError("Give epsilon or noise_multiplier, not both.")
+    if s.strategy == "multi_worker":
+        raise ValueError(MULTI_WORKER_REFUSAL)
     if s.non_private_optimizer not in ("",) + OPTIMIZERS:
         raise ValueError(f"non_private_optimizer must be '' or one of {OPTIMIZERS}.")
     for name, allowed in (("strategy", STRATEGIES), ("optimizer", OPTIMIZERS),
@@ -185,12 +197,13 @@ def make_strategy(name, tpu=""):
         return tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
-    if name == "multi_worker":  # Cluster from the TF_CONFIG environment variable.
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-    tf.config.experimental_connect_to_cluster(resolver)
-    tf.tpu.experimental.initialize_tpu_system(resolver)
-    return tf.distribute.TPUStrategy(resolver)
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(MULTI_WORKER_REFUSAL if name == "multi_worker"
+                     else f"strategy must be one of {STRATEGIES}; got {name!r}.")
 
 
 def extra_callbacks(settings, work_dir, *, privacy_logger, run_data, test):

@@ -126,6 +126,12 @@ def test_bad_settings_are_refused_with_a_reason():
         train_lib.settings_from(None, {"epsilon": 1.0, "noise_multiplier": 1.0})
     with pytest.raises(ValueError, match="Unknown config"):
         train_lib.settings_from("nope", {})
+    with pytest.raises(ValueError, match="multi_worker' is not supported.*keras#20585"):
+        train_lib.settings_from(None, {"epsilon": 1.0, "strategy": "multi_worker"})
+    with pytest.raises(ValueError, match="multi_worker' is not supported"):
+        train_lib.make_strategy("multi_worker")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        train_lib.make_strategy("parameter_server")
 
 
 def test_accuracy_table_counts_hits_per_group_by_hand():
