@@ -1,6 +1,7 @@
 """Every bad input of issue 7 gets a clear error (problem and fix) or a
 bounded, reported fallback, and nothing is written half-way."""
 
+import conftest
 import keras
 import numpy as np
 import pytest
@@ -135,6 +136,40 @@ def test_nonfinite_gradient_contributes_zero_and_is_reported(capsys):
     np.testing.assert_allclose(weights(model), weights(clean), rtol=1e-6)
 
 
+def test_nonfinite_count_covers_every_step_of_a_multi_step_execution(tmp_path, capsys):
+    # Three updates per Keras call (steps_per_execution=3): the callbacks see
+    # the logs of the third step only. Updates 1, 2 and 3 hold 1, 2 and 0
+    # NaN/Inf examples; update 4 (a second call) holds 1.
+    x = np.ones((16, 3), np.float32)
+    x[1, 0], x[5, 1], x[6, 2], x[13, 0] = np.nan, np.inf, -np.inf, np.nan
+    y = np.ones((16, 1), np.float32)
+    model = linear()
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse",
+                  steps_per_execution=3)
+    logger = dpf.callbacks.PrivacyLogger(num_examples=16, delta=1e-3)
+    history = model.fit(x, y, batch_size=4, shuffle=False, verbose=0,
+                        callbacks=[logger])
+    assert model.update_count == 4
+    assert model.nonfinite_examples == 4
+    assert logger.nonfinite_examples == 4
+    assert history.history["nonfinite_examples"] == [4.0]
+    assert "4 training examples had a NaN or Inf gradient" in capsys.readouterr().out
+
+    # A second fit: the model keeps its running count; the logger and the
+    # epoch logs count this fit only (one NaN example in the 4 updates).
+    x2 = np.ones((16, 3), np.float32)
+    x2[9, 1] = np.nan
+    history = model.fit(x2, y, batch_size=4, shuffle=False, verbose=0,
+                        callbacks=[logger])
+    assert model.nonfinite_examples == 5
+    assert logger.nonfinite_examples == 1
+    assert history.history["nonfinite_examples"] == [1.0]
+    # Saved with the model, like the update count.
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    assert keras.models.load_model(path).nonfinite_examples == 5
+
+
 def test_huge_but_finite_example_moves_the_update_by_at_most_lr_c_over_b():
     x = np.ones((4, 3), np.float32)
     x[2] = [1e15, -1e15, 1e15]  # gradient norm ~3e15: finite, clipped to C
@@ -262,3 +297,19 @@ def test_training_logs_carry_no_group_figures_even_when_batches_have_groups():
     history = model.fit(train.dataset, verbose=0)
     assert model.update_count == 2
     assert not any("auc" in key for key in history.history)
+
+
+def test_nonfinite_count_is_counted_once_over_two_replicas():
+    # Two updates of 8 rows split over 2 replicas; NaN/Inf rows 1 (replica 0),
+    # 6 (replica 1) and 12: three examples, whatever replica holds them.
+    x = np.ones((16, 3), np.float32)
+    x[1, 0], x[6, 2], x[12, 1] = np.nan, np.inf, np.nan
+    y = np.ones((16, 1), np.float32)
+    with conftest.mirrored_strategy().scope():
+        model = linear(batch=8)
+    logger = dpf.callbacks.PrivacyLogger(num_examples=16, delta=1e-3, verbose=0)
+    history = model.fit(x, y, batch_size=8, shuffle=False, verbose=0,
+                        callbacks=[logger])
+    assert model.update_count == 2
+    assert model.nonfinite_examples == 3 and logger.nonfinite_examples == 3
+    assert history.history["nonfinite_examples"] == [3.0]

@@ -22,11 +22,12 @@ class PrivacyLogger(keras.callbacks.Callback):
     would take epsilon above it, and refuses to start if not even one more
     update fits.
 
-    It also sums the step's `nonfinite_examples` over each epoch (Keras
-    would keep the last update's count only) and warns at the end when any
-    example had a NaN/Inf gradient: a diagnostic on training data, outside
-    the guarantee. A noise multiplier of 0 with a `target_epsilon` is
-    refused: such a run has epsilon = inf.
+    It also turns the model's running count of examples with a NaN/Inf
+    gradient (`DPModel.nonfinite_examples`) into each epoch's count in the
+    logs, and warns at the end of `fit` when any example of this `fit` had
+    one: a diagnostic on training data, outside the guarantee. A noise
+    multiplier of 0 with a `target_epsilon` is refused: such a run has
+    epsilon = inf.
 
     Give it the pipeline's `sampling_spec` (from `tf_dpfair.data`) so the
     accountant's assumption is the pipeline's own; then `num_examples` and
@@ -79,9 +80,10 @@ class PrivacyLogger(keras.callbacks.Callback):
         self.target_epsilon = target_epsilon
         self.verbose = verbose
         self.stopped_for_budget = False
-        # Examples whose gradient was NaN/Inf (they contributed zero).
+        # Examples of this fit whose gradient was NaN/Inf (they contributed zero).
         self.nonfinite_examples = 0
-        self._epoch_nonfinite = 0
+        self._nonfinite_seen = 0  # The model's running count, last read.
+        self._nonfinite_at_epoch_start = 0
 
     def _dp_config(self):
         config = getattr(self.model, "dp_config", None)
@@ -127,6 +129,8 @@ class PrivacyLogger(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         config = self._dp_config()
+        self.nonfinite_examples = 0
+        self._nonfinite_seen = self.model.nonfinite_examples
         self.statement()  # Bad settings fail here, before any update.
         if self.verbose:
             print(OUTSIDE_GUARANTEE_NOTE)
@@ -152,14 +156,17 @@ class PrivacyLogger(keras.callbacks.Callback):
                 f"the budget.")
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_nonfinite = 0
+        self._nonfinite_at_epoch_start = self._nonfinite_seen
 
     def on_train_batch_end(self, batch, logs=None):
-        # Keras keeps only the last batch's value of a non-metric log, so the
-        # epoch's count of non-finite examples is summed here.
-        count = int(float((logs or {}).get("nonfinite_examples", 0)))
-        self._epoch_nonfinite += count
-        self.nonfinite_examples += count
+        # The step logs the model's running count: with steps_per_execution
+        # k > 1, Keras shows every k-th step only, and the count still covers
+        # the steps in between.
+        seen = (logs or {}).get("nonfinite_examples")
+        if seen is not None:
+            seen = int(float(seen))
+            self.nonfinite_examples += seen - self._nonfinite_seen
+            self._nonfinite_seen = seen
         if self.target_epsilon is not None and self._next_would_exceed():
             self.model.stop_training = True
             self.stopped_for_budget = True
@@ -168,7 +175,8 @@ class PrivacyLogger(keras.callbacks.Callback):
         if logs is not None:
             logs["epsilon"] = self.statement().epsilon
             if "nonfinite_examples" in logs:
-                logs["nonfinite_examples"] = float(self._epoch_nonfinite)
+                logs["nonfinite_examples"] = float(
+                    self._nonfinite_seen - self._nonfinite_at_epoch_start)
 
     def on_train_end(self, logs=None):
         if self.verbose:

@@ -58,6 +58,12 @@ class DPTraining(GroupedEvaluation):
         self._update_count = self.add_weight(
             shape=(), dtype="int64", initializer="zeros", trainable=False,
             name="dp_update_count", aggregation="only_first_replica")
+        # Examples whose gradient had a NaN or Inf (they contributed zero),
+        # counted in the step itself so that no update is missed when
+        # `steps_per_execution` > 1 (Keras shows the last step's logs only).
+        self._nonfinite_count = self.add_weight(
+            shape=(), dtype="int64", initializer="zeros", trainable=False,
+            name="dp_nonfinite_examples", aggregation="only_first_replica")
 
     @property
     def dp_config(self):
@@ -68,6 +74,16 @@ class DPTraining(GroupedEvaluation):
     def update_count(self):
         """Number of DP optimizer updates applied so far (int)."""
         return int(self._update_count.numpy())
+
+    @property
+    def nonfinite_examples(self):
+        """Training examples so far whose gradient had a NaN or Inf (int).
+
+        They contributed zero to their update. A diagnostic on training
+        data, outside the DP guarantee; saved with the model like
+        `update_count`.
+        """
+        return int(self._nonfinite_count.numpy())
 
     # ----------------------------------------------------------- compile
 
@@ -345,9 +361,12 @@ class DPTraining(GroupedEvaluation):
         ])
         if context is not None:
             counts = context.all_reduce(tf.distribute.ReduceOp.SUM, counts)
+        with tf.control_dependencies([self._update_count.value]):
+            # After the update's checks: a refused batch adds nothing.
+            self._nonfinite_count.assign_add(tf.cast(counts[2], tf.int64))
         logs = self.training_logs(x, labels, y_pred, weights)
         logs["clip_fraction"] = tf.math.divide_no_nan(counts[0], counts[1])
-        logs["nonfinite_examples"] = counts[2]
+        logs["nonfinite_examples"] = tf.cast(self._nonfinite_count.value, tf.float32)
         return logs
 
     # ----------------------------------------------------------- EMA
