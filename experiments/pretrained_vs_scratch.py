@@ -78,8 +78,10 @@ def main(argv):
     data = ((x_train[:n], y_train[:n]), (x_test[:_TEST.value], y_test[:_TEST.value]))
     steps = _EPOCHS.value * n // _BATCH.value
     sigma = dpf.accounting.calibrate_noise_multiplier(
-        target_epsilon=_EPSILON.value, sampling_probability=_BATCH.value / n,
-        steps=steps, delta=1e-5, sampling="shuffle")
+        target_epsilon=_EPSILON.value, delta=1e-5,
+        **dpf.accounting.sampling_arguments(
+            sampling="shuffle", num_examples=n, batch_size=_BATCH.value,
+            steps=steps))
     print(f"{source}: {n} training, {len(data[1][0])} test examples; "
           f"sigma={sigma:.3f}; pretrained trains {_RECIPE.value}, scratch "
           f"trains {_SCRATCH_RECIPE.value}")

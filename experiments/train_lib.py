@@ -288,6 +288,7 @@ def _privacy(settings, model, logger, sigma, spec, delta, total_steps):
             "epsilon_label": f"{statement.epsilon:.3g}", "target_epsilon": settings.epsilon,
             "delta": statement.delta, "target_delta": delta, "noise_multiplier": sigma,
             "sampling_probability": statement.sampling_probability,
+            "participations": statement.participations,
             "steps": statement.steps, "sampling": statement.sampling,
             "accountant": statement.accountant, "clip_norm": settings.clip_norm,
             "statement": str(statement), "pipeline": spec.statement(),

@@ -141,5 +141,5 @@ def test_run_without_noise_or_clipping_is_caught():
     q = BATCH / (NUM_REAL + result.num_included)
     false_claim = dpf.accounting.compute_epsilon(
         noise_multiplier=3.0, sampling_probability=q, steps=UPDATES,
-        delta=1e-5)
+        delta=1e-5, sampling="poisson")
     assert result.epsilon_lower_bound > false_claim

@@ -250,7 +250,8 @@ def test_missing_data_path(tmp_path):
 
 def test_a_run_without_noise_cannot_be_reported_as_private(capsys):
     statement = dpf.accounting.privacy_statement(
-        noise_multiplier=0.0, sampling_probability=0.5, steps=2, delta=1e-3)
+        noise_multiplier=0.0, sampling_probability=0.5, steps=2, delta=1e-3,
+        sampling="poisson")
     assert statement.epsilon == float("inf")
     assert str(statement).startswith("NOT private: (epsilon=inf")
     with pytest.raises(ValueError, match="noise_multiplier is 0, so epsilon "

@@ -95,7 +95,7 @@ def test_poisson_batches_padding_never_changes_the_update():
 
 def test_privacy_logger_takes_sampling_mode_from_the_pipeline(capsys):
     for mode, phrase in (("poisson", "Poisson subsampling"),
-                         ("shuffle", "shuffled fixed-size batches")):
+                         ("shuffle", "shuffled batches")):
         train = data.make_train_dataset(poisson_source(), expected_batch_size=12,
                                         seed=3, microbatch_size=4, mode=mode)
         config = dpf.DPConfig(l2_norm_clip=0.5, noise_multiplier=1.0,

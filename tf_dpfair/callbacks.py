@@ -5,6 +5,7 @@ import dataclasses
 import keras
 
 from tf_dpfair import accounting
+from tf_dpfair import feeding
 from tf_dpfair import resume
 
 OUTSIDE_GUARANTEE_NOTE = (
@@ -16,11 +17,29 @@ OUTSIDE_GUARANTEE_NOTE = (
 class PrivacyLogger(keras.callbacks.Callback):
     """Adds `epsilon` to the epoch logs and can stop before a target epsilon.
 
-    Epsilon is computed from the model's own count of applied DP updates
-    (`DPModel.update_count`, saved with the model), so it is right after a
-    resume too. With `target_epsilon`, training stops before any update that
-    would take epsilon above it, and refuses to start if not even one more
-    update fits.
+    The statement's sampling assumption is the one the batches really had,
+    never a silent Poisson default (see `tf_dpfair.feeding`):
+
+    - fed the package's pipeline (`model.fit(data.make_train_dataset(...))`,
+      or its `.dataset`), the model knows the `SamplingSpec`, and `delta` is
+      all this callback needs;
+    - fed numpy arrays with `batch_size`, the batches are Keras' shuffled
+      fixed-size batches and are accounted as such (no amplification);
+      `sampling="poisson"` is refused there unless
+      `accept_shuffle_as_poisson=True`;
+    - fed anything else (a `tf.data` pipeline of your own, a generator),
+      the sampling must be stated: `sampling="shuffle"` (at most one update
+      per pass over N examples) or `sampling="poisson"` (then a notice says,
+      once, what that assumes), with `num_examples`. Nothing stated is
+      refused rather than defaulted: only the author of a pipeline knows
+      whether it draws each example once per pass (a `.repeat()` before
+      `.shuffle()` does not), so even the shuffle figure cannot be assumed.
+
+    Epsilon comes from the model's own count of applied DP updates and its
+    participation ledger (`DPModel.update_count`, `DPModel.participations`,
+    saved with the model), so it is right after a resume too. With
+    `target_epsilon`, training stops before any update that would take
+    epsilon above it, and refuses to start if not even one more update fits.
 
     It also turns the model's running count of examples with a NaN/Inf
     gradient (`DPModel.nonfinite_examples`) into each epoch's count in the
@@ -29,53 +48,67 @@ class PrivacyLogger(keras.callbacks.Callback):
     multiplier of 0 with a `target_epsilon` is refused: such a run has
     epsilon = inf.
 
-    Give it the pipeline's `sampling_spec` (from `tf_dpfair.data`) so the
-    accountant's assumption is the pipeline's own; then `num_examples` and
-    `sampling` come from the spec, and the delta of the statement includes
-    the spec's allowance for truncated Poisson batches.
-
     Args:
-      num_examples: N, the size of the training set (or from `sampling_spec`).
       delta: the delta the accountant targets (1/N or smaller is customary).
-      sampling: "poisson" or "shuffle": how the pipeline draws logical batches
-        (see `tf_dpfair.accounting`); ignored with `sampling_spec`.
-      accountant: "rdp" or "pld".
       target_epsilon: optional budget; None never stops training.
+      sampling: for input the package did not build: "poisson" or "shuffle".
+      num_examples: N, with `sampling`.
+      sampling_spec: the `tf_dpfair.sampling.SamplingSpec` of the pipeline;
+        not needed when `fit` gets the pipeline itself, and then it must be
+        that pipeline's spec.
+      accept_shuffle_as_poisson: accept the heuristic Poisson statement for
+        arrays that Keras shuffles into fixed batches.
+      accountant: "rdp" or "pld".
       verbose: 1 prints the privacy statement at the end of training.
-      sampling_spec: the `tf_dpfair.sampling.SamplingSpec` of the pipeline.
 
     Raises:
-      ValueError: bad arguments (see `accounting.privacy_statement`).
+      ValueError: bad arguments (see `accounting.privacy_statement`); at the
+        start of `fit`, input whose sampling nobody stated, or statements
+        that contradict the input (see `feeding.resolve`).
     """
 
-    def __init__(self, num_examples=None, delta=None, sampling="poisson",
-                 accountant="rdp", target_epsilon=None, verbose=1,
-                 sampling_spec=None):
+    def __init__(self, *, delta=None, target_epsilon=None, sampling=None,
+                 num_examples=None, sampling_spec=None,
+                 accept_shuffle_as_poisson=False, accountant="rdp", verbose=1):
         super().__init__()
-        self.sampling_spec = sampling_spec
+        if delta is None:
+            raise ValueError("delta is required (1/N or smaller is customary).")
+        if sampling is not None and sampling not in accounting.SAMPLING_MODES:
+            raise ValueError(f"sampling must be one of "
+                             f"{accounting.SAMPLING_MODES} or None, got "
+                             f"{sampling!r}.")
         if sampling_spec is not None:
             if num_examples not in (None, sampling_spec.num_examples):
                 raise ValueError(
                     f"num_examples={num_examples} disagrees with the sampling "
                     f"spec's {sampling_spec.num_examples}; pass one of them.")
-            num_examples = sampling_spec.num_examples
-            sampling = sampling_spec.accounting_sampling
-        if delta is None:
-            raise ValueError("delta is required (1/N or smaller is customary).")
-        if not isinstance(num_examples, int) or num_examples < 1:
+            if sampling not in (None, sampling_spec.accounting_sampling):
+                raise ValueError(
+                    f"sampling={sampling!r} disagrees with the sampling "
+                    f"spec, accounted as {sampling_spec.accounting_sampling!r}"
+                    f"; pass one of them.")
+        elif num_examples is not None and (
+                not isinstance(num_examples, int) or num_examples < 1):
             raise ValueError(f"num_examples must be a positive integer, got "
                              f"{num_examples!r}.")
+        if sampling is not None and sampling_spec is None and num_examples is None:
+            raise ValueError(f"sampling={sampling!r} needs num_examples, the "
+                             f"number of training examples.")
+        if accept_shuffle_as_poisson and sampling != "poisson":
+            raise ValueError("accept_shuffle_as_poisson=True goes with "
+                             "sampling='poisson'.")
         if target_epsilon is not None and not target_epsilon > 0:
             raise ValueError(f"target_epsilon must be > 0 or None, got "
                              f"{target_epsilon!r}.")
-        # Validates delta, sampling and accountant early.
-        accounting.privacy_statement(noise_multiplier=1.0,
-                                     sampling_probability=1.0, steps=0,
-                                     delta=delta, sampling=sampling,
+        # Validates delta and accountant early.
+        accounting.privacy_statement(noise_multiplier=1.0, steps=0,
+                                     delta=delta, sampling="poisson",
+                                     sampling_probability=1.0,
                                      accountant=accountant)
-        self.num_examples = num_examples
+        self.stated_sampling = feeding.StatedSampling(
+            sampling=sampling, num_examples=num_examples, spec=sampling_spec,
+            accept_shuffle_as_poisson=bool(accept_shuffle_as_poisson))
         self.delta = delta
-        self.sampling = sampling
         self.accountant = accountant
         self.target_epsilon = target_epsilon
         self.verbose = verbose
@@ -92,29 +125,56 @@ class PrivacyLogger(keras.callbacks.Callback):
                              "tf_dpfair.make_private).")
         return config
 
+    def _feeding(self):
+        fed = getattr(self.model, "feeding", None)
+        if fed is None:
+            raise ValueError(
+                "The model has not been fit yet, so how its batches are drawn "
+                "is unknown; the statement is made during fit.")
+        if fed.sampling == feeding.UNKNOWN:
+            raise ValueError(
+                "fit got an input pipeline the package did not build, and "
+                "nobody stated how it draws examples, so no honest privacy "
+                "statement can be made. Feed fit the TrainData of "
+                "tf_dpfair.data.make_train_dataset (Poisson or shuffle: the "
+                "model then knows), or state it: "
+                "PrivacyLogger(sampling='shuffle', num_examples=N, ...) if "
+                "every example is in at most one batch per pass over the "
+                "data, or sampling='poisson' only if every example enters "
+                "each batch independently with probability q.")
+        return fed
+
     def statement(self, steps=None):
-        """The `PrivacyStatement` after `steps` updates (default: so far)."""
+        """The `PrivacyStatement` after `steps` updates (default: so far).
+
+        Args:
+          steps: the model's total update count to account for; not before
+            the start of the latest `fit`.
+
+        Returns:
+          An `accounting.PrivacyStatement` (delta includes the pipeline's
+          allowance for truncated Poisson batches).
+
+        Raises:
+          ValueError: no `fit` yet, or input whose sampling nobody stated.
+        """
         config = self._dp_config()
-        if config.expected_batch_size > self.num_examples:
-            raise ValueError(
-                f"expected_batch_size {config.expected_batch_size} is larger "
-                f"than num_examples {self.num_examples}: the sampling rate "
-                f"would exceed 1. Use a logical batch of at most "
-                f"{self.num_examples} examples, or check num_examples.")
-        spec = self.sampling_spec
-        if spec is not None and spec.expected_batch_size != config.expected_batch_size:
-            raise ValueError(
-                f"The pipeline samples batches of expected size "
-                f"{spec.expected_batch_size} but DPConfig.expected_batch_size is "
-                f"{config.expected_batch_size}: the noise would be calibrated "
-                f"to the wrong batch. Make them equal.")
-        steps = self.model.update_count if steps is None else steps
-        statement = accounting.privacy_statement(
-            noise_multiplier=config.noise_multiplier,
-            sampling_probability=config.expected_batch_size / self.num_examples,
-            steps=steps, delta=self.delta, sampling=self.sampling,
-            accountant=self.accountant)
-        if spec is not None:
+        fed = self._feeding()
+        steps = self.model.update_count if steps is None else int(steps)
+        if fed.poisson_holds:
+            statement = accounting.privacy_statement(
+                noise_multiplier=config.noise_multiplier, steps=steps,
+                delta=self.delta, sampling="poisson",
+                sampling_probability=fed.batch_size / fed.num_examples,
+                accountant=self.accountant)
+        else:
+            statement = accounting.privacy_statement(
+                noise_multiplier=config.noise_multiplier, steps=steps,
+                delta=self.delta, sampling="shuffle",
+                participations=fed.participations_after(steps),
+                accountant=self.accountant)
+        spec = fed.spec
+        if spec is not None and statement.sampling == "poisson":
             overhead = spec.delta_overhead(steps, statement.epsilon)
             statement = dataclasses.replace(statement,
                                             delta=statement.delta + overhead)
@@ -131,14 +191,34 @@ class PrivacyLogger(keras.callbacks.Callback):
         config = self._dp_config()
         self.nonfinite_examples = 0
         self._nonfinite_seen = self.model.nonfinite_examples
+        fed = self._feeding()
+        if fed.num_examples is not None and (
+                config.expected_batch_size > fed.num_examples):
+            raise ValueError(
+                f"expected_batch_size {config.expected_batch_size} is larger "
+                f"than num_examples {fed.num_examples}: the sampling rate "
+                f"would exceed 1. Use a logical batch of at most "
+                f"{fed.num_examples} examples, or check num_examples.")
         self.statement()  # Bad settings fail here, before any update.
+        if fed.stated_poisson:
+            # Once per fit: the guarantee rests on the user's word here.
+            print(f"Note: Poisson sampling is assumed on your word "
+                  f"(q={fed.batch_size / fed.num_examples:.4g}): "
+                  f"the guarantee holds only if every example entered each "
+                  f"update independently with probability q. "
+                  f"tf_dpfair.data.make_train_dataset(mode='poisson') draws "
+                  f"batches that way.")
+        elif fed.sampling == feeding.POISSON and not fed.poisson_holds:
+            print(f"Note: {self.model.non_poisson_updates} earlier updates of "
+                  f"this model were not Poisson-sampled, so the whole run is "
+                  f"accounted without amplification by subsampling.")
         if self.verbose:
             print(OUTSIDE_GUARANTEE_NOTE)
         if config.noise_multiplier == 0:
             print("Warning: noise_multiplier is 0: this run is NOT private "
                   "(epsilon = inf).")
-        if self.delta >= 1.0 / self.num_examples:
-            print(f"Warning: delta={self.delta} >= 1/N={1 / self.num_examples:.3g}:"
+        if fed.num_examples is not None and self.delta >= 1.0 / fed.num_examples:
+            print(f"Warning: delta={self.delta} >= 1/N={1 / fed.num_examples:.3g}:"
                   f" a guarantee this weak allows releasing an example outright.")
         if self.target_epsilon is not None and config.noise_multiplier == 0:
             raise ValueError(
@@ -181,8 +261,7 @@ class PrivacyLogger(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.verbose:
             print(f"Privacy: {self.statement()}")
-            if self.sampling_spec is not None:
-                print(self.sampling_spec.statement())
+            print(self._feeding().describe())
             if self.stopped_for_budget:
                 print(f"Training stopped after {self.model.update_count} "
                       f"updates: one more would exceed the budget "
@@ -238,8 +317,9 @@ class BudgetGuard(PrivacyLogger):
       target_epsilon: the budget, > 0.
       save_path: where the model is saved when the budget stops training; a
         `.keras` file.
-      **kwargs: the other `PrivacyLogger` arguments (`delta`,
-        `sampling_spec` or `num_examples`, ...).
+      **kwargs: the other `PrivacyLogger` arguments (`delta`, and
+        `sampling` with `num_examples` where `fit` does not get the
+        package's pipeline).
 
     Attributes:
       stop_reason: None, or the message saying why training stopped.

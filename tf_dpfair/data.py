@@ -41,6 +41,7 @@ import tensorflow as tf
 
 from tf_dpfair import augment as augment_lib
 from tf_dpfair import batch
+from tf_dpfair import feeding
 from tf_dpfair import sampling
 from tf_dpfair.groups import GroupSpec, UNKNOWN  # noqa: F401 (re-exported)
 
@@ -51,6 +52,10 @@ GROUPS = batch.GROUPS_KEY
 
 TrainData = collections.namedtuple("TrainData", ["dataset", "spec"])
 TrainData.__doc__ = """The training input and its sampling record.
+
+Give it to `DPModel.fit` as is (`model.fit(train, epochs=...)`): the model
+learns the spec, so `PrivacyLogger(delta=...)` states the sampling the
+batches really had, and `steps_per_epoch` defaults to the spec's.
 
 Attributes:
     dataset: `tf.data.Dataset` of `(x, y, sample_weight)`, one element per
@@ -314,9 +319,11 @@ def make_train_dataset(source, *, expected_batch_size, seed, mode=sampling.POISS
     `spec.padded_batch_size`: sampled rows, then weight-0 padding (with
     several replicas, dealt so each replica gets an equal share, see
     `sampling.replica_order`). The dataset is endless unless `num_steps` is
-    given; pass `steps_per_epoch=spec.steps_per_epoch` to `fit`. To resume at
-    update k, pass `start_step=k` and the same seed: batches are a function
-    of `(seed, update)` only.
+    given. Give the returned `TrainData` (or its dataset) to `DPModel.fit`:
+    the model learns the spec and `steps_per_epoch` defaults to the spec's.
+    To resume at update k, pass `start_step=k` (`fit` refuses a pipeline
+    that does not start at the model's update count) and the same seed:
+    batches are a function of `(seed, update)` only.
 
     Args:
         source: an `ExampleSource`.
@@ -372,7 +379,10 @@ def make_train_dataset(source, *, expected_batch_size, seed, mode=sampling.POISS
             (tf.fill(tf.shape(indices), step), indices, valid)))
     dataset = rows.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(spec.padded_batch_size, drop_remainder=True)
-    return TrainData(dataset.prefetch(tf.data.AUTOTUNE), spec)
+    # The tag lets `DPModel.fit` learn the spec from the dataset itself.
+    dataset = feeding.tag_pipeline(dataset.prefetch(tf.data.AUTOTUNE), spec,
+                                   start_step, num_steps)
+    return TrainData(dataset, spec)
 
 
 def make_eval_dataset(source, *, batch_size, microbatch_size=1, num_replicas=1,

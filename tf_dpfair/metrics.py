@@ -89,10 +89,16 @@ class GroupedAUC(keras.metrics.Metric):
     ids split off the labels; a user may instead pass `y_true` in the dict
     form of `tf_dpfair.batch` (`{"label": ..., "groups": {...}}`).
 
-    Example:
-        metric = GroupedAUC({"sex": ["female", "male"]})
-        metric.update_state(labels, scores, groups={"sex": sex_ids})
-        metric.result()["auc_gap/sex"]
+    Example (female examples ranked perfectly, male ones in reverse):
+
+    >>> metric = GroupedAUC({"sex": ["female", "male"]})
+    >>> metric.update_state([0., 1., 0., 1.], [0.1, 0.9, 0.8, 0.2],
+    ...                     groups={"sex": [0, 0, 1, 1]})
+    >>> result = metric.result()
+    >>> float(result["auc/sex/female"]), float(result["auc/sex/male"])
+    (1.0, 0.0)
+    >>> float(result["auc_gap/sex"])
+    1.0
 
     See the module docstring for the result names.
     """

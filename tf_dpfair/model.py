@@ -30,7 +30,9 @@ import tensorflow as tf
 from tf_dpfair import batch
 from tf_dpfair import checks
 from tf_dpfair import clipping
+from tf_dpfair import data
 from tf_dpfair import ema
+from tf_dpfair import feeding
 from tf_dpfair import ghost
 from tf_dpfair import noise
 from tf_dpfair.config import DPConfig
@@ -64,6 +66,17 @@ class DPTraining(GroupedEvaluation):
         self._nonfinite_count = self.add_weight(
             shape=(), dtype="int64", initializer="zeros", trainable=False,
             name="dp_nonfinite_examples", aggregation="only_first_replica")
+        # The accountant's ledger (see `tf_dpfair.feeding`): the most updates
+        # any one example can have joined, and the updates not drawn by
+        # Poisson sampling. Saved with the model, so a resume keeps them.
+        self._participations = self.add_weight(
+            shape=(), dtype="int64", initializer="zeros", trainable=False,
+            name="dp_participations", aggregation="only_first_replica")
+        self._non_poisson_updates = self.add_weight(
+            shape=(), dtype="int64", initializer="zeros", trainable=False,
+            name="dp_non_poisson_updates", aggregation="only_first_replica")
+        self._feeding = None
+        self._feeding_started = False
 
     @property
     def dp_config(self):
@@ -74,6 +87,44 @@ class DPTraining(GroupedEvaluation):
     def update_count(self):
         """Number of DP optimizer updates applied so far (int)."""
         return int(self._update_count.numpy())
+
+    @property
+    def participations(self):
+        """Most updates any one training example can have taken part in (int).
+
+        An upper bound kept over every `fit` call from how each was fed
+        (see `tf_dpfair.feeding`); the shuffle statement composes this many
+        Gaussian mechanisms. Saved with the model.
+        """
+        return int(self._participations.numpy())
+
+    @property
+    def non_poisson_updates(self):
+        """Updates so far whose batch was not drawn by Poisson sampling (int)."""
+        return int(self._non_poisson_updates.numpy())
+
+    @property
+    def feeding(self):
+        """The `feeding.Feeding` of the latest `fit` call, or None before any."""
+        self._sync_feeding()
+        return self._feeding
+
+    def _sync_feeding(self, first_step=False):
+        """Re-bases the feeding on weights restored before the first step.
+
+        A callback such as `keras.callbacks.BackupAndRestore` may load other
+        weights (update count and ledger included) after `fit` recorded how
+        it is fed; until the first step runs, the record follows them.
+        """
+        fed = self._feeding
+        if fed is None or self._feeding_started:
+            return
+        count = self.update_count
+        if count != fed.start_update:
+            self._feeding = feeding.rebase(
+                fed, update_count=count, participations=self.participations,
+                non_poisson_updates=self.non_poisson_updates)
+        self._feeding_started = first_step
 
     @property
     def nonfinite_examples(self):
@@ -117,6 +168,59 @@ class DPTraining(GroupedEvaluation):
                     "so that EMA shadows can be created for its weights.")
             self._ema_shadows = ema.create_shadows(self,
                                                    self.trainable_variables)
+
+    # ----------------------------------------------------------- fit
+
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto",
+            callbacks=None, validation_split=0.0, validation_data=None,
+            shuffle=True, class_weight=None, sample_weight=None,
+            initial_epoch=0, steps_per_epoch=None, validation_steps=None,
+            validation_batch_size=None, validation_freq=1):
+        """Like `keras.Model.fit`; also records how the batches are drawn.
+
+        `x` may be the `TrainData` of `data.make_train_dataset` (or its
+        dataset): the model then knows the pipeline's `SamplingSpec`, and
+        `steps_per_epoch` defaults to the spec's. Every call records its
+        `feeding.Feeding` (`model.feeding`) and keeps the accountant's ledger
+        (`participations`, `non_poisson_updates`) up to date after every
+        step, so `PrivacyLogger` states the sampling the batches really had.
+
+        Raises:
+          ValueError: the input would break the accounting (see
+            `feeding.resolve`): a pipeline not started at `update_count`, a
+            finite pipeline Keras would replay, arrays stated as Poisson.
+        """
+        if isinstance(x, data.TrainData):
+            x = x.dataset
+        tag = feeding.pipeline_tag(x)
+        if tag is not None and tag.num_steps is None and steps_per_epoch is None:
+            steps_per_epoch = tag.spec.steps_per_epoch  # else endless epochs
+        if isinstance(callbacks, keras.callbacks.CallbackList):
+            callbacks = callbacks.callbacks
+        callbacks = list(callbacks or [])
+        self._feeding = feeding.resolve(
+            x=x, batch_size=batch_size, validation_split=validation_split,
+            epochs=epochs, initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
+            expected_batch_size=self._dp_config.expected_batch_size,
+            update_count=self.update_count, participations=self.participations,
+            non_poisson_updates=self.non_poisson_updates,
+            stated=[c.stated_sampling for c in callbacks
+                    if isinstance(getattr(c, "stated_sampling", None),
+                                  feeding.StatedSampling)])
+        self._feeding_started = False
+        # First, so checkpoints written at a step's end hold the ledger of
+        # that step.
+        callbacks.insert(0, _LedgerCallback())
+        return super().fit(
+            x=x, y=y, batch_size=batch_size, epochs=epochs, verbose=verbose,
+            callbacks=callbacks, validation_split=validation_split,
+            validation_data=validation_data, shuffle=shuffle,
+            class_weight=class_weight, sample_weight=sample_weight,
+            initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
+            validation_steps=validation_steps,
+            validation_batch_size=validation_batch_size,
+            validation_freq=validation_freq)
 
     # ----------------------------------------------------------- the DP step
 
@@ -383,6 +487,24 @@ class DPTraining(GroupedEvaluation):
                              "DPConfig(ema_decay=...) and compile the model.")
         with ema.swapped(self.trainable_variables, self._ema_shadows):
             yield
+
+
+class _LedgerCallback(keras.callbacks.Callback):
+    """Writes the accountant's ledger after every step of one `fit` call."""
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.model._sync_feeding(first_step=True)
+
+    def _write(self):
+        fed, count = self.model.feeding, self.model.update_count
+        self.model._participations.assign(fed.participations_after(count))
+        self.model._non_poisson_updates.assign(fed.non_poisson_after(count))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._write()
+
+    def on_train_end(self, logs=None):
+        self._write()  # `feeding` follows a restore even if no step ran
 
 
 class _GhostState:

@@ -3,17 +3,32 @@
 A run killed at any point (between updates, inside one, while a checkpoint is
 written) and started again with the same command continues from its last
 checkpoint with the update count, optimizer state, EMA shadows and the data
-position intact:
+position intact. `DPCheckpoint` saves and restores; `fit_resumable` restores,
+builds the pipeline at `start_step` = the restored update count and fits.
+Run the same code again after a crash and it continues:
 
-    checkpoint = resume.DPCheckpoint(directory, every_n_updates=100,
-                                     total_updates=total)
-    start = checkpoint.restore(model)  # 0 on a fresh start
-    train = data.make_train_dataset(source, ..., start_step=start)
-    model.fit(train.dataset, steps_per_epoch=spec.steps_per_epoch,
-              epochs=epochs, initial_epoch=start // spec.steps_per_epoch,
-              callbacks=[checkpoint, privacy_logger])
-
-(`fit_resumable` does exactly this.)
+>>> import tempfile
+>>> import keras, numpy as np
+>>> import tf_dpfair as dpf
+>>> from tf_dpfair import data, resume
+>>> source = data.ExampleSource.from_arrays(
+...     np.zeros((40, 4, 4, 1), np.uint8), np.arange(40) % 2)
+>>> model = dpf.make_private(
+...     keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(),
+...                       keras.layers.Dense(2)]),
+...     dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=1.0,
+...                  expected_batch_size=8, microbatch_size=8))
+>>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(
+...     from_logits=True))
+>>> seed = 20240117  # the run's secret sampling seed, kept for a resume
+>>> def make_dataset(start_step):
+...     return data.make_train_dataset(source, expected_batch_size=8, seed=seed,
+...                                    microbatch_size=8, start_step=start_step)
+>>> history = resume.fit_resumable(model, make_dataset, directory=tempfile.mkdtemp(),
+...                                total_updates=10, steps_per_epoch=5, verbose=0)
+DPCheckpoint: no checkpoint: starting at update 0.
+>>> model.update_count
+10
 
 What is saved, and why it stays consistent:
 
@@ -23,16 +38,19 @@ What is saved, and why it stays consistent:
   written to a temporary file in the same directory, flushed to disk and
   moved over the old one with `os.replace`: a kill mid-write leaves the
   previous checkpoint whole, and `restore` deletes the partial file.
-- The accountant's ledger is the update count: `PrivacyLogger` computes
-  epsilon from the restored count, so epsilon after a resume equals that of
-  an uninterrupted run of the same length. A failed step writes nothing
+- The accountant's ledger is the update count and the participation count
+  (`tf_dpfair.feeding`), both model variables: `PrivacyLogger` computes
+  epsilon from the restored ledger, so epsilon after a resume equals that of
+  an uninterrupted run of the same length (Poisson; shuffle adds at most one
+  participation for a pass resumed in its middle). A failed step writes nothing
   (see `DPTraining.train_step`), so no update is counted without being
   applied or applied without being counted.
 - The data position: batches are a function of (sampling seed, update
   index), so `start_step=restore(...)` continues where the checkpoint was
   taken. Poisson sampling may also resume with a fresh sampling seed (each
-  update draws independently); shuffled epochs need the same seed, or an
-  example could appear twice in one epoch.
+  update draws independently). A shuffled pass resumed in its middle counts
+  as a new pass in the model's participation ledger (`tf_dpfair.feeding`):
+  the model cannot check that the permutation is the same.
 
 Why not `keras.callbacks.BackupAndRestore` alone (Keras 3.15): it writes the
 weights in place (a kill mid-write corrupts the only copy) and the epoch
@@ -311,9 +329,10 @@ def fit_resumable(model, make_dataset, *, directory, total_updates,
 
     Args:
       model: the compiled DPModel.
-      make_dataset: `fn(start_step) -> tf.data.Dataset` yielding at least
-        `total_updates - start_step` batches from update `start_step` on
-        (e.g. `lambda s: data.make_train_dataset(..., start_step=s).dataset`).
+      make_dataset: `fn(start_step)` returning the `TrainData` (or a
+        `tf.data.Dataset`) of at least `total_updates - start_step` batches
+        from update `start_step` on (e.g.
+        `lambda s: data.make_train_dataset(..., start_step=s)`).
       directory: the checkpoint folder.
       total_updates: the length of the run in updates.
       steps_per_epoch: updates per epoch (epochs only pace the logs).

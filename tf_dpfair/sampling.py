@@ -39,6 +39,8 @@ import numpy as np
 import tensorflow as tf
 from scipy import stats
 
+from tf_dpfair import accounting
+
 POISSON = "poisson"
 SHUFFLE = "shuffle"
 MODES = (POISSON, SHUFFLE)
@@ -115,23 +117,40 @@ class SamplingSpec:
     def accountant_kwargs(self, steps):
         """Keyword arguments for `tf_dpfair.accounting.compute_epsilon`.
 
-        Use as `compute_epsilon(noise_multiplier=..., delta=...,
-        **spec.accountant_kwargs(steps))`.
+        >>> from tf_dpfair import accounting
+        >>> spec = make_sampling_spec("shuffle", 1000, 300)
+        >>> spec.accountant_kwargs(30)
+        {'sampling': 'shuffle', 'steps': 30, 'participations': 10}
+        >>> round(accounting.compute_epsilon(
+        ...     noise_multiplier=1.0, delta=1e-5, **spec.accountant_kwargs(30)), 2)
+        19.05
+
+        Poisson: the sampling probability.
+        Shuffle: the passes over the data started within `steps` updates
+        (`accounting.epochs_started(steps, steps_per_epoch)`), which bounds
+        how many updates any one example took part in, whether or not the
+        batch size divides N.
 
         Args:
-            steps: number of optimizer updates.
+            steps: number of optimizer updates, counted from update 0 of the
+                pipeline (the pipeline is indexed by update, so a resumed run
+                continues the same passes).
 
         Returns:
-            A dict with `sampling_probability`, `steps` and `sampling`.
+            A dict with `sampling`, `steps`, and `sampling_probability`
+            (Poisson) or `participations` (shuffle).
 
         Raises:
             ValueError: `steps` is negative.
         """
-        if int(steps) < 0:
-            raise ValueError(f"steps must be >= 0; got {steps}.")
-        return {"sampling_probability": self.sampling_probability,
-                "steps": int(steps),
-                "sampling": self.accounting_sampling}
+        if int(steps) != steps or int(steps) < 0:
+            raise ValueError(f"steps must be >= 0 (an integer); got {steps}.")
+        if self.accounting_sampling == POISSON:
+            return {"sampling": POISSON, "steps": int(steps),
+                    "sampling_probability": self.sampling_probability}
+        return {"sampling": SHUFFLE, "steps": int(steps),
+                "participations": accounting.epochs_started(
+                        int(steps), self.steps_per_epoch)}
 
     def delta_overhead(self, steps, epsilon):
         """The delta to add because overflowing batches are truncated.
