@@ -40,6 +40,8 @@ moves the ledger, but `PrivacyLogger` refuses to make a statement for it.
 import dataclasses
 import math
 
+import keras
+
 from tf_dpfair import accounting
 
 PIPELINE = "pipeline"
@@ -408,3 +410,26 @@ def _pipeline_feeding(tag, said, epochs, initial_epoch, steps_per_epoch,
                    spec.expected_batch_size, spec=spec,
                    start_step=tag.start_step,
                    stated_poisson=spec.accept_shuffle_as_poisson, **common)
+
+
+class LedgerCallback(keras.callbacks.Callback):
+    """Writes the accountant's ledger into the model after every step.
+
+    `DPTraining.fit` puts it first among the callbacks, so checkpoints
+    written at the end of a step (`ModelCheckpoint`, `resume.DPCheckpoint`)
+    hold that step's ledger.
+    """
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.model._sync_feeding(first_step=True)
+
+    def _write(self):
+        fed, count = self.model.feeding, self.model.update_count
+        self.model._participations.assign(fed.participations_after(count))
+        self.model._non_poisson_updates.assign(fed.non_poisson_after(count))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._write()
+
+    def on_train_end(self, logs=None):
+        self._write()  # `feeding` follows a restore even if no step ran

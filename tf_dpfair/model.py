@@ -211,7 +211,7 @@ class DPTraining(GroupedEvaluation):
         self._feeding_started = False
         # First, so checkpoints written at a step's end hold the ledger of
         # that step.
-        callbacks.insert(0, _LedgerCallback())
+        callbacks.insert(0, feeding.LedgerCallback())
         return super().fit(
             x=x, y=y, batch_size=batch_size, epochs=epochs, verbose=verbose,
             callbacks=callbacks, validation_split=validation_split,
@@ -487,24 +487,6 @@ class DPTraining(GroupedEvaluation):
                              "DPConfig(ema_decay=...) and compile the model.")
         with ema.swapped(self.trainable_variables, self._ema_shadows):
             yield
-
-
-class _LedgerCallback(keras.callbacks.Callback):
-    """Writes the accountant's ledger after every step of one `fit` call."""
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.model._sync_feeding(first_step=True)
-
-    def _write(self):
-        fed, count = self.model.feeding, self.model.update_count
-        self.model._participations.assign(fed.participations_after(count))
-        self.model._non_poisson_updates.assign(fed.non_poisson_after(count))
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._write()
-
-    def on_train_end(self, logs=None):
-        self._write()  # `feeding` follows a restore even if no step ran
 
 
 class _GhostState:
