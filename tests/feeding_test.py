@@ -188,3 +188,15 @@ def test_poisson_pipeline_inclusion_rate_is_q():
     assert abs(traced.mean() - 100) < 5 * 8.7 / math.sqrt(N)
     assert model.non_poisson_updates == 0
     assert model.participations == 400  # any update may hold any example
+
+
+def test_train_on_batch_counts_as_an_update_anyone_may_have_joined():
+    x, y = arrays()
+    model = make_model(6)
+    model.fit(x, y, batch_size=6, epochs=1, verbose=0)  # one pass of 4 updates
+    model.train_on_batch(x[:6], y[:6])
+    model.train_on_batch(x[:6], y[:6])
+    assert model.update_count == 6
+    assert (model.participations, model.non_poisson_updates) == (3, 6)
+    assert traced_participations().max() == 3  # rows 0..5: the pass, then twice
+    assert model.feeding is None

@@ -222,6 +222,22 @@ class DPTraining(GroupedEvaluation):
             validation_batch_size=validation_batch_size,
             validation_freq=validation_freq)
 
+    def train_on_batch(self, x, y=None, sample_weight=None, class_weight=None,
+                       return_dict=False):
+        """Like `keras.Model.train_on_batch`: one DP update on one batch.
+
+        Nothing says how such a batch was drawn, so the accountant's ledger
+        counts it as an update any example may have joined (one more
+        participation, not Poisson-sampled), and `feeding` is cleared.
+        """
+        result = super().train_on_batch(x, y, sample_weight=sample_weight,
+                                        class_weight=class_weight,
+                                        return_dict=return_dict)
+        self._participations.assign_add(1)
+        self._non_poisson_updates.assign_add(1)
+        self._feeding = None
+        return result
+
     # ----------------------------------------------------------- the DP step
 
     def _check_model(self):
