@@ -16,19 +16,31 @@ from tf_dpfair.metrics import GroupedAUC
 LR = 0.5
 
 
-def classifier(noise=1.0, batch=4, layer=None, ema=0.9):
-    """A DPModel on 3 features: [Dense(3) | layer] -> 3 logits, Adam, EMA."""
+def classifier(noise=1.0, batch=4, layer=None, ema=0.9, optimizer="adam",
+               jit_compile=False, seed=None):
+    """A DPModel on 3 features: [Dense(3) | layer] -> 3 logits, Adam or SGD, EMA."""
     config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=noise,
                           expected_batch_size=batch, microbatch_size=2,
-                          ema_decay=ema)
+                          ema_decay=ema, seed=seed)
     inputs = keras.Input((3,))
     hidden = layer(inputs) if layer is not None else inputs
-    outputs = keras.layers.Dense(3)(hidden)
+    outputs = keras.layers.Dense(
+        3, kernel_initializer=keras.initializers.GlorotUniform(seed=0))(hidden)
     model = dpf.DPModel(inputs=inputs, outputs=outputs, dp_config=config)
-    model.compile(optimizer=keras.optimizers.Adam(0.1),
+    model.compile(optimizer=(keras.optimizers.Adam(0.1) if optimizer == "adam"
+                             else keras.optimizers.SGD(0.1)),
                   loss=keras.losses.SparseCategoricalCrossentropy(
-                      from_logits=True))
+                      from_logits=True),
+                  jit_compile=jit_compile)
     return model
+
+
+# The step's checks must hold under XLA too, which drops assertions (so the
+# step keeps them outside XLA). SGD has no optimizer slots: with it the XLA
+# step also ran before the optimizer was built in compile, and passed bad
+# batches silently.
+STEP_SETUPS = pytest.mark.parametrize("optimizer, jit_compile", [
+    ("adam", False), ("adam", True), ("sgd", True)])
 
 
 def state(model):
@@ -57,28 +69,33 @@ def test_batchnorm_in_training_mode():
     assert_nothing_written(model, before)
 
 
-def test_sample_weight_above_one():
-    model = classifier()
-    model.optimizer.build(model.trainable_variables)
+@STEP_SETUPS
+@pytest.mark.parametrize("weights, message", [
+    ([1, 2, 1, 1.0], r"sample weights above 1 would raise the sensitivity.*"
+                     r"use weights in \[0, 1\]"),
+    ([1, -0.5, 1, 1.0], r"sample weights must be >= 0"),
+])
+def test_sample_weight_outside_zero_one(optimizer, jit_compile, weights, message):
+    model = classifier(optimizer=optimizer, jit_compile=jit_compile)
     before = state(model)
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"sample weights above 1 would raise the "
-                             r"sensitivity.*use weights in \[0, 1\]"):
-        model.fit(X, Y, sample_weight=np.array([1, 2, 1, 1.0]),
-                  batch_size=4, verbose=0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        model.fit(X, Y, sample_weight=np.array(weights), batch_size=4, verbose=0)
     assert_nothing_written(model, before)
 
 
-@pytest.mark.parametrize("bad", [3, -1])
-def test_class_id_out_of_range(bad):
-    model = classifier()
-    model.optimizer.build(model.trainable_variables)
+@STEP_SETUPS
+@pytest.mark.parametrize("labels", [[0, 1, 3, 1], [0, 1, -1, 1], [0, 1, 7, 1]])
+def test_class_id_out_of_range(optimizer, jit_compile, labels):
+    # Under XLA, label 7 of 3 classes gave a NaN loss: the example was
+    # dropped, counted as non-finite, and the update applied.
+    model = classifier(optimizer=optimizer, jit_compile=jit_compile)
     before = state(model)
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"class ids must be in \[0, 3\) for a model with "
                              r"3 outputs\. Fix the labels"):
-        model.fit(X, np.array([0, 1, bad, 1]), batch_size=4, verbose=0)
+        model.fit(X, np.array(labels), batch_size=4, verbose=0)
     assert_nothing_written(model, before)
+    assert model.nonfinite_examples == 0
 
 
 def test_nan_or_inf_in_input_arrays():
@@ -313,3 +330,4 @@ def test_nonfinite_count_is_counted_once_over_two_replicas():
     assert model.update_count == 2
     assert model.nonfinite_examples == 3 and logger.nonfinite_examples == 3
     assert history.history["nonfinite_examples"] == [3.0]
+

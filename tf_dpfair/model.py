@@ -93,15 +93,23 @@ class DPTraining(GroupedEvaluation):
 
         `jit_compile` defaults to False (Keras' "auto" turns XLA on where a GPU
         is present): XLA made the vectorized per-example pass slower where it
-        was measured, and it compiles away the step's input assertions (sample
-        weights are still clamped to [0, 1] there).
+        was measured. With `jit_compile=True` only the per-example pass (the
+        clipped gradient sum over micro-batches) is compiled with XLA; the
+        step's input checks, the noise and the optimizer update run outside
+        it, because XLA drops assertions and a bad batch must still be
+        refused. Evaluation and prediction are compiled whole, as in Keras.
+
+        The optimizer's state is built here when the model is built (as
+        Keras does when it restores a compiled model), so that no variable
+        is created inside the traced step.
 
         Metrics with `needs_groups = True` (such as `GroupedAUC`) are fed the
         group ids of `y = {"label": ..., "groups": ...}` during evaluation and
         are never updated on training batches.
 
         Raises:
-          ValueError: the model is not built yet, or `loss` is missing.
+          ValueError: the model is not built yet (with `ema_decay`), or
+            `loss` is missing.
         """
         if loss is None:
             raise ValueError("DPModel.compile needs a loss: per-example "
@@ -109,6 +117,8 @@ class DPTraining(GroupedEvaluation):
         super().compile(optimizer=optimizer, loss=loss,
                         loss_weights=loss_weights, metrics=metrics,
                         jit_compile=jit_compile, **kwargs)
+        if self.built:
+            self._build_optimizer()
         if self._dp_config.ema_decay is not None and self._ema_shadows is None:
             if not self.built:
                 raise ValueError(
@@ -117,6 +127,30 @@ class DPTraining(GroupedEvaluation):
                     "so that EMA shadows can be created for its weights.")
             self._ema_shadows = ema.create_shadows(self,
                                                    self.trainable_variables)
+
+    def _build_optimizer(self):
+        """Creates the optimizer's slots for the trainable variables, once."""
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+
+    def make_train_function(self, force=False):
+        """Keras' train function, with XLA limited to the per-example pass.
+
+        Keras compiles the whole `train_step` with XLA under `jit_compile`;
+        XLA drops `tf.debugging` assertions, so the class-id and sample-weight
+        checks would pass bad batches. The step is traced as a plain graph
+        instead, and `train_step` compiles its per-example pass with XLA.
+        """
+        if self.train_function is not None and not force:
+            return self.train_function
+        jit_compile = self.jit_compile
+        self.jit_compile = False
+        try:
+            super().make_train_function(force=force)
+        finally:
+            self.jit_compile = jit_compile
+        return self.train_function
 
     # ----------------------------------------------------------- the DP step
 
@@ -276,8 +310,8 @@ class DPTraining(GroupedEvaluation):
                 weights, 0.0, message="DPModel: sample weights must be >= 0."),
         ]
         # The update depends on the checks, so a failing batch writes nothing.
-        # Clamping is the second line of defence where assertions are
-        # compiled away (XLA): weights in [0, 1] keep a contribution within C.
+        # Clamping keeps each contribution within C should a check ever be
+        # skipped (XLA drops assertions; the step keeps them outside XLA).
         with tf.control_dependencies(weight_checks):
             return tf.clip_by_value(weights, 0.0, 1.0)
 
@@ -309,8 +343,16 @@ class DPTraining(GroupedEvaluation):
             targets["label"] = checks.checked_class_ids(labels, output_spec)
         variables = self.trainable_variables
 
-        sums, losses, y_pred, norms, nonfinite = (
-            self._clipped_sum_over_microbatches(x, targets, weights))
+        clipped_sum = self._clipped_sum_over_microbatches
+        if self.jit_compile:
+            # Only the per-example pass goes to XLA: the checks above stay
+            # in the plain graph, where assertions run (see
+            # `make_train_function`).
+            self._ghost_state()  # Prepared outside the compiled function.
+            clipped_sum = tf.function(clipped_sum, jit_compile=True,
+                                      autograph=False)
+        sums, losses, y_pred, norms, nonfinite = clipped_sum(
+            x, targets, weights)
 
         context = tf.distribute.get_replica_context()
         replica_id = context.replica_id_in_sync_group if context else 0
