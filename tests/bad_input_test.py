@@ -1,6 +1,8 @@
 """Every bad input of issue 7 gets a clear error (problem and fix) or a
 bounded, reported fallback, and nothing is written half-way."""
 
+import re
+
 import conftest
 import keras
 import numpy as np
@@ -74,12 +76,18 @@ def test_batchnorm_in_training_mode():
     ([1, 2, 1, 1.0], r"sample weights above 1 would raise the sensitivity.*"
                      r"use weights in \[0, 1\]"),
     ([1, -0.5, 1, 1.0], r"sample weights must be >= 0"),
+    ([1, np.nan, 1, 1.0], r"sample weights must be finite numbers in \[0, 1\] "
+                          r"\(0 = padding\); got NaN or Inf"),
+    ([1, 1, np.inf, 1.0], r"sample weights must be finite numbers.*got NaN or Inf"),
+    ([1, 1, -np.inf, 1.0], r"sample weights must be finite numbers.*got NaN or Inf"),
 ])
 def test_sample_weight_outside_zero_one(optimizer, jit_compile, weights, message):
     model = classifier(optimizer=optimizer, jit_compile=jit_compile)
     before = state(model)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message) as raised:
         model.fit(X, Y, sample_weight=np.array(weights), batch_size=4, verbose=0)
+    # One problem, one message: a NaN must not also be called "above 1".
+    assert len(re.findall("DPModel:", str(raised.value))) == 1
     assert_nothing_written(model, before)
 
 

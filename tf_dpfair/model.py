@@ -297,17 +297,34 @@ class DPTraining(GroupedEvaluation):
         return self._ghost if self._ghost.taps else None
 
     def _sample_weights(self, sample_weight, n):
+        """The batch's sample weights `[n]`, gated on lying in [0, 1].
+
+        Raises:
+          tf.errors.InvalidArgumentError: at run time, a weight is NaN or
+            Inf, above 1 or below 0.
+        """
         if sample_weight is None:
             return tf.ones([n], tf.float32)
         weights = tf.reshape(tf.cast(sample_weight, tf.float32), [n])
+        # One condition per problem, each failing on its own values only, so
+        # that the message names the problem (a NaN also fails `w <= 1`).
+        finite = tf.math.is_finite(weights)
+
+        def refuse_any(bad, message):
+            return tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)),
+                                       [message])
+
         weight_checks = [
-            tf.debugging.assert_less_equal(
-                weights, 1.0, message=(
-                    "DPModel: sample weights above 1 would raise the "
-                    "sensitivity above l2_norm_clip; use weights in [0, 1] "
-                    "(0 = padding).")),
-            tf.debugging.assert_greater_equal(
-                weights, 0.0, message="DPModel: sample weights must be >= 0."),
+            refuse_any(tf.logical_not(finite), (
+                "DPModel: sample weights must be finite numbers in [0, 1] "
+                "(0 = padding); got NaN or Inf. Check how the weights are "
+                "computed.")),
+            refuse_any(tf.logical_and(finite, weights > 1.0), (
+                "DPModel: sample weights above 1 would raise the "
+                "sensitivity above l2_norm_clip; use weights in [0, 1] "
+                "(0 = padding).")),
+            refuse_any(tf.logical_and(finite, weights < 0.0),
+                       "DPModel: sample weights must be >= 0."),
         ]
         # The update depends on the checks, so a failing batch writes nothing.
         # Clamping keeps each contribution within C should a check ever be
