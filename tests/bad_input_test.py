@@ -92,7 +92,8 @@ def test_sample_weight_outside_zero_one(optimizer, jit_compile, weights, message
 
 
 @STEP_SETUPS
-@pytest.mark.parametrize("labels", [[0, 1, 3, 1], [0, 1, -1, 1], [0, 1, 7, 1]])
+@pytest.mark.parametrize("labels", [[0, 1, 3, 1], [0, 1, -1, 1], [0, 1, 7, 1],
+                                    [0, 1, 3.0, 1], [0, 1, np.nan, 1]])
 def test_class_id_out_of_range(optimizer, jit_compile, labels):
     # Under XLA, label 7 of 3 classes gave a NaN loss: the example was
     # dropped, counted as non-finite, and the update applied.
@@ -104,6 +105,44 @@ def test_class_id_out_of_range(optimizer, jit_compile, labels):
         model.fit(X, np.array(labels), batch_size=4, verbose=0)
     assert_nothing_written(model, before)
     assert model.nonfinite_examples == 0
+
+
+@STEP_SETUPS
+@pytest.mark.parametrize("labels", [[0, 1, 2.5, 1], [0.25, 1, 2, 1]])
+def test_float_class_id_that_is_not_a_whole_number(optimizer, jit_compile,
+                                                    labels):
+    # Keras' sparse cross-entropy casts labels to int: 2.5 trained as class 2.
+    model = classifier(optimizer=optimizer, jit_compile=jit_compile)
+    before = state(model)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"class ids given as floats must be whole numbers"):
+        model.fit(X, np.array(labels, np.float32), batch_size=4, verbose=0)
+    assert_nothing_written(model, before)
+
+
+def test_float_class_ids_that_are_whole_numbers_train_as_integers():
+    as_float = classifier(seed=7)
+    as_int = classifier(seed=7)
+    as_float.fit(X, Y.astype(np.float32), batch_size=4, shuffle=False, verbose=0)
+    as_int.fit(X, Y, batch_size=4, shuffle=False, verbose=0)
+    assert as_float.update_count == as_int.update_count == 1
+    for a, b in zip(state(as_float), state(as_int)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_float_targets_of_other_losses_are_not_read_as_class_ids():
+    # One-hot (or soft) targets with categorical cross-entropy: 0.5 is fine.
+    config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=0.0,
+                          expected_batch_size=4, microbatch_size=2)
+    inputs = keras.Input((3,))
+    model = dpf.DPModel(inputs=inputs, outputs=keras.layers.Dense(3)(inputs),
+                        dp_config=config)
+    model.compile(optimizer="sgd", loss=keras.losses.CategoricalCrossentropy(
+        from_logits=True))
+    soft = np.array([[0.5, 0.5, 0], [0, 1, 0], [0, 0, 1], [0.25, 0.75, 0]],
+                    np.float32)
+    model.fit(X, soft, batch_size=4, verbose=0)
+    assert model.update_count == 1
 
 
 def test_nan_or_inf_in_input_arrays():

@@ -354,10 +354,12 @@ class DPTraining(GroupedEvaluation):
         if not all(layer.built for layer in self._flatten_layers()):
             # Create variables outside the vectorized per-example pass.
             self(one_view, training=False)
-        if labels.dtype.is_integer:
+        sparse = _is_sparse_categorical(self.loss)
+        if labels.dtype.is_integer or (sparse and labels.dtype.is_floating):
             output_spec = self.compute_output_spec(tf.nest.map_structure(
                 lambda t: keras.KerasTensor(t.shape, t.dtype), one_view))
-            targets["label"] = checks.checked_class_ids(labels, output_spec)
+            targets["label"] = checks.checked_class_ids(
+                labels, output_spec, sparse_loss=sparse)
         variables = self.trainable_variables
 
         clipped_sum = self._clipped_sum_over_microbatches
@@ -442,6 +444,13 @@ class DPTraining(GroupedEvaluation):
                              "DPConfig(ema_decay=...) and compile the model.")
         with ema.swapped(self.trainable_variables, self._ema_shadows):
             yield
+
+
+def _is_sparse_categorical(loss):
+    """Whether `loss` (as given to `compile`) reads labels as class ids."""
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    return getattr(loss, "fn", loss) is keras.losses.sparse_categorical_crossentropy
 
 
 class _GhostState:
