@@ -378,3 +378,28 @@ def test_nonfinite_count_is_counted_once_over_two_replicas():
     assert model.nonfinite_examples == 3 and logger.nonfinite_examples == 3
     assert history.history["nonfinite_examples"] == [3.0]
 
+
+def test_several_steps_per_execution_under_a_strategy_are_refused():
+    # Keras 3.15's fit fails inside its step loop with steps_per_execution > 1
+    # under any tf.distribute strategy (keras-team/keras#19246).
+    x, y = np.ones((16, 3), np.float32), np.ones((16, 1), np.float32)
+    message = (r"steps_per_execution=3 is not supported under MirroredStrategy: "
+               r"Keras 3's fit fails with more than one step per call under any "
+               r"tf.distribute strategy \(keras-team/keras#19246\)\. Use "
+               r"steps_per_execution=1")
+    with conftest.mirrored_strategy().scope():
+        model = linear(batch=8)
+        with pytest.raises(ValueError, match=message):
+            model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse",
+                          steps_per_execution=3)
+    # Compiled outside the scope: the model still trains under its strategy.
+    with pytest.raises(ValueError, match=message):
+        model.compile(optimizer="sgd", loss="mse", steps_per_execution=3)
+    # Set after compile: refused when fit builds its train function.
+    model.steps_per_execution = 3
+    with pytest.raises(ValueError, match=message):
+        model.fit(x, y, batch_size=8, verbose=0)
+    assert model.update_count == 0
+    model.steps_per_execution = 1
+    model.fit(x, y, batch_size=8, verbose=0)
+    assert model.update_count == 2

@@ -108,12 +108,15 @@ class DPTraining(GroupedEvaluation):
         are never updated on training batches.
 
         Raises:
-          ValueError: the model is not built yet (with `ema_decay`), or
-            `loss` is missing.
+          ValueError: the model is not built yet (with `ema_decay`), `loss`
+            is missing, or `steps_per_execution` > 1 under a
+            `tf.distribute` strategy.
         """
         if loss is None:
             raise ValueError("DPModel.compile needs a loss: per-example "
                              "gradients are gradients of the per-example loss.")
+        _refuse_multi_step_under_strategy(
+            kwargs.get("steps_per_execution", 1), self._distribute_strategy)
         super().compile(optimizer=optimizer, loss=loss,
                         loss_weights=loss_weights, metrics=metrics,
                         jit_compile=jit_compile, **kwargs)
@@ -141,7 +144,13 @@ class DPTraining(GroupedEvaluation):
         XLA drops `tf.debugging` assertions, so the class-id and sample-weight
         checks would pass bad batches. The step is traced as a plain graph
         instead, and `train_step` compiles its per-example pass with XLA.
+
+        Raises:
+          ValueError: `steps_per_execution` > 1 under a `tf.distribute`
+            strategy.
         """
+        _refuse_multi_step_under_strategy(self.steps_per_execution,
+                                          self._distribute_strategy)
         if self.train_function is not None and not force:
             return self.train_function
         jit_compile = self.jit_compile
@@ -451,6 +460,33 @@ def _is_sparse_categorical(loss):
     if isinstance(loss, str):
         loss = keras.losses.get(loss)
     return getattr(loss, "fn", loss) is keras.losses.sparse_categorical_crossentropy
+
+
+def _refuse_multi_step_under_strategy(steps_per_execution, model_strategy):
+    """Raises where Keras' `fit` would fail with several steps per call.
+
+    Keras 3.15's `fit` with `steps_per_execution` > 1 fails inside its step
+    loop under any `tf.distribute` strategy, even for a plain Sequential
+    model (keras-team/keras#19246, open).
+
+    Args:
+      steps_per_execution: the model's `steps_per_execution`.
+      model_strategy: the strategy the model was created under, or None.
+
+    Raises:
+      ValueError: more than one step per call under a strategy.
+    """
+    if not isinstance(steps_per_execution, int) or steps_per_execution <= 1:
+        return
+    if model_strategy is None and not tf.distribute.has_strategy():
+        return
+    strategy = model_strategy or tf.distribute.get_strategy()
+    raise ValueError(
+        f"steps_per_execution={steps_per_execution} is not supported under "
+        f"{type(strategy).__name__}: Keras 3's fit fails with more than one "
+        f"step per call under any tf.distribute strategy "
+        f"(keras-team/keras#19246). Use steps_per_execution=1, or train "
+        f"without a strategy.")
 
 
 class _GhostState:
