@@ -379,14 +379,14 @@ def test_nonfinite_count_is_counted_once_over_two_replicas():
     assert history.history["nonfinite_examples"] == [3.0]
 
 
-def test_several_steps_per_execution_under_a_strategy_are_refused():
+def test_several_steps_per_execution_under_several_replicas_are_refused():
     # Keras 3.15's fit fails inside its step loop with steps_per_execution > 1
-    # under any tf.distribute strategy (keras-team/keras#19246).
+    # under a strategy with several replicas (keras-team/keras#19246).
     x, y = np.ones((16, 3), np.float32), np.ones((16, 1), np.float32)
-    message = (r"steps_per_execution=3 is not supported under MirroredStrategy: "
-               r"Keras 3's fit fails with more than one step per call under any "
-               r"tf.distribute strategy \(keras-team/keras#19246\)\. Use "
-               r"steps_per_execution=1")
+    message = (r"steps_per_execution=3 is not supported under MirroredStrategy "
+               r"with 2 replicas: Keras 3's fit fails with more than one step "
+               r"per call under a tf.distribute strategy with several replicas "
+               r"\(keras-team/keras#19246\)\. Use steps_per_execution=1\.")
     with conftest.mirrored_strategy().scope():
         model = linear(batch=8)
         with pytest.raises(ValueError, match=message):
@@ -403,3 +403,17 @@ def test_several_steps_per_execution_under_a_strategy_are_refused():
     model.steps_per_execution = 1
     model.fit(x, y, batch_size=8, verbose=0)
     assert model.update_count == 2
+
+
+def test_several_steps_per_execution_on_one_replica_are_accepted():
+    # One replica under a strategy works in Keras 3.15, so it is not refused;
+    # 4 updates in two calls of 3 steps (the second call has 1 batch left).
+    x, y = np.ones((16, 3), np.float32), np.ones((16, 1), np.float32)
+    x[5, 1] = np.nan
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        model = linear()
+        model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse",
+                      steps_per_execution=3)
+    model.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+    assert model.update_count == 4
+    assert model.nonfinite_examples == 1

@@ -110,7 +110,7 @@ class DPTraining(GroupedEvaluation):
         Raises:
           ValueError: the model is not built yet (with `ema_decay`), `loss`
             is missing, or `steps_per_execution` > 1 under a
-            `tf.distribute` strategy.
+            `tf.distribute` strategy with several replicas.
         """
         if loss is None:
             raise ValueError("DPModel.compile needs a loss: per-example "
@@ -147,7 +147,7 @@ class DPTraining(GroupedEvaluation):
 
         Raises:
           ValueError: `steps_per_execution` > 1 under a `tf.distribute`
-            strategy.
+            strategy with several replicas.
         """
         _refuse_multi_step_under_strategy(self.steps_per_execution,
                                           self._distribute_strategy)
@@ -466,27 +466,29 @@ def _refuse_multi_step_under_strategy(steps_per_execution, model_strategy):
     """Raises where Keras' `fit` would fail with several steps per call.
 
     Keras 3.15's `fit` with `steps_per_execution` > 1 fails inside its step
-    loop under any `tf.distribute` strategy, even for a plain Sequential
-    model (keras-team/keras#19246, open).
+    loop ("You must feed a value for placeholder tensor") under a strategy
+    with several replicas, even for a plain Sequential model
+    (keras-team/keras#19246, open). One replica (OneDeviceStrategy, or
+    MirroredStrategy on one device) works and is let through.
 
     Args:
       steps_per_execution: the model's `steps_per_execution`.
       model_strategy: the strategy the model was created under, or None.
 
     Raises:
-      ValueError: more than one step per call under a strategy.
+      ValueError: more than one step per call with more than one replica.
     """
     if not isinstance(steps_per_execution, int) or steps_per_execution <= 1:
         return
-    if model_strategy is None and not tf.distribute.has_strategy():
-        return
     strategy = model_strategy or tf.distribute.get_strategy()
+    if strategy.num_replicas_in_sync <= 1:
+        return
     raise ValueError(
         f"steps_per_execution={steps_per_execution} is not supported under "
-        f"{type(strategy).__name__}: Keras 3's fit fails with more than one "
-        f"step per call under any tf.distribute strategy "
-        f"(keras-team/keras#19246). Use steps_per_execution=1, or train "
-        f"without a strategy.")
+        f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} "
+        f"replicas: Keras 3's fit fails with more than one step per call "
+        f"under a tf.distribute strategy with several replicas "
+        f"(keras-team/keras#19246). Use steps_per_execution=1.")
 
 
 class _GhostState:
