@@ -116,7 +116,7 @@ class DPTraining(GroupedEvaluation):
             raise ValueError("DPModel.compile needs a loss: per-example "
                              "gradients are gradients of the per-example loss.")
         _refuse_multi_step_under_strategy(
-            kwargs.get("steps_per_execution", 1), self._distribute_strategy)
+            kwargs.get("steps_per_execution", 1), self.distribute_strategy)
         super().compile(optimizer=optimizer, loss=loss,
                         loss_weights=loss_weights, metrics=metrics,
                         jit_compile=jit_compile, **kwargs)
@@ -150,7 +150,7 @@ class DPTraining(GroupedEvaluation):
             strategy with several replicas.
         """
         _refuse_multi_step_under_strategy(self.steps_per_execution,
-                                          self._distribute_strategy)
+                                          self.distribute_strategy)
         if self.train_function is not None and not force:
             return self.train_function
         jit_compile = self.jit_compile
@@ -462,7 +462,7 @@ def _is_sparse_categorical(loss):
     return getattr(loss, "fn", loss) is keras.losses.sparse_categorical_crossentropy
 
 
-def _refuse_multi_step_under_strategy(steps_per_execution, model_strategy):
+def _refuse_multi_step_under_strategy(steps_per_execution, strategy):
     """Raises where Keras' `fit` would fail with several steps per call.
 
     Keras 3.15's `fit` with `steps_per_execution` > 1 fails inside its step
@@ -473,14 +473,14 @@ def _refuse_multi_step_under_strategy(steps_per_execution, model_strategy):
 
     Args:
       steps_per_execution: the model's `steps_per_execution`.
-      model_strategy: the strategy the model was created under, or None.
+      strategy: the model's `distribute_strategy` (the one it was created
+        under, else the one in scope).
 
     Raises:
       ValueError: more than one step per call with more than one replica.
     """
     if not isinstance(steps_per_execution, int) or steps_per_execution <= 1:
         return
-    strategy = model_strategy or tf.distribute.get_strategy()
     if strategy.num_replicas_in_sync <= 1:
         return
     raise ValueError(
