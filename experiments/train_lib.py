@@ -17,6 +17,9 @@ writes into `settings.work_dir`:
 - `model.keras`, `predictions.npz` (final test scores), `settings.json`.
 - `result.json`, written last: privacy statement, settings, data, metrics.
   A run whose result.json exists is finished; `run` returns it unchanged.
+  A run whose backup holds all its updates, or as many as its privacy
+  budget allows (stopped by the budget, then killed before result.json),
+  says it is finished, trains nothing and writes its results.
 
 Noise and sampling seeds are fresh secrets unless `deterministic` is set
 (for tests: anyone who knows the seed can remove the noise).
@@ -270,6 +273,40 @@ def _restore(model, backup_dir, steps_per_epoch):
     return done
 
 
+def nothing_left_to_train(model, logger, total_steps):
+    """Says why a restored run has no update left to train, or None.
+
+    A private run with a target epsilon is finished once it has updates and
+    one more would take epsilon above the target (the budget stopped it,
+    possibly at its last planned update); any run is finished once it has
+    `total_steps` updates.
+
+    Args:
+        model: the model, with its restored update count.
+        logger: the run's `PrivacyLogger` (None for non-private runs), with
+            its model set.
+        total_steps: the updates the run plans.
+
+    Returns:
+        The message to print, or None when updates are left.
+    """
+    done = updates_applied(model)
+    # With no update yet, a budget that fits none is the logger's refusal.
+    if done and logger is not None and logger.target_epsilon is not None:
+        now, after = logger.statement(done), logger.statement(done + 1)
+        if after.epsilon > logger.target_epsilon:
+            return (f"The run is finished: the privacy budget epsilon="
+                    f"{logger.target_epsilon} was reached after {done} updates "
+                    f"(epsilon {now.epsilon:.4g}, delta {now.delta:.3g}; one more "
+                    f"update would take epsilon to {after.epsilon:.4g}). Nothing "
+                    f"left to train.")
+    if done >= total_steps:
+        spent = "" if logger is None else f" (epsilon {logger.statement(done).epsilon:.4g})"
+        return (f"The run is finished: all {total_steps} updates were applied"
+                f"{spent}. Nothing left to train.")
+    return None
+
+
 def _seeds(settings):
     """(sampling seed, noise seed): secret unless `deterministic`."""
     if settings.deterministic:
@@ -380,6 +417,8 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
         logger = dpf.callbacks.PrivacyLogger(
             delta=delta, sampling_spec=spec, accountant=settings.accountant,
             target_epsilon=settings.epsilon)
+        # Its statement reads the model's update count, with or without fit.
+        logger.set_model(model)
         standard.insert(0, logger)
     standard += extra_callbacks(settings, work_dir, privacy_logger=logger,
                                 run_data=run_data, test=test)
@@ -388,7 +427,12 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
                  # Last, so an epoch's checkpoint files exist before its backup.
                  keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False)]
     started = time.time()
-    if start < total_steps:
+    # A run stopped by its budget (or complete) but killed before result.json
+    # is finished: fit would only refuse to start.
+    finished = nothing_left_to_train(model, logger, total_steps)
+    if finished:
+        print(finished)
+    else:
         print(f"Training from update {start} of {total_steps}.")
         model.fit(pipeline(start).dataset, epochs=epochs, steps_per_epoch=period,
                   callbacks=list(callbacks) + standard, verbose=verbose)

@@ -1,6 +1,8 @@
 """Every bad input of issue 7 gets a clear error (problem and fix) or a
 bounded, reported fallback, and nothing is written half-way."""
 
+import re
+
 import conftest
 import keras
 import numpy as np
@@ -16,19 +18,31 @@ from tf_dpfair.metrics import GroupedAUC
 LR = 0.5
 
 
-def classifier(noise=1.0, batch=4, layer=None, ema=0.9):
-    """A DPModel on 3 features: [Dense(3) | layer] -> 3 logits, Adam, EMA."""
+def classifier(noise=1.0, batch=4, layer=None, ema=0.9, optimizer="adam",
+               jit_compile=False, seed=None):
+    """A DPModel on 3 features: [Dense(3) | layer] -> 3 logits, Adam or SGD, EMA."""
     config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=noise,
                           expected_batch_size=batch, microbatch_size=2,
-                          ema_decay=ema)
+                          ema_decay=ema, seed=seed)
     inputs = keras.Input((3,))
     hidden = layer(inputs) if layer is not None else inputs
-    outputs = keras.layers.Dense(3)(hidden)
+    outputs = keras.layers.Dense(
+        3, kernel_initializer=keras.initializers.GlorotUniform(seed=0))(hidden)
     model = dpf.DPModel(inputs=inputs, outputs=outputs, dp_config=config)
-    model.compile(optimizer=keras.optimizers.Adam(0.1),
+    model.compile(optimizer=(keras.optimizers.Adam(0.1) if optimizer == "adam"
+                             else keras.optimizers.SGD(0.1)),
                   loss=keras.losses.SparseCategoricalCrossentropy(
-                      from_logits=True))
+                      from_logits=True),
+                  jit_compile=jit_compile)
     return model
+
+
+# The step's checks must hold under XLA too, which drops assertions (so the
+# step keeps them outside XLA). SGD has no optimizer slots: with it the XLA
+# step also ran before the optimizer was built in compile, and passed bad
+# batches silently.
+STEP_SETUPS = pytest.mark.parametrize("optimizer, jit_compile", [
+    ("adam", False), ("adam", True), ("sgd", True)])
 
 
 def state(model):
@@ -57,28 +71,78 @@ def test_batchnorm_in_training_mode():
     assert_nothing_written(model, before)
 
 
-def test_sample_weight_above_one():
-    model = classifier()
-    model.optimizer.build(model.trainable_variables)
+@STEP_SETUPS
+@pytest.mark.parametrize("weights, message", [
+    ([1, 2, 1, 1.0], r"sample weights above 1 would raise the sensitivity.*"
+                     r"use weights in \[0, 1\]"),
+    ([1, -0.5, 1, 1.0], r"sample weights must be >= 0"),
+    ([1, np.nan, 1, 1.0], r"sample weights must be finite numbers in \[0, 1\] "
+                          r"\(0 = padding\); got NaN or Inf"),
+    ([1, 1, np.inf, 1.0], r"sample weights must be finite numbers.*got NaN or Inf"),
+    ([1, 1, -np.inf, 1.0], r"sample weights must be finite numbers.*got NaN or Inf"),
+])
+def test_sample_weight_outside_zero_one(optimizer, jit_compile, weights, message):
+    model = classifier(optimizer=optimizer, jit_compile=jit_compile)
     before = state(model)
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"sample weights above 1 would raise the "
-                             r"sensitivity.*use weights in \[0, 1\]"):
-        model.fit(X, Y, sample_weight=np.array([1, 2, 1, 1.0]),
-                  batch_size=4, verbose=0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message) as raised:
+        model.fit(X, Y, sample_weight=np.array(weights), batch_size=4, verbose=0)
+    # One problem, one message: a NaN must not also be called "above 1".
+    assert len(re.findall("DPModel:", str(raised.value))) == 1
     assert_nothing_written(model, before)
 
 
-@pytest.mark.parametrize("bad", [3, -1])
-def test_class_id_out_of_range(bad):
-    model = classifier()
-    model.optimizer.build(model.trainable_variables)
+@STEP_SETUPS
+@pytest.mark.parametrize("labels", [[0, 1, 3, 1], [0, 1, -1, 1], [0, 1, 7, 1],
+                                    [0, 1, 3.0, 1], [0, 1, np.nan, 1]])
+def test_class_id_out_of_range(optimizer, jit_compile, labels):
+    # Under XLA, label 7 of 3 classes gave a NaN loss: the example was
+    # dropped, counted as non-finite, and the update applied.
+    model = classifier(optimizer=optimizer, jit_compile=jit_compile)
     before = state(model)
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"class ids must be in \[0, 3\) for a model with "
                              r"3 outputs\. Fix the labels"):
-        model.fit(X, np.array([0, 1, bad, 1]), batch_size=4, verbose=0)
+        model.fit(X, np.array(labels), batch_size=4, verbose=0)
     assert_nothing_written(model, before)
+    assert model.nonfinite_examples == 0
+
+
+@STEP_SETUPS
+@pytest.mark.parametrize("labels", [[0, 1, 2.5, 1], [0.25, 1, 2, 1]])
+def test_float_class_id_that_is_not_a_whole_number(optimizer, jit_compile,
+                                                    labels):
+    # Keras' sparse cross-entropy casts labels to int: 2.5 trained as class 2.
+    model = classifier(optimizer=optimizer, jit_compile=jit_compile)
+    before = state(model)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"class ids given as floats must be whole numbers"):
+        model.fit(X, np.array(labels, np.float32), batch_size=4, verbose=0)
+    assert_nothing_written(model, before)
+
+
+def test_float_class_ids_that_are_whole_numbers_train_as_integers():
+    as_float = classifier(seed=7)
+    as_int = classifier(seed=7)
+    as_float.fit(X, Y.astype(np.float32), batch_size=4, shuffle=False, verbose=0)
+    as_int.fit(X, Y, batch_size=4, shuffle=False, verbose=0)
+    assert as_float.update_count == as_int.update_count == 1
+    for a, b in zip(state(as_float), state(as_int)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_float_targets_of_other_losses_are_not_read_as_class_ids():
+    # One-hot (or soft) targets with categorical cross-entropy: 0.5 is fine.
+    config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=0.0,
+                          expected_batch_size=4, microbatch_size=2)
+    inputs = keras.Input((3,))
+    model = dpf.DPModel(inputs=inputs, outputs=keras.layers.Dense(3)(inputs),
+                        dp_config=config)
+    model.compile(optimizer="sgd", loss=keras.losses.CategoricalCrossentropy(
+        from_logits=True))
+    soft = np.array([[0.5, 0.5, 0], [0, 1, 0], [0, 0, 1], [0.25, 0.75, 0]],
+                    np.float32)
+    model.fit(X, soft, batch_size=4, verbose=0)
+    assert model.update_count == 1
 
 
 def test_nan_or_inf_in_input_arrays():
@@ -314,3 +378,43 @@ def test_nonfinite_count_is_counted_once_over_two_replicas():
     assert model.update_count == 2
     assert model.nonfinite_examples == 3 and logger.nonfinite_examples == 3
     assert history.history["nonfinite_examples"] == [3.0]
+
+
+def test_several_steps_per_execution_under_several_replicas_are_refused():
+    # Keras 3.15's fit fails inside its step loop with steps_per_execution > 1
+    # under a strategy with several replicas (keras-team/keras#19246).
+    x, y = np.ones((16, 3), np.float32), np.ones((16, 1), np.float32)
+    message = (r"steps_per_execution=3 is not supported under MirroredStrategy "
+               r"with 2 replicas: Keras 3's fit fails with more than one step "
+               r"per call under a tf.distribute strategy with several replicas "
+               r"\(keras-team/keras#19246\)\. Use steps_per_execution=1\.")
+    with conftest.mirrored_strategy().scope():
+        model = linear(batch=8)
+        with pytest.raises(ValueError, match=message):
+            model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse",
+                          steps_per_execution=3)
+    # Compiled outside the scope: the model still trains under its strategy.
+    with pytest.raises(ValueError, match=message):
+        model.compile(optimizer="sgd", loss="mse", steps_per_execution=3)
+    # Set after compile: refused when fit builds its train function.
+    model.steps_per_execution = 3
+    with pytest.raises(ValueError, match=message):
+        model.fit(x, y, batch_size=8, verbose=0)
+    assert model.update_count == 0
+    model.steps_per_execution = 1
+    model.fit(x, y, batch_size=8, verbose=0)
+    assert model.update_count == 2
+
+
+def test_several_steps_per_execution_on_one_replica_are_accepted():
+    # One replica under a strategy works in Keras 3.15, so it is not refused;
+    # 4 updates in two calls of 3 steps (the second call has 1 batch left).
+    x, y = np.ones((16, 3), np.float32), np.ones((16, 1), np.float32)
+    x[5, 1] = np.nan
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        model = linear()
+        model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse",
+                      steps_per_execution=3)
+    model.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+    assert model.update_count == 4
+    assert model.nonfinite_examples == 1

@@ -138,7 +138,7 @@ def test_read_sweep_gives_each_runs_final_figures(sweep):
     dp, non_private = by_name["dp"], by_name["non_private"]
     assert dp["private"] and dp["weights"] == "ema"
     assert dp["epsilon"] == pytest.approx(private["epsilon"][-1], rel=1e-6)
-    assert dp["gap"] == pytest.approx(private["ema_val_auc_gap/sex"][-1], rel=1e-6)
+    assert dp["gap"] == pytest.approx(private["val_ema_auc_gap/sex"][-1], rel=1e-6)
     assert not non_private["private"] and non_private["epsilon"] == float("inf")
     assert non_private["weights"] == "current"
     assert non_private["auc"] == pytest.approx(public["val_auc"][-1], rel=1e-6)
@@ -168,7 +168,7 @@ def _everything_loaded(url, wanted):
 
 def test_tensorboard_serves_layout_scalars_hparams_and_images(sweep):
     root, private, public, _ = sweep
-    runs = (("dp/fairness", "val_", private), ("dp/fairness_ema", "ema_val_", private),
+    runs = (("dp/fairness", "val_", private), ("dp/fairness_ema", "val_ema_", private),
             ("non_private/fairness", "val_", public))
     wanted = {run: _expected_tags(history, prefix) for run, prefix, history in runs}
     with dashboard_lib.tensorboard_server(str(root)) as url:
@@ -229,7 +229,7 @@ def test_tensorboard_serves_layout_scalars_hparams_and_images(sweep):
             assert metrics[("fairness", tag)] == pytest.approx(private["val_" + tag][-1],
                                                                 rel=1e-6)
             assert metrics[("fairness_ema", tag)] == pytest.approx(
-                private["ema_val_" + tag][-1], rel=1e-6)
+                private["val_ema_" + tag][-1], rel=1e-6)
         assert metrics[("fairness", "privacy/epsilon")] == pytest.approx(private["epsilon"][-1])
 
         images = dashboard_lib.fetch(url + "/data/plugin/images/tags")

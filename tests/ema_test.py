@@ -3,6 +3,8 @@
 import keras
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
 
 import tf_dpfair as dpf
 from tf_dpfair import ema
@@ -63,10 +65,41 @@ def test_ema_evaluation_callback_adds_ema_metrics():
     y = np.zeros((16, 1), np.float32)
     history = model.fit(x, y, batch_size=8, epochs=2, verbose=0,
                         callbacks=[dpf.callbacks.EMAEvaluation((x, y))])
-    assert len(history.history["ema_val_loss"]) == 2
+    assert len(history.history["val_ema_loss"]) == 2
     with model.ema_weights():
         direct = model.evaluate(x, y, verbose=0)
-    assert history.history["ema_val_loss"][-1] == pytest.approx(direct, rel=1e-5)
+    assert history.history["val_ema_loss"][-1] == pytest.approx(direct, rel=1e-5)
+
+
+def scalars(run_dir):
+    """{tag: [values by epoch]} of the scalars in one TensorBoard run."""
+    accumulator = event_accumulator.EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    return {tag: [float(tensor_util.make_ndarray(event.tensor_proto))
+                  for event in accumulator.Tensors(tag)]
+            for tag in accumulator.Tags()["tensors"]}
+
+
+def test_tensorboard_writes_ema_figures_to_the_validation_run(tmp_path):
+    # Keras' TensorBoard sends keys starting with "val_" to its validation
+    # run; EMA figures named "ema_val_..." landed among the training figures.
+    model = linear_model(ema_decay=0.9)
+    x = np.ones((16, 3), np.float32)
+    y = np.zeros((16, 1), np.float32)
+    history = model.fit(
+        x, y, batch_size=8, epochs=2, verbose=0, validation_data=(x, y),
+        callbacks=[dpf.callbacks.EMAEvaluation((x, y)),
+                   keras.callbacks.TensorBoard(tmp_path, write_graph=False,
+                                               profile_batch=0)])
+    train, validation = scalars(tmp_path / "train"), scalars(tmp_path / "validation")
+    assert not any("ema" in tag for tag in train)
+    assert "epoch_loss" in train
+    assert validation["epoch_ema_loss"] == pytest.approx(
+        history.history["val_ema_loss"], rel=1e-6)
+    assert validation["epoch_loss"] == pytest.approx(
+        history.history["val_loss"], rel=1e-6)
+    # Two different figures: EMA weights trail the current ones.
+    assert validation["epoch_ema_loss"] != pytest.approx(validation["epoch_loss"])
 
 
 def test_ema_weights_without_ema_is_refused():

@@ -158,3 +158,78 @@ def test_binary_runs_from_the_command_line_and_reads_a_json_flag(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["settings"]["dataset_options"] == TINY["dataset_options"]
     assert pd.isna(result["privacy"]["delta"])
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_rerun_of_a_run_stopped_by_its_budget_says_it_is_finished(tmp_path, capsys):
+    # The budget guard stops after update 6; the process dies before
+    # result.json. The rerun used to fail (the logger had no model; with
+    # updates left, fit refused: "does not allow one more update").
+    settings = train_lib.settings_from(None, {**TINY, "epsilon": 3.0,
+                                              "work_dir": str(tmp_path)})
+
+    class KillAfterTraining(keras.callbacks.Callback):
+        def on_train_end(self, logs=None):
+            raise _Killed()
+
+    with pytest.raises(_Killed):
+        train_lib.run(settings, callbacks=[KillAfterTraining()], verbose=0)
+    assert not (tmp_path / "result.json").exists()
+    capsys.readouterr()
+
+    class Refuse(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            raise AssertionError("a finished run trained again")
+
+    result = train_lib.run(settings, callbacks=[Refuse()], verbose=0)
+    sigma = result["privacy"]["noise_multiplier"]
+
+    def epsilon(steps):  # Poisson, q = 50 / 200, delta = 1/N
+        return dpf.accounting.compute_epsilon(noise_multiplier=sigma, sampling_probability=0.25,
+                                              steps=steps, delta=1 / 200)
+
+    assert epsilon(6) <= 3.0 < epsilon(7)  # the budget, not only the plan, ends it
+    out = capsys.readouterr().out
+    assert (f"The run is finished: the privacy budget epsilon=3.0 was reached after 6 "
+            f"updates (epsilon {epsilon(6):.4g}, delta 0.005; one more update would take "
+            f"epsilon to {epsilon(7):.4g}). Nothing left to train.") in out
+    assert "Training from update" not in out
+    assert result["privacy"]["steps"] == 6
+    assert result["privacy"]["epsilon"] == pytest.approx(epsilon(6), rel=1e-9)
+    assert result["privacy"]["stopped_for_budget"] is False  # it ran its full plan
+    assert json.loads((tmp_path / "result.json").read_text()) == result
+    assert not (tmp_path / "backup").exists()
+
+
+def test_budget_reached_before_the_planned_updates_leaves_nothing_to_train():
+    config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=10,
+                          microbatch_size=5)
+    inputs = keras.Input((2,))
+    model = dpf.DPModel(inputs=inputs, outputs=keras.layers.Dense(1)(inputs),
+                        dp_config=config)
+    model.compile(optimizer="sgd", loss="mse")
+
+    def epsilon(steps):
+        return dpf.accounting.compute_epsilon(noise_multiplier=1.0, sampling_probability=0.2,
+                                              steps=steps, delta=1e-3)
+
+    target = (epsilon(7) + epsilon(8)) / 2  # 7 updates fit, the 8th would not
+    logger = dpf.callbacks.PrivacyLogger(num_examples=50, delta=1e-3,
+                                         target_epsilon=target, verbose=0)
+    logger.set_model(model)
+    assert train_lib.nothing_left_to_train(model, logger, total_steps=20) is None
+    model.fit(np.ones((70, 2)), np.zeros((70, 1)), batch_size=10, verbose=0)
+    assert model.update_count == 7
+    message = train_lib.nothing_left_to_train(model, logger, total_steps=20)
+    assert message.startswith(f"The run is finished: the privacy budget epsilon={target} was "
+                              f"reached after 7 updates (epsilon {epsilon(7):.4g}")
+    # Without a budget only the plan ends a run.
+    plain = dpf.callbacks.PrivacyLogger(num_examples=50, delta=1e-3, verbose=0)
+    plain.set_model(model)
+    assert train_lib.nothing_left_to_train(model, plain, total_steps=20) is None
+    assert train_lib.nothing_left_to_train(model, plain, total_steps=7) == (
+        f"The run is finished: all 7 updates were applied (epsilon {epsilon(7):.4g}). "
+        f"Nothing left to train.")

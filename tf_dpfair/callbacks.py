@@ -277,15 +277,20 @@ class PrivacyLogger(keras.callbacks.Callback):
 class EMAEvaluation(keras.callbacks.Callback):
     """Evaluates the EMA weights at each epoch end and adds them to the logs.
 
-    The logs gain `ema_val_<metric>` for every metric of
+    The logs gain `val_ema_<metric>` for every metric of
     `model.evaluate(validation_data)` run with the EMA weights swapped in.
+    Keys starting with `val_` are what `keras.callbacks.TensorBoard` writes to
+    its validation run (without the `val_`), so these figures appear there as
+    `epoch_ema_<metric>`, beside `epoch_<metric>` of the current weights,
+    and not among the training figures.
 
     Args:
       validation_data: a dataset or `(x, y)` tuple of held-out data.
-      prefix: prefix of the log keys.
+      prefix: prefix of the log keys; keep it starting with `val_` for the
+        TensorBoard placement above.
     """
 
-    def __init__(self, validation_data, prefix="ema_val_"):
+    def __init__(self, validation_data, prefix="val_ema_"):
         super().__init__()
         self.validation_data = validation_data
         self.prefix = prefix

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import numbers
 import secrets
 
 CLIPPING_MODES = ("auto", "vectorized", "ghost")
@@ -10,6 +11,10 @@ CLIPPING_MODES = ("auto", "vectorized", "ghost")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPConfig:
     """Settings of one DP-SGD training run.
+
+    Numbers may be Python or numpy scalars; they are stored as Python
+    `float` / `int` (an integer field also takes a float that is a whole
+    number, such as 256.0). Bools, NaN and infinities are refused.
 
     Attributes:
       l2_norm_clip: C, the bound on each example's gradient L2 norm (global over
@@ -49,32 +54,44 @@ class DPConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        _require(_is_finite_number(self.l2_norm_clip) and self.l2_norm_clip > 0,
+        # Numpy scalars (np.int64(8), np.float32(1.0)) are converted to Python
+        # numbers, so the frozen config holds plain values that serialize.
+        self._set("l2_norm_clip", _real("l2_norm_clip", self.l2_norm_clip,
+                                        "a finite number > 0"))
+        _require(self.l2_norm_clip > 0,
                  f"l2_norm_clip must be a finite number > 0, got "
                  f"{self.l2_norm_clip!r}.")
-        _require(_is_finite_number(self.noise_multiplier)
-                 and self.noise_multiplier >= 0,
+        self._set("noise_multiplier", _real(
+            "noise_multiplier", self.noise_multiplier, "a finite number >= 0"))
+        _require(self.noise_multiplier >= 0,
                  f"noise_multiplier must be a finite number >= 0, got "
                  f"{self.noise_multiplier!r}.")
         for name in ("expected_batch_size", "microbatch_size", "augmult"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and not isinstance(value, bool)
-                     and value >= 1,
-                     f"{name} must be an integer >= 1, got {value!r}.")
+            value = _integer(name, getattr(self, name), "an integer >= 1")
+            _require(value >= 1, f"{name} must be an integer >= 1, got "
+                                 f"{value!r}.")
+            self._set(name, value)
         if self.ema_decay is not None:
-            _require(_is_finite_number(self.ema_decay)
-                     and 0 <= self.ema_decay < 1,
+            self._set("ema_decay", _real("ema_decay", self.ema_decay,
+                                         "in [0, 1) or None"))
+            _require(0 <= self.ema_decay < 1,
                      f"ema_decay must be in [0, 1) or None, got "
                      f"{self.ema_decay!r}.")
         _require(self.clipping in CLIPPING_MODES,
                  f"clipping must be one of {CLIPPING_MODES}, got "
                  f"{self.clipping!r}.")
         if self.seed is None:
-            object.__setattr__(self, "seed", secrets.randbits(62))
+            self._set("seed", secrets.randbits(62))
         else:
-            _require(isinstance(self.seed, int) and 0 <= self.seed < 2**62,
+            seed = _integer("seed", self.seed,
+                            "None or an integer in [0, 2**62)")
+            _require(0 <= seed < 2**62,
                      f"seed must be None or an integer in [0, 2**62), got "
-                     f"{self.seed!r}.")
+                     f"{seed!r}.")
+            self._set("seed", seed)
+
+    def _set(self, name, value):
+        object.__setattr__(self, name, value)
 
     @property
     def noise_stddev(self):
@@ -93,9 +110,42 @@ class DPConfig:
         return cls(**config)
 
 
-def _is_finite_number(value):
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+def _is_bool(value):
+    # numpy's bool is neither a Python bool nor a number.
+    return isinstance(value, bool) or type(value).__name__ in ("bool", "bool_")
+
+
+def _real(name, value, wanted):
+    """`value` as a finite Python float.
+
+    Raises:
+      ValueError: `value` is a bool, not a real number, NaN or infinite.
+    """
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be {wanted}, got {value!r} "
+                         f"({type(value).__name__}).")
+    value = float(value)
+    _require(math.isfinite(value), f"{name} must be {wanted}, got {value!r}.")
+    return value
+
+
+def _integer(name, value, wanted):
+    """`value` as a Python int; a float must be a whole number.
+
+    Raises:
+      ValueError: `value` is a bool, not a number, NaN, infinite or a float
+        with a fractional part.
+    """
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be {wanted}, got {value!r} "
+                         f"({type(value).__name__}).")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    value = float(value)
+    _require(math.isfinite(value) and value.is_integer(),
+             f"{name} must be {wanted}; got {value!r}, which is not a whole "
+             f"number.")
+    return int(value)
 
 
 def _require(condition, message):

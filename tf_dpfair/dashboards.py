@@ -7,7 +7,7 @@ run's HParams. Scalars (step = optimizer updates so far):
 
 - `auc`, `auc/<attribute>/<group>`, `auc_gap/<attribute>`,
   `auc_worst/<attribute>` (plus a multi-label model's per-label names):
-  the `val_...` / `ema_val_...` epoch logs of `metrics.GroupedAUC` and
+  the `val_...` / `val_ema_...` epoch logs of `metrics.GroupedAUC` and
   `callbacks.EMAEvaluation`, under the metric's own names.
 - `privacy/epsilon` (from `callbacks.PrivacyLogger`; not written while
   infinite) and `privacy/noise_multiplier`, run `fairness`.
@@ -196,7 +196,7 @@ class FairnessDashboard(keras.callbacks.Callback):
     """
 
     def __init__(self, log_dir, *, privacy_logger=None, hparams=None, evaluation_data=None,
-                 group_names=None, n_bootstrap=200, confidence=0.95, ema_prefix="ema_val_"):
+                 group_names=None, n_bootstrap=200, confidence=0.95, ema_prefix="val_ema_"):
         super().__init__()
         if evaluation_data is not None and group_names is None:
             raise ValueError("evaluation_data needs group_names (a dict attribute -> names, "

@@ -144,22 +144,35 @@ class DPTraining(GroupedEvaluation):
 
         `jit_compile` defaults to False (Keras' "auto" turns XLA on where a GPU
         is present): XLA made the vectorized per-example pass slower where it
-        was measured, and it compiles away the step's input assertions (sample
-        weights are still clamped to [0, 1] there).
+        was measured. With `jit_compile=True` only the per-example pass (the
+        clipped gradient sum over micro-batches) is compiled with XLA; the
+        step's input checks, the noise and the optimizer update run outside
+        it, because XLA drops assertions and a bad batch must still be
+        refused. Evaluation and prediction are compiled whole, as in Keras.
+
+        The optimizer's state is built here when the model is built (as
+        Keras does when it restores a compiled model), so that no variable
+        is created inside the traced step.
 
         Metrics with `needs_groups = True` (such as `GroupedAUC`) are fed the
         group ids of `y = {"label": ..., "groups": ...}` during evaluation and
         are never updated on training batches.
 
         Raises:
-          ValueError: the model is not built yet, or `loss` is missing.
+          ValueError: the model is not built yet (with `ema_decay`), `loss`
+            is missing, or `steps_per_execution` > 1 under a
+            `tf.distribute` strategy with several replicas.
         """
         if loss is None:
             raise ValueError("DPModel.compile needs a loss: per-example "
                              "gradients are gradients of the per-example loss.")
+        _refuse_multi_step_under_strategy(
+            kwargs.get("steps_per_execution", 1), self.distribute_strategy)
         super().compile(optimizer=optimizer, loss=loss,
                         loss_weights=loss_weights, metrics=metrics,
                         jit_compile=jit_compile, **kwargs)
+        if self.built:
+            self._build_optimizer()
         if self._dp_config.ema_decay is not None and self._ema_shadows is None:
             if not self.built:
                 raise ValueError(
@@ -237,6 +250,36 @@ class DPTraining(GroupedEvaluation):
         self._non_poisson_updates.assign_add(1)
         self._feeding = None
         return result
+
+    def _build_optimizer(self):
+        """Creates the optimizer's slots for the trainable variables, once."""
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+
+    def make_train_function(self, force=False):
+        """Keras' train function, with XLA limited to the per-example pass.
+
+        Keras compiles the whole `train_step` with XLA under `jit_compile`;
+        XLA drops `tf.debugging` assertions, so the class-id and sample-weight
+        checks would pass bad batches. The step is traced as a plain graph
+        instead, and `train_step` compiles its per-example pass with XLA.
+
+        Raises:
+          ValueError: `steps_per_execution` > 1 under a `tf.distribute`
+            strategy with several replicas.
+        """
+        _refuse_multi_step_under_strategy(self.steps_per_execution,
+                                          self.distribute_strategy)
+        if self.train_function is not None and not force:
+            return self.train_function
+        jit_compile = self.jit_compile
+        self.jit_compile = False
+        try:
+            super().make_train_function(force=force)
+        finally:
+            self.jit_compile = jit_compile
+        return self.train_function
 
     # ----------------------------------------------------------- the DP step
 
@@ -383,21 +426,38 @@ class DPTraining(GroupedEvaluation):
         return self._ghost if self._ghost.taps else None
 
     def _sample_weights(self, sample_weight, n):
+        """The batch's sample weights `[n]`, gated on lying in [0, 1].
+
+        Raises:
+          tf.errors.InvalidArgumentError: at run time, a weight is NaN or
+            Inf, above 1 or below 0.
+        """
         if sample_weight is None:
             return tf.ones([n], tf.float32)
         weights = tf.reshape(tf.cast(sample_weight, tf.float32), [n])
+        # One condition per problem, each failing on its own values only, so
+        # that the message names the problem (a NaN also fails `w <= 1`).
+        finite = tf.math.is_finite(weights)
+
+        def refuse_any(bad, message):
+            return tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)),
+                                       [message])
+
         weight_checks = [
-            tf.debugging.assert_less_equal(
-                weights, 1.0, message=(
-                    "DPModel: sample weights above 1 would raise the "
-                    "sensitivity above l2_norm_clip; use weights in [0, 1] "
-                    "(0 = padding).")),
-            tf.debugging.assert_greater_equal(
-                weights, 0.0, message="DPModel: sample weights must be >= 0."),
+            refuse_any(tf.logical_not(finite), (
+                "DPModel: sample weights must be finite numbers in [0, 1] "
+                "(0 = padding); got NaN or Inf. Check how the weights are "
+                "computed.")),
+            refuse_any(tf.logical_and(finite, weights > 1.0), (
+                "DPModel: sample weights above 1 would raise the "
+                "sensitivity above l2_norm_clip; use weights in [0, 1] "
+                "(0 = padding).")),
+            refuse_any(tf.logical_and(finite, weights < 0.0),
+                       "DPModel: sample weights must be >= 0."),
         ]
         # The update depends on the checks, so a failing batch writes nothing.
-        # Clamping is the second line of defence where assertions are
-        # compiled away (XLA): weights in [0, 1] keep a contribution within C.
+        # Clamping keeps each contribution within C should a check ever be
+        # skipped (XLA drops assertions; the step keeps them outside XLA).
         with tf.control_dependencies(weight_checks):
             return tf.clip_by_value(weights, 0.0, 1.0)
 
@@ -423,14 +483,24 @@ class DPTraining(GroupedEvaluation):
         if not all(layer.built for layer in self._flatten_layers()):
             # Create variables outside the vectorized per-example pass.
             self(one_view, training=False)
-        if labels.dtype.is_integer:
+        sparse = _is_sparse_categorical(self.loss)
+        if labels.dtype.is_integer or (sparse and labels.dtype.is_floating):
             output_spec = self.compute_output_spec(tf.nest.map_structure(
                 lambda t: keras.KerasTensor(t.shape, t.dtype), one_view))
-            targets["label"] = checks.checked_class_ids(labels, output_spec)
+            targets["label"] = checks.checked_class_ids(
+                labels, output_spec, sparse_loss=sparse)
         variables = self.trainable_variables
 
-        sums, losses, y_pred, norms, nonfinite = (
-            self._clipped_sum_over_microbatches(x, targets, weights))
+        clipped_sum = self._clipped_sum_over_microbatches
+        if self.jit_compile:
+            # Only the per-example pass goes to XLA: the checks above stay
+            # in the plain graph, where assertions run (see
+            # `make_train_function`).
+            self._ghost_state()  # Prepared outside the compiled function.
+            clipped_sum = tf.function(clipped_sum, jit_compile=True,
+                                      autograph=False)
+        sums, losses, y_pred, norms, nonfinite = clipped_sum(
+            x, targets, weights)
 
         context = tf.distribute.get_replica_context()
         replica_id = context.replica_id_in_sync_group if context else 0
@@ -503,6 +573,42 @@ class DPTraining(GroupedEvaluation):
                              "DPConfig(ema_decay=...) and compile the model.")
         with ema.swapped(self.trainable_variables, self._ema_shadows):
             yield
+
+
+def _is_sparse_categorical(loss):
+    """Whether `loss` (as given to `compile`) reads labels as class ids."""
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    return getattr(loss, "fn", loss) is keras.losses.sparse_categorical_crossentropy
+
+
+def _refuse_multi_step_under_strategy(steps_per_execution, strategy):
+    """Raises where Keras' `fit` would fail with several steps per call.
+
+    Keras 3.15's `fit` with `steps_per_execution` > 1 fails inside its step
+    loop ("You must feed a value for placeholder tensor") under a strategy
+    with several replicas, even for a plain Sequential model
+    (keras-team/keras#19246, open). One replica (OneDeviceStrategy, or
+    MirroredStrategy on one device) works and is let through.
+
+    Args:
+      steps_per_execution: the model's `steps_per_execution`.
+      strategy: the model's `distribute_strategy` (the one it was created
+        under, else the one in scope).
+
+    Raises:
+      ValueError: more than one step per call with more than one replica.
+    """
+    if not isinstance(steps_per_execution, int) or steps_per_execution <= 1:
+        return
+    if strategy.num_replicas_in_sync <= 1:
+        return
+    raise ValueError(
+        f"steps_per_execution={steps_per_execution} is not supported under "
+        f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} "
+        f"replicas: Keras 3's fit fails with more than one step per call "
+        f"under a tf.distribute strategy with several replicas "
+        f"(keras-team/keras#19246). Use steps_per_execution=1.")
 
 
 class _GhostState:
