@@ -31,6 +31,7 @@ from tf_dpfair import batch
 from tf_dpfair import checks
 from tf_dpfair import clipping
 from tf_dpfair import data
+from tf_dpfair import diagnostics
 from tf_dpfair import ema
 from tf_dpfair import feeding
 from tf_dpfair import ghost
@@ -77,6 +78,7 @@ class DPTraining(GroupedEvaluation):
             name="dp_non_poisson_updates", aggregation="only_first_replica")
         self._feeding = None
         self._feeding_started = False
+        self._diagnostics = None  # a diagnostics.GroupDiagnostics during fit
 
     @property
     def dp_config(self):
@@ -222,6 +224,7 @@ class DPTraining(GroupedEvaluation):
                     if isinstance(getattr(c, "stated_sampling", None),
                                   feeding.StatedSampling)])
         self._feeding_started = False
+        self._attach_diagnostics(callbacks)
         # First, so checkpoints written at a step's end hold the ledger of
         # that step.
         callbacks.insert(0, feeding.LedgerCallback())
@@ -234,6 +237,19 @@ class DPTraining(GroupedEvaluation):
             validation_steps=validation_steps,
             validation_batch_size=validation_batch_size,
             validation_freq=validation_freq)
+
+    def _attach_diagnostics(self, callbacks):
+        """Turns `diagnostics.GroupDiagnostics` on for this fit, or off."""
+        found = [c for c in callbacks
+                 if isinstance(c, diagnostics.GroupDiagnostics)]
+        if len(found) > 1:
+            raise ValueError("Give fit one GroupDiagnostics callback.")
+        wanted = found[0] if found else None
+        if wanted is not self._diagnostics:
+            self.train_function = None  # traced with the other setting
+            self._diagnostics = wanted
+        if wanted is not None:
+            wanted.attach(self)
 
     def train_on_batch(self, x, y=None, sample_weight=None, class_weight=None,
                        return_dict=False):
@@ -341,15 +357,17 @@ class DPTraining(GroupedEvaluation):
             self._per_example_losses(repeat(label), y_pred, mask))
         return loss, tf.reduce_mean(tf.cast(y_pred, tf.float32), axis=0)
 
-    def _clipped_sum_over_microbatches(self, x, targets, weights):
+    def _clipped_sum_over_microbatches(self, x, targets, weights, groups=None):
         """Runs `clipped_gradient_sum` over micro-batches with a while loop.
 
         `targets` is `{"label": [n, ...]}`, plus `"mask"` ([n, L]) when labels
-        may be unknown.
+        may be unknown. `groups` (attribute -> [n] ids) is read only by the
+        alignment sums of `diagnostics.GroupDiagnostics`, never by the update.
 
         Returns:
           (gradient sums, per-row losses [n], predictions [n, ...], norms [n],
-          non-finite flags [n]).
+          non-finite flags [n], alignment sums: a list of [K, *var.shape] or
+          None).
         """
         m = self._dp_config.microbatch_size
         variables = self.trainable_variables
@@ -365,7 +383,7 @@ class DPTraining(GroupedEvaluation):
             index = tf.minimum(index, n - 1)
             rows = tf.nest.map_structure(lambda t: tf.gather(t, index),
                                          (x, targets))
-            return rows, tf.where(valid, tf.gather(weights, index), 0.0)
+            return rows, tf.where(valid, tf.gather(weights, index), 0.0), index
 
         use_ghost = self._ghost_state() is not None
 
@@ -383,23 +401,39 @@ class DPTraining(GroupedEvaluation):
                 micro[0], micro[1], micro_weights,
                 self._dp_config.l2_norm_clip, self._dp_config.augmult)
 
-        def body(i, sums, losses, outputs, norms, nonfinite):
-            micro, micro_weights = microbatch(i)
+        align = self._diagnostics is not None and self._diagnostics.alignment
+
+        def body(i, sums, losses, outputs, norms, nonfinite, aligned):
+            micro, micro_weights, index = microbatch(i)
             r = (fast if use_ghost else vectorized)(micro, micro_weights)
             sums = [s + tf.cast(g, tf.float32)
                     for s, g in zip(sums, r.gradient_sum)]
+            if align:
+                # Training-set diagnostics: separate passes the update never reads.
+                micro_groups = tf.nest.map_structure(
+                    lambda t: tf.gather(t, index), groups)
+                extra = diagnostics.weighted_gradient_sums(
+                    lambda: self._inference_losses(micro), variables,
+                    self._diagnostics.coefficients(
+                        r.norms, micro_weights, r.nonfinite, micro_groups,
+                        self._dp_config.l2_norm_clip))
+                aligned = [a + e for a, e in zip(aligned, extra)]
             return (i + 1, sums, losses.write(i, r.losses),
                     outputs.write(i, r.outputs), norms.write(i, r.norms),
-                    nonfinite.write(i, r.nonfinite))
+                    nonfinite.write(i, r.nonfinite), aligned)
 
         def array(dtype):
             return tf.TensorArray(dtype, size=num_micro, infer_shape=True)
 
         zeros = [tf.zeros(v.shape, tf.float32) for v in variables]
-        _, sums, losses, outputs, norms, nonfinite = tf.while_loop(
+        aligned = []
+        if align:
+            rows_k = self._diagnostics.num_coefficients
+            aligned = [tf.zeros([rows_k, *v.shape], tf.float32) for v in variables]
+        _, sums, losses, outputs, norms, nonfinite, aligned = tf.while_loop(
             lambda i, *_: i < num_micro, body,
             (tf.constant(0), zeros, array(tf.float32), array(tf.float32),
-             array(tf.float32), array(tf.bool)))
+             array(tf.float32), array(tf.bool), aligned))
 
         def rows(ta):
             stacked = ta.stack()
@@ -407,7 +441,25 @@ class DPTraining(GroupedEvaluation):
             return flat[:n]
 
         return (sums, rows(losses), rows(outputs), rows(norms),
-                rows(nonfinite))
+                rows(nonfinite), aligned if align else None)
+
+    def _inference_losses(self, micro):
+        """Per-example losses [m] of a micro-batch in inference mode.
+
+        Used only by the alignment diagnostics: inference mode draws no
+        dropout masks, so the training step's random stream is untouched.
+        """
+        x, targets = micro
+        label, mask = targets["label"], targets.get("mask")
+        views = self._dp_config.augmult
+        if views > 1:
+            flat = tf.nest.map_structure(
+                lambda t: tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0)), x)
+            label = tf.repeat(label, views, axis=0)
+            mask = None if mask is None else tf.repeat(mask, views, axis=0)
+            losses = self._per_example_losses(label, self(flat, training=False), mask)
+            return tf.reduce_mean(tf.reshape(losses, [-1, views]), axis=1)
+        return self._per_example_losses(label, self(x, training=False), mask)
 
     def _ghost_state(self):
         """The ghost-clipping taps of this model, or None for vectorized.
@@ -464,7 +516,8 @@ class DPTraining(GroupedEvaluation):
     def train_step(self, data):
         """One DP-SGD update on one logical batch (see the module docstring)."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        labels, _ = batch.split_labels(y)  # Groups never touch training.
+        # Groups never touch the update; only opt-in diagnostics read them.
+        labels, groups = batch.split_labels(y)
         targets = {"label": labels}
         if batch.label_mask_of(y) is not None:
             targets["mask"] = batch.label_mask_of(y)
@@ -499,8 +552,11 @@ class DPTraining(GroupedEvaluation):
             self._ghost_state()  # Prepared outside the compiled function.
             clipped_sum = tf.function(clipped_sum, jit_compile=True,
                                       autograph=False)
-        sums, losses, y_pred, norms, nonfinite = clipped_sum(
-            x, targets, weights)
+        diagnosed = self._diagnostics
+        if diagnosed is not None:
+            diagnosed.check_groups(groups)
+        sums, losses, y_pred, norms, nonfinite, aligned = clipped_sum(
+            x, targets, weights, groups if diagnosed is not None else None)
 
         context = tf.distribute.get_replica_context()
         replica_id = context.replica_id_in_sync_group if context else 0
@@ -554,6 +610,17 @@ class DPTraining(GroupedEvaluation):
         with tf.control_dependencies([self._update_count.value]):
             # After the update's checks: a refused batch adds nothing.
             self._nonfinite_count.assign_add(tf.cast(counts[2], tf.int64))
+            if diagnosed is not None:
+                diagnosed.update_examples(norms, losses, weights, nonfinite,
+                                          groups, config.l2_norm_clip)
+                if aligned is not None:
+                    noised = sums
+                    if context is not None:
+                        aligned = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                                     aligned)
+                        noised = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                                    sums)
+                    diagnosed.update_alignment(aligned, noised)
         logs = self.training_logs(x, labels, y_pred, weights)
         logs["clip_fraction"] = tf.math.divide_no_nan(counts[0], counts[1])
         logs["nonfinite_examples"] = tf.cast(self._nonfinite_count.value, tf.float32)
