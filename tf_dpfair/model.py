@@ -121,9 +121,13 @@ class DPTraining(GroupedEvaluation):
     # ----------------------------------------------------------- the DP step
 
     def _check_model(self):
-        offending = batchnorm.training_batchnorm_layers(self)
+        # Paths below this model, e.g. "block/bn" for a BatchNorm held by
+        # the custom layer "block".
+        offending = [finding.path.split("/", 1)[-1]
+                     for finding in batchnorm.check_batchnorm(self)
+                     if finding.status == batchnorm.TRAINING_MODE]
         if offending:
-            names = ", ".join(layer.name for layer in offending)
+            names = ", ".join(offending)
             raise ValueError(
                 f"BatchNormalization in training mode mixes examples, so "
                 f"per-example clipping would not bound one example's "
