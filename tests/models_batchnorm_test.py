@@ -1,5 +1,7 @@
 """Tests for the BatchNorm validator, freezer and GroupNorm replacement."""
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -10,6 +12,7 @@ from tf_dpfair.models import (
     check_batchnorm,
     freeze_batchnorm,
     replace_batchnorm,
+    set_trainable,
     training_batchnorm_layers,
 )
 
@@ -173,3 +176,109 @@ def test_per_example_gradients_frozen_equal_unfrozen_mix():
     for batched in (_jacobian(model, x, y), _vectorized(model, x, y)):
         for a, b in zip(batched, reference, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+class Holder(keras.layers.Layer):
+    """A custom layer holding a Dense and a BatchNorm as attributes."""
+
+    def __init__(self, prefix, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(4, name=f"{prefix}_dense")
+        self.bn = keras.layers.BatchNormalization(name=f"{prefix}_bn")
+
+    def call(self, x, training=None):
+        return self.bn(self.dense(x), training=training)
+
+
+class ListHolder(keras.layers.Layer):
+    """A custom layer holding its layers in a list, the deepest one in a nested model."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.steps = [keras.layers.Dense(4, name="list_dense"),
+                      keras.Sequential([keras.layers.BatchNormalization(name="deep_bn")],
+                                       name="deep_seq")]
+
+    def call(self, x):
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
+def bn_everywhere():
+    """BatchNorm at the top level, in a nested model, in custom layers and a wrapper."""
+    keras.utils.set_random_seed(2)
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(name="inner_bn")],
+                             name="inner")
+    inputs = keras.Input((4,))
+    h = keras.layers.BatchNormalization(name="top_bn")(inputs)
+    h = inner(h)
+    h = Holder("block", name="block")(h)
+    h = keras.layers.Reshape((2, 2))(h)
+    h = keras.layers.TimeDistributed(keras.layers.BatchNormalization(name="td_bn"), name="td")(h)
+    h = keras.layers.Flatten()(h)
+    h = ListHolder(name="stack")(h)
+    outputs = keras.layers.Dense(2, name="out")(h)
+    return keras.Model(inputs, outputs, name="m")
+
+
+EVERY_BN = ["m/top_bn", "m/inner/inner_bn", "m/block/block_bn", "m/td/td_bn",
+            "m/stack/deep_seq/deep_bn"]
+
+
+def test_batchnorm_is_found_in_custom_layers_wrappers_and_nested_models():
+    model = bn_everywhere()
+    findings = check_batchnorm(model)
+    assert [f.path for f in findings] == EVERY_BN
+    assert {f.status for f in findings} == {"training-mode"}
+    assert [layer.name for layer in training_batchnorm_layers(model)] == [
+        p.rsplit("/", 1)[1] for p in EVERY_BN]
+    assert batchnorm_report(model).startswith(
+        "m: 5 of 5 BatchNormalization layers would mix examples")
+
+
+def test_freeze_reaches_batchnorm_held_by_custom_layers_and_wrappers():
+    model = bn_everywhere()
+    freeze_batchnorm(model)
+    assert training_batchnorm_layers(model) == []
+    assert [f.status for f in check_batchnorm(model)] == ["frozen"] * 5
+    # Frozen means inference mode: batch statistics no longer enter the output.
+    x = np.random.default_rng(0).normal(size=(4, 4)).astype("float32")
+    np.testing.assert_array_equal(model(x, training=True), model(x, training=False))
+
+
+@pytest.mark.parametrize("make, bad, holder", [
+    (lambda i: Holder("block", name="block")(i), "m/block/block_bn", "'block' (Holder)"),
+    (lambda i: keras.layers.Flatten()(keras.layers.TimeDistributed(
+        keras.layers.BatchNormalization(name="td_bn"), name="td")(
+            keras.layers.Reshape((2, 2))(i))), "m/td/td_bn", "'td' (TimeDistributed)"),
+    (lambda i: keras.Sequential([keras.Input((4,)), Holder("deep", name="holder")],
+                                name="seq")(i),
+     "m/seq/holder/deep_bn", "'holder' (Holder)"),
+])
+def test_replace_refuses_batchnorm_it_cannot_reach(make, bad, holder):
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(make(inputs)), name="m")
+    with pytest.raises(ValueError, match=(
+            rf"replace_batchnorm cannot convert BatchNormalization '{bad}': "
+            rf"'{bad}' is held by {re.escape(holder)}.*freeze_batchnorm\(model\)")):
+        replace_batchnorm(model)
+    # Once frozen it is still refused: replace_batchnorm promises no BatchNorm left.
+    freeze_batchnorm(model)
+    with pytest.raises(ValueError, match="cannot convert"):
+        replace_batchnorm(model)
+
+
+def test_set_trainable_keeps_batchnorm_in_custom_layers_frozen():
+    model = bn_everywhere()
+    # A frozen start, as when fine-tuning: unfreezing a holder unfreezes
+    # every layer it holds (Keras copies a changed flag down).
+    model.trainable = False
+    set_trainable(model, "all")
+    block = model.get_layer("block")
+    assert block.dense.trainable and not block.bn.trainable
+    assert not model.get_layer("td").layer.trainable
+    assert training_batchnorm_layers(model) == []
+    model.trainable = False
+    set_trainable(model, "all", train_batchnorm=True)
+    assert len(training_batchnorm_layers(model)) == 5

@@ -20,6 +20,12 @@ The DP step, one `train_step` call = one optimizer update = one logical batch
 4. Divide by `expected_batch_size` (never the realised size), add the gradient
    of data-independent weight regularizers (replica 0 only), apply the
    optimizer, count the update, update the EMA shadows.
+
+Before the first update after each `compile` (at the first trace of
+`train_step`), the model is checked: trainable BatchNormalization anywhere in
+it is refused, and so is any model whose training-mode output for one example
+depends on another example (`separability.check_separability`), since both
+clipping paths bound one example's influence only when it does not.
 """
 
 import contextlib
@@ -36,6 +42,7 @@ from tf_dpfair import ema
 from tf_dpfair import feeding
 from tf_dpfair import ghost
 from tf_dpfair import noise
+from tf_dpfair import separability
 from tf_dpfair.config import DPConfig
 from tf_dpfair.grouped import GroupedEvaluation
 from tf_dpfair.models import batchnorm
@@ -57,6 +64,8 @@ class DPTraining(GroupedEvaluation):
                 f"DPModel needs dp_config=DPConfig(...), got {dp_config!r}.")
         self._dp_config = dp_config
         self._ghost = None  # resolved at the first trace of train_step
+        # Set once the separability probe passed; compile clears it.
+        self._separable = False
         self._ema_shadows = None
         self._update_count = self.add_weight(
             shape=(), dtype="int64", initializer="zeros", trainable=False,
@@ -175,6 +184,8 @@ class DPTraining(GroupedEvaluation):
                         jit_compile=jit_compile, **kwargs)
         if self.built:
             self._build_optimizer()
+        # The model may have changed since it was last checked.
+        self._separable = False
         if self._dp_config.ema_decay is not None and self._ema_shadows is None:
             if not self.built:
                 raise ValueError(
@@ -300,9 +311,13 @@ class DPTraining(GroupedEvaluation):
     # ----------------------------------------------------------- the DP step
 
     def _check_model(self):
-        offending = batchnorm.training_batchnorm_layers(self)
+        # Paths below this model, e.g. "block/bn" for a BatchNorm held by
+        # the custom layer "block".
+        offending = [finding.path.split("/", 1)[-1]
+                     for finding in batchnorm.check_batchnorm(self)
+                     if finding.status == batchnorm.TRAINING_MODE]
         if offending:
-            names = ", ".join(layer.name for layer in offending)
+            names = ", ".join(offending)
             raise ValueError(
                 f"BatchNormalization in training mode mixes examples, so "
                 f"per-example clipping would not bound one example's "
@@ -318,6 +333,34 @@ class DPTraining(GroupedEvaluation):
                 f"clipped; remove them from: {', '.join(with_activity)}.")
         if len(getattr(self, "outputs", None) or [None]) != 1:
             raise ValueError("DPModel supports models with a single output.")
+
+    def _check_separable(self, one_view):
+        """Refuses a model whose examples are not independent (once per compile).
+
+        Both clipping paths rest on example i's loss depending on row i
+        alone; `separability.check_separability` tests that on the model
+        itself in training mode, whatever its layers, so that mixing the
+        BatchNorm check cannot see (a custom layer's batch statistics) is
+        refused too. It runs eagerly (lifted out of the `train_step` trace),
+        on a random batch shaped like `one_view` (one view per example),
+        before anything is applied.
+
+        Args:
+          one_view: the traced inputs of this step, one view per example.
+
+        Raises:
+          ValueError: from `check_separability`.
+        """
+        if self._separable:
+            return
+        with tf.init_scope():
+            separability.check_separability(
+                self._separability_target(), separability.probe_batch(one_view))
+        self._separable = True
+
+    def _separability_target(self):
+        """The model whose training-mode calls the probe checks (self)."""
+        return self
 
     def _per_example_losses(self, labels, y_pred, label_mask=None):
         """Unreduced, unscaled loss of each row: [n].
@@ -536,6 +579,7 @@ class DPTraining(GroupedEvaluation):
         if not all(layer.built for layer in self._flatten_layers()):
             # Create variables outside the vectorized per-example pass.
             self(one_view, training=False)
+        self._check_separable(one_view)
         sparse = _is_sparse_categorical(self.loss)
         if labels.dtype.is_integer or (sparse and labels.dtype.is_floating):
             output_spec = self.compute_output_spec(tf.nest.map_structure(
@@ -736,6 +780,10 @@ class PrivateModel(DPTraining, keras.Model):
 
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)
+
+    def _separability_target(self):
+        # Same calls as self; a graph model here lets the probe name a layer.
+        return self.model
 
     def get_config(self):
         return {"name": self.name,

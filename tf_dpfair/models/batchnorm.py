@@ -4,6 +4,11 @@ A trainable BatchNormalization normalises each example with the statistics of
 its batch, so one example's output (and gradient) depends on the others and
 per-example clipping no longer bounds its influence. Freezing it (inference
 mode) or replacing it with GroupNormalization makes examples independent.
+
+Every function here finds BatchNormalization at any depth: in nested models,
+held by custom layers, inside wrappers such as `TimeDistributed`. DP training
+does not rely on this list alone: `tf_dpfair.separability` also checks the
+model itself, whatever its layers, before the first update.
 """
 
 import collections
@@ -11,17 +16,42 @@ import collections
 import keras
 
 
-def _all_layers(model):
-    """Yields every layer of `model`, nested models included, once each."""
-    seen = set()
-    stack = list(getattr(model, "layers", []))
-    while stack:
-        layer = stack.pop(0)
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        yield layer
-        stack.extend(getattr(layer, "layers", []))
+def walk_layers(model, include_self=False):
+    """Yields every layer held by `model`, however deeply, with its path.
+
+    Sublayers are found wherever Keras tracks them: layers of nested models,
+    layers held as attributes of custom layers, layers inside wrappers such
+    as `TimeDistributed` or `Bidirectional`. A layer held twice is yielded
+    once, under the first path met (depth first, in the order held).
+
+    Args:
+      model: a Keras model or layer.
+      include_self: yield `model` itself first.
+
+    Returns:
+      An iterator of `(path, layer)`; `path` joins the names of `model`,
+      every holder in between and the layer with "/".
+    """
+    seen = {id(model)}
+
+    def visit(holder, path):
+        for child in holder._flatten_layers(include_self=False, recursive=False):
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            child_path = f"{path}/{child.name}"
+            yield child_path, child
+            yield from visit(child, child_path)
+
+    if include_self:
+        yield model.name, model
+    yield from visit(model, model.name)
+
+
+def _batchnorms(model):
+    """(path, layer) of every BatchNormalization in `model`, itself included."""
+    return [(path, layer) for path, layer in walk_layers(model, include_self=True)
+            if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 def training_batchnorm_layers(model):
@@ -34,15 +64,13 @@ def training_batchnorm_layers(model):
     and is safe.
 
     Args:
-      model: a Keras model or layer.
+      model: a Keras model or layer; layers nested at any depth (in models,
+        custom layers, wrappers) are searched.
 
     Returns:
       A list of the offending layers, in model order.
     """
-    return [
-        layer for layer in _all_layers(model)
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
-    ]
+    return [layer for _, layer in _batchnorms(model) if layer.trainable]
 
 
 TRAINING_MODE = "training-mode"
@@ -55,7 +83,8 @@ class BatchNormFinding(collections.namedtuple(
 
     Fields:
       layer_name: the layer's name.
-      path: enclosing model names and the layer name, joined by "/".
+      path: the names of the model, every holder in between (nested
+        models, custom layers, wrappers) and the layer, joined by "/".
       status: `"training-mode"` (trainable: batch statistics in `fit`, mixes
         examples, refused by DP training) or `"frozen"` (not trainable:
         moving statistics, examples stay independent, safe).
@@ -67,27 +96,15 @@ def check_batchnorm(model):
     """Lists every BatchNormalization layer of `model` and its behaviour under DP.
 
     Args:
-      model: a Keras model or layer; nested models are searched.
+      model: a Keras model or layer; layers nested at any depth (in models,
+        custom layers, wrappers) are searched.
 
     Returns:
       A list of `BatchNormFinding`, in model order (empty when the model has no
       BatchNorm). The model is fit for DP training when no finding has status
       `"training-mode"`.
     """
-    findings = []
-    stack = [((), model)]
-    seen = set()
-    while stack:
-        parents, layer = stack.pop(0)
-        for child in getattr(layer, "layers", []):
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            path = "/".join(parents + (layer.name, child.name))
-            if isinstance(child, keras.layers.BatchNormalization):
-                findings.append(_finding(child, path))
-            stack.append((parents + (layer.name,), child))
-    return findings
+    return [_finding(layer, path) for path, layer in _batchnorms(model)]
 
 
 def _finding(layer, path):
@@ -137,14 +154,14 @@ def freeze_batchnorm(model):
     `finetune.set_trainable`, which leaves BatchNorm frozen.
 
     Args:
-      model: a Keras model or layer; nested models included.
+      model: a Keras model or layer; layers nested at any depth (in models,
+        custom layers, wrappers) included.
 
     Returns:
       `model`, for chaining.
     """
-    for layer in _all_layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
+    for _, layer in _batchnorms(model):
+        layer.trainable = False
     return model
 
 
@@ -176,7 +193,11 @@ def replace_batchnorm(model, group_norm_groups=32):
       A new `keras.Model` of the same kind, with the same layer names.
 
     Raises:
-      ValueError: `model` is subclassed or not built, or `group_norm_groups` < 1.
+      ValueError: `model` is subclassed or not built, `group_norm_groups` < 1,
+        or a BatchNormalization sits inside a layer that is not a functional
+        or Sequential model (a custom layer, a wrapper such as
+        `TimeDistributed`, a subclassed model): cloning rebuilds such a layer
+        from its config, so the BatchNorm inside would survive.
     """
     if not isinstance(group_norm_groups, int) or group_norm_groups < 1:
         raise ValueError(f"group_norm_groups must be a positive int; got {group_norm_groups!r}.")
@@ -189,7 +210,33 @@ def replace_batchnorm(model, group_norm_groups=32):
     if not model.built:
         raise ValueError(f"Model {model.name!r} is not built: call it on data or give "
                          "it an Input first.")
+    hidden = _unreachable_batchnorms(model, model.name)
+    if hidden:
+        path, holder = hidden[0]
+        paths = ", ".join(repr(p) for p, _ in hidden)
+        raise ValueError(
+            f"replace_batchnorm cannot convert BatchNormalization {paths}: "
+            f"{path!r} is held by {holder.name!r} ({type(holder).__name__}), "
+            f"a layer that is not a functional or Sequential model, whose "
+            f"inner layers cannot be swapped from outside. Freeze it instead "
+            f"(freeze_batchnorm(model)), or rebuild {holder.name!r} with "
+            f"GroupNormalization.")
     return _replace(model, group_norm_groups)
+
+
+def _unreachable_batchnorms(model, path):
+    """(path, holder) of each BatchNorm held by a layer `_replace` clones whole."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        if _is_graph_model(layer):
+            found.extend(_unreachable_batchnorms(layer, f"{path}/{layer.name}"))
+            continue
+        # Inner paths start with the holder's own name.
+        found.extend((f"{path}/{inner_path}", layer)
+                     for inner_path, _ in _batchnorms(layer))
+    return found
 
 
 def _is_graph_model(model):

@@ -16,7 +16,7 @@ import re
 import keras
 
 from tf_dpfair.models import efficientnet_lite
-from tf_dpfair.models.batchnorm import replace_batchnorm
+from tf_dpfair.models.batchnorm import freeze_batchnorm, replace_batchnorm
 
 RECIPES = ("head", "last_blocks", "all")
 NORMALIZATIONS = ("lite", "imagenet", None)
@@ -101,10 +101,11 @@ def set_trainable(model, recipe="head", num_blocks=1, train_batchnorm=False):
         first = next(i for i, layer in enumerate(layers) if layer is start)
     model.trainable = True  # recursive: containers and leaves, fixed up below
     for i, layer in enumerate(layers):
-        train = i >= first
-        if isinstance(layer, keras.layers.BatchNormalization) and not train_batchnorm:
-            train = False
-        layer.trainable = train
+        layer.trainable = i >= first
+        if not train_batchnorm:
+            # After the flag, which Keras copies down to every sublayer when
+            # it changes: refreezes BatchNorm held by a custom layer or wrapper.
+            freeze_batchnorm(layer)
     return model
 
 
