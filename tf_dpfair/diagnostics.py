@@ -47,8 +47,8 @@ import tensorflow as tf
 from tf_dpfair.groups import GroupSpec
 
 PREFIX = "train_diagnostics/"
-LOW_DECADE = -4
-HIGH_DECADE = 4
+LOW_DECADE = -6
+HIGH_DECADE = 6
 BINS_PER_DECADE = 8
 NUM_BINS = (HIGH_DECADE - LOW_DECADE) * BINS_PER_DECADE
 QUANTILES = (0.1, 0.5, 0.9)

@@ -1,0 +1,68 @@
+"""The mechanism study: per-group diagnostics and accuracy, run on tiny IDX files."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import mechanism_lib
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    with open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def tiny_fashion(root, n_train=300, n_test=200):
+    """Class c is a bright bar in row band c: learnable, and rotation moves it."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 40, (n, 28, 28))
+        for i, c in enumerate(labels):
+            images[i, 2 * c + 3:2 * c + 5, 4:24] = 250
+        image_name, label_name = mechanism_lib.fashion_mnist.FILES[split]
+        write_idx(os.path.join(root, image_name), images)
+        write_idx(os.path.join(root, label_name), labels)
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    tiny_fashion(str(tmp_path))
+    return mechanism_lib.Recipe(data_dir=str(tmp_path), test_examples=200, batch_size=100,
+                                microbatch_size=50, epochs=2, steps_per_epoch=2)
+
+
+def test_study_records_groups_per_epoch_and_writes_its_report(recipe, tmp_path):
+    settings = [mechanism_lib.Setting(300, 0.2, "inf"), mechanism_lib.Setting(300, 0.2, "4")]
+    work = str(tmp_path / "study")
+    results = mechanism_lib.run_study(recipe, settings, work, log=lambda _: None)
+    no_dp, private = results
+    assert no_dp["noise_multiplier"] == 0 and math.isinf(no_dp["epsilon"])
+    assert private["epsilon"] <= 4.0 and private["noise_multiplier"] > 0
+    for result in results:
+        history = result["history"]
+        for group in ("upright", "rotated"):
+            assert len(history[f"test_accuracy/{group}"]) == 2
+            shares = history[f"train_diagnostics/orientation/{group}/example_share"]
+            # About 20% of the training images are rotated (300 of them, Poisson).
+            expected = 0.2 if group == "rotated" else 0.8
+            assert all(abs(s - expected) < 0.15 for s in shares)
+    # Nothing is clipped without DP; the clipped run clips.
+    assert no_dp["history"]["train_diagnostics/clip_fraction"] == [0.0, 0.0]
+    assert private["history"]["train_diagnostics/clip_fraction"][-1] > 0
+    path = mechanism_lib.write_report(results, str(tmp_path / "report"))
+    text = open(path).read()
+    assert "outside the DP guarantee" in text and "| inf | 0.2 | 300 |" in text
+    for name in ("curves.png", "summary.png", "summary.json"):
+        assert os.path.getsize(tmp_path / "report" / name) > 0
+    rows = json.load(open(tmp_path / "report" / "summary.json"))
+    assert rows[0]["accuracy_gap"] == pytest.approx(
+        rows[0]["upright_accuracy"] - rows[0]["rotated_accuracy"])
+    # A finished setting is read back, not trained again.
+    again = mechanism_lib.run_setting(recipe, settings[0], work)
+    assert again["seconds"] == no_dp["seconds"]
