@@ -239,3 +239,19 @@ def test_statement_before_any_fit_says_why_it_cannot_be_made():
     logger.set_model(make_model())
     with pytest.raises(ValueError, match="has not been fit yet"):
         logger.statement()
+
+
+def test_restored_model_without_a_fit_is_stated_as_its_logger_says(tmp_path):
+    # E.g. a rerun checking whether budget is left before training again.
+    train = dpf.data.make_train_dataset(source(), expected_batch_size=10,
+                                        seed=3, microbatch_size=5, mode="shuffle")
+    model = make_model(input_shape=(2, 1, 1))
+    model.fit(train, epochs=1, steps_per_epoch=7, verbose=0)  # passes 0 and 1
+    model.save(tmp_path / "m.keras")
+    restored = keras.models.load_model(tmp_path / "m.keras")
+    logger = dpf.callbacks.PrivacyLogger(delta=1e-3, sampling_spec=train.spec)
+    logger.set_model(restored)
+    assert restored.feeding is None and restored.participations == 2
+    assert logger.statement().epsilon == pytest.approx(shuffle_eps(2))
+    # Update 8 continues pass 1 from step 7 in a new fit: counted as a new pass.
+    assert logger.statement(8).participations == 3

@@ -189,7 +189,7 @@ def test_rerun_of_a_run_stopped_by_its_budget_says_it_is_finished(tmp_path, caps
 
     def epsilon(steps):  # Poisson, q = 50 / 200, delta = 1/N
         return dpf.accounting.compute_epsilon(noise_multiplier=sigma, sampling_probability=0.25,
-                                              steps=steps, delta=1 / 200)
+                                              steps=steps, delta=1 / 200, sampling="poisson")
 
     assert epsilon(6) <= 3.0 < epsilon(7)  # the budget, not only the plan, ends it
     out = capsys.readouterr().out
@@ -213,12 +213,12 @@ def test_budget_reached_before_the_planned_updates_leaves_nothing_to_train():
     model.compile(optimizer="sgd", loss="mse")
 
     def epsilon(steps):
-        return dpf.accounting.compute_epsilon(noise_multiplier=1.0, sampling_probability=0.2,
-                                              steps=steps, delta=1e-3)
+        # Keras' shuffled batches of 10 from 70 arrays: a new pass every 7 updates.
+        return dpf.accounting.compute_epsilon(noise_multiplier=1.0, participations=-(-steps // 7),
+                                              steps=steps, delta=1e-3, sampling="shuffle")
 
-    target = (epsilon(7) + epsilon(8)) / 2  # 7 updates fit, the 8th would not
-    logger = dpf.callbacks.PrivacyLogger(num_examples=50, delta=1e-3,
-                                         target_epsilon=target, verbose=0)
+    target = (epsilon(7) + epsilon(8)) / 2  # 7 updates fit, the 8th starts pass 2
+    logger = dpf.callbacks.PrivacyLogger(delta=1e-3, target_epsilon=target, verbose=0)
     logger.set_model(model)
     assert train_lib.nothing_left_to_train(model, logger, total_steps=20) is None
     model.fit(np.ones((70, 2)), np.zeros((70, 1)), batch_size=10, verbose=0)
@@ -227,7 +227,7 @@ def test_budget_reached_before_the_planned_updates_leaves_nothing_to_train():
     assert message.startswith(f"The run is finished: the privacy budget epsilon={target} was "
                               f"reached after 7 updates (epsilon {epsilon(7):.4g}")
     # Without a budget only the plan ends a run.
-    plain = dpf.callbacks.PrivacyLogger(num_examples=50, delta=1e-3, verbose=0)
+    plain = dpf.callbacks.PrivacyLogger(delta=1e-3, verbose=0)
     plain.set_model(model)
     assert train_lib.nothing_left_to_train(model, plain, total_steps=20) is None
     assert train_lib.nothing_left_to_train(model, plain, total_steps=7) == (

@@ -128,9 +128,19 @@ class PrivacyLogger(keras.callbacks.Callback):
     def _feeding(self):
         fed = getattr(self.model, "feeding", None)
         if fed is None:
+            # Not fit in this process (e.g. restored): as stated, if stated.
+            fed = feeding.prospective(
+                self.stated_sampling,
+                expected_batch_size=self._dp_config().expected_batch_size,
+                update_count=self.model.update_count,
+                participations=self.model.participations,
+                non_poisson_updates=self.model.non_poisson_updates)
+        if fed is None:
             raise ValueError(
-                "The model has not been fit yet, so how its batches are drawn "
-                "is unknown; the statement is made during fit.")
+                "The model has not been fit yet and no sampling was stated, so "
+                "how its batches are drawn is unknown; the statement is made "
+                "during fit (or pass sampling_spec, or sampling and "
+                "num_examples).")
         if fed.sampling == feeding.UNKNOWN:
             raise ValueError(
                 "fit got an input pipeline the package did not build, and "

@@ -232,6 +232,38 @@ def rebase(fed, *, update_count, participations, non_poisson_updates):
         non_poisson_before=int(non_poisson_updates))
 
 
+def prospective(stated, *, expected_batch_size, update_count, participations,
+                non_poisson_updates):
+    """The `Feeding` a model restored without a `fit` yet would get from `stated`.
+
+    For a statement before training continues (e.g. whether a restored run
+    has budget left): the next `fit` is assumed to be fed as stated, starting
+    at the model's update count, with the model's ledger.
+
+    Args:
+      stated: the `StatedSampling` of a `PrivacyLogger`.
+      expected_batch_size: `DPConfig.expected_batch_size`.
+      update_count, participations, non_poisson_updates: the model's ledger.
+
+    Returns:
+      A `Feeding`, or None when nothing was stated.
+    """
+    common = dict(start_update=int(update_count),
+                  participations_before=int(participations),
+                  non_poisson_before=int(non_poisson_updates))
+    if stated.spec is not None:
+        spec = stated.spec
+        return Feeding(PIPELINE, spec.accounting_sampling, spec.num_examples,
+                       spec.expected_batch_size, spec=spec,
+                       start_step=int(update_count),
+                       stated_poisson=spec.accept_shuffle_as_poisson, **common)
+    if stated.sampling is None or stated.num_examples is None:
+        return None
+    return Feeding(OTHER, stated.sampling, stated.num_examples,
+                   expected_batch_size,
+                   stated_poisson=stated.sampling == POISSON, **common)
+
+
 def infer_num_examples(x, validation_split=0.0):
     """N of array input as Keras will train on it (after `validation_split`).
 
