@@ -8,7 +8,7 @@ PYTEST_ARGS ?= -m "not slow"
 EXTRAS := test,datasets,pretrained
 # Exact versions (CPython 3.11, Linux x86_64) that the tests pass with; every
 # install below is constrained to them. `make lock` refreshes the file.
-LOCK ?= requirements/lock.txt
+LOCK := requirements/lock.txt
 LOCK_VENV := .venv-lock
 PIP_FLAGS := --quiet --disable-pip-version-check
 

@@ -116,7 +116,11 @@ def test_lock_holds_every_dependency_of_the_locked_environment():
 
 def _dry_run(*targets):
     """The commands `make` would run, without running them."""
-    result = subprocess.run(["make", "-n", *targets], cwd=ROOT,
+    # Under `make test`, variables given to the outer make (LOCK=...) would
+    # reach this one through MAKEFLAGS; the Makefile's own defaults are wanted.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "LOCK", "VENV")}
+    result = subprocess.run(["make", "-n", *targets], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
