@@ -6,6 +6,8 @@ import configparser
 import math
 import os
 import pathlib
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -325,3 +327,13 @@ def test_console_command_from_the_built_wheel(tmp_path):
         [sys.executable, "-c", "import tf_dpfair.cli.privacy as m; print(m.__file__)"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert where.stdout.strip().startswith(str(target))
+
+
+def test_readme_example_is_what_the_command_prints(capsys):
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"^```\n\$ (tf-dpfair-privacy .*?)^```", text, re.M | re.S)
+    assert block, "README.md has no tf-dpfair-privacy example"
+    command, *shown = block.group(1).replace("\\\n", " ").splitlines()
+    argv = shlex.split(command)[1:]
+    assert privacy.main(argv) == 0
+    assert capsys.readouterr().out.splitlines() == shown
