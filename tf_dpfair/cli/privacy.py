@@ -208,7 +208,8 @@ def plan(*, num_examples, batch_size, epochs, delta, sampling_mode,
                               delta=delta, accountant=accountant)
     return PlannedRun(spec=spec, epochs=epochs, steps=steps,
                       noise_multiplier=float(noise_multiplier),
-                      delta=float(delta), target_epsilon=target_epsilon, statement=statement)
+                      delta=float(delta), target_epsilon=target_epsilon,
+                      statement=statement)
 
 
 def make_parser():
