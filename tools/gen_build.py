@@ -5,7 +5,8 @@ One `py_library` per package module and per helper module (`experiments/*_lib.py
 imported as `configs`), one `py_test` per `tests/*_test.py`, one
 `py_binary` per other script under `experiments/` and `benchmarks/`; `deps`
 come from each file's imports of those modules, and a test that names a
-script's path (such as "benchmarks/dp_overhead.py") gets it as `data`. `tests/build_test.py` fails when BUILD
+script's, tutorial notebook's or lock file's path (such as
+"benchmarks/dp_overhead.py" or "requirements/lock.txt") gets it as `data`. `tests/build_test.py` fails when BUILD
 differs from what this script writes.
 
 Usage: python tools/gen_build.py [--check]
@@ -77,10 +78,12 @@ def imported_modules(path, known):
 
 
 def scripts_named_in(path):
-    """The experiment and benchmark scripts whose path `path`'s text names."""
+    """The scripts, notebooks and lock files whose path `path`'s text names."""
     text = (ROOT / path).read_text()
     scripts = sorted((ROOT / "experiments").glob("*.py")) + sorted(
-        (ROOT / "benchmarks").glob("*.py"))
+        (ROOT / "benchmarks").glob("*.py")) + sorted(
+        (ROOT / "tutorials").glob("*.ipynb")) + sorted(
+        (ROOT / "requirements").glob("*.txt"))
     return [str(p.relative_to(ROOT)) for p in scripts
             if str(p.relative_to(ROOT)) in text]
 
