@@ -4,9 +4,17 @@ Noise for update t is a stateless function of (secret run seed, t), so every
 replica can compute the same draw without communication, a resumed run
 continues the same stream, and no draw is ever reused for a different update
 (t only grows).
+
+The algorithm is pinned to Philox: TensorFlow's default ("auto_select")
+picks Philox on CPU and GPU but ThreeFry on TPU, so the same (seed, t) would
+give a different draw there, and a run moved between platforms would not
+continue its stream. With Philox everywhere it does (on CPU the draws are
+those of the default).
 """
 
 import tensorflow as tf
+
+ALGORITHM = "philox"
 
 
 def _seed_pair(seed):
@@ -27,10 +35,11 @@ def gaussian_noise(shapes, stddev, seed, step):
       A list of float32 tensors with the given shapes.
     """
     update_seed = tf.random.experimental.stateless_fold_in(
-        _seed_pair(seed), tf.cast(step, tf.int64))
+        _seed_pair(seed), tf.cast(step, tf.int64), alg=ALGORITHM)
     noises = []
     for index, shape in enumerate(shapes):
-        var_seed = tf.random.experimental.stateless_fold_in(update_seed, index)
+        var_seed = tf.random.experimental.stateless_fold_in(
+            update_seed, index, alg=ALGORITHM)
         noises.append(stddev * tf.random.stateless_normal(
-            shape, seed=var_seed, dtype=tf.float32))
+            shape, seed=var_seed, dtype=tf.float32, alg=ALGORITHM))
     return noises
