@@ -242,7 +242,22 @@ class DPTraining(GroupedEvaluation):
         Nothing says how such a batch was drawn, so the accountant's ledger
         counts it as an update any example may have joined (one more
         participation, not Poisson-sampled), and `feeding` is cleared.
+
+        Raises:
+          ValueError: the model's strategy has several replicas. Keras hands
+            every replica the whole batch here, so each example would enter
+            the sum once per replica: its influence would be R times the
+            clip norm the noise is calibrated to. Use `fit`, which splits
+            the batch.
         """
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if replicas > 1:
+            raise ValueError(
+                f"DPModel.train_on_batch under a strategy with {replicas} "
+                f"replicas would give every replica the whole batch, so each "
+                f"example would count {replicas} times in the update, above "
+                f"the clip norm the noise is calibrated to. Use fit (one "
+                f"batch = one update), which splits the batch over replicas.")
         result = super().train_on_batch(x, y, sample_weight=sample_weight,
                                         class_weight=class_weight,
                                         return_dict=return_dict)
