@@ -30,10 +30,12 @@ import tensorflow as tf
 from tf_dpfair import batch
 from tf_dpfair import checks
 from tf_dpfair import clipping
+from tf_dpfair import cluster
 from tf_dpfair import data
 from tf_dpfair import ema
 from tf_dpfair import feeding
 from tf_dpfair import ghost
+from tf_dpfair import multiworker
 from tf_dpfair import noise
 from tf_dpfair.config import DPConfig
 from tf_dpfair.grouped import GroupedEvaluation
@@ -198,14 +200,21 @@ class DPTraining(GroupedEvaluation):
         (`participations`, `non_poisson_updates`) up to date after every
         step, so `PrivacyLogger` states the sampling the batches really had.
 
+        Under `MultiWorkerMirroredStrategy` with several workers, `x` must
+        be the package's pipeline (see `tf_dpfair.cluster`): every worker
+        builds it with the same secret seed and trains on its own slice.
+
         Raises:
           ValueError: the input would break the accounting (see
             `feeding.resolve`): a pipeline not started at `update_count`, a
-            finite pipeline Keras would replay, arrays stated as Poisson.
+            finite pipeline Keras would replay, arrays stated as Poisson; on
+            several workers, input other than the package's pipeline.
         """
         if isinstance(x, data.TrainData):
             x = x.dataset
         tag = feeding.pipeline_tag(x)
+        if cluster.is_multi_worker(self.distribute_strategy):
+            _refuse_unsliced_input_on_workers(x, tag, self.distribute_strategy)
         if tag is not None and tag.num_steps is None and steps_per_epoch is None:
             steps_per_epoch = tag.spec.steps_per_epoch  # else endless epochs
         if isinstance(callbacks, keras.callbacks.CallbackList):
@@ -597,6 +606,49 @@ def _is_sparse_categorical(loss):
     return getattr(loss, "fn", loss) is keras.losses.sparse_categorical_crossentropy
 
 
+def _refuse_unsliced_input_on_workers(x, tag, strategy):
+    """Raises unless every worker will train on its slice of one batch.
+
+    Under several workers Keras splits each batch of the dataset by
+    `tf.data` auto-sharding: every worker builds the same stream and keeps
+    its replicas' rows (policy DATA). That is the logical batch only if all
+    workers build the same batches: the package's pipeline does (same
+    secret seed everywhere, see `tf_dpfair.cluster.share_from_chief`). Keras
+    shuffles arrays differently on each worker, and a user pipeline shuffled
+    without a seed would put one example in two workers' slices of one
+    update, counting it twice; with sharding OFF every worker trains on the
+    same rows.
+
+    Args:
+      x: the input given to `fit`.
+      tag: its `feeding.PipelineTag`, or None.
+      strategy: the model's multi-worker strategy.
+
+    Raises:
+      ValueError: `x` is not the package's pipeline, or its auto-shard
+        policy is not DATA.
+    """
+    workers = cluster.num_workers(strategy)
+    if tag is None:
+        raise ValueError(
+            f"On {workers} workers DPModel.fit needs the TrainData of "
+            f"tf_dpfair.data.make_train_dataset (built on every worker with "
+            f"the same secret seed, shared with "
+            f"tf_dpfair.cluster.share_from_chief): each worker must train on "
+            f"its own slice of the same logical batch, which the package "
+            f"cannot check for arrays or other pipelines (Keras shuffles "
+            f"arrays differently on each worker; an unseeded shuffle would "
+            f"put one example in two workers' slices and count it twice).")
+    policy = x.options().experimental_distribute.auto_shard_policy
+    if policy != tf.data.experimental.AutoShardPolicy.DATA:
+        raise ValueError(
+            f"On {workers} workers the training dataset must be sharded by "
+            f"data (tf.data AutoShardPolicy.DATA: each worker keeps its "
+            f"replicas' rows of every batch); it has {policy!r}. With OFF "
+            f"every worker trains on the same rows, so each example would "
+            f"count once per worker. data.make_train_dataset sets DATA.")
+
+
 def _refuse_multi_step_under_strategy(steps_per_execution, strategy):
     """Raises where Keras' `fit` would fail with several steps per call.
 
@@ -635,7 +687,7 @@ class _GhostState:
 
 
 @keras.saving.register_keras_serializable(package="tf_dpfair")
-class DPModel(DPTraining, keras.Model):
+class DPModel(multiworker.MultiWorkerFit, DPTraining, keras.Model):
     """A functional Keras model trained with DP-SGD by `fit`.
 
     `DPModel(inputs=..., outputs=..., dp_config=cfg)`. For any other model
@@ -669,7 +721,7 @@ class DPModel(DPTraining, keras.Model):
 
 
 @keras.saving.register_keras_serializable(package="tf_dpfair")
-class PrivateModel(DPTraining, keras.Model):
+class PrivateModel(multiworker.MultiWorkerFit, DPTraining, keras.Model):
     """A DPModel that wraps a model without a functional graph (subclassed).
 
     Args:
