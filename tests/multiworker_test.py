@@ -383,3 +383,92 @@ def test_cluster_helpers_and_refusals_on_two_workers(two_workers):
         assert "AutoShardPolicy.OFF" in refused["sharding_off"]
         assert "each example would count 2 times" in refused["train_on_batch"]
         assert result["update_count_after_refusals"] == 0
+
+
+# ------------------------------------------------------- train.py on two workers
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """train.py on two workers, worker 1 killed before update 4, then rerun.
+
+    An uninterrupted one-process run of the same flags runs beside it. The
+    runs are deterministic (fixed seeds), so the resumed job must end with
+    the one-process run's model.
+    """
+    from experiment_fixtures import EXPERIMENTS, tiny_flags
+
+    out = tmp_path_factory.mktemp("train")
+    flags = tiny_flags(noise_multiplier=1.0)
+    train_py = EXPERIMENTS / "train.py"
+    killer = ROOT / "tests" / "multiworker_train_worker.py"
+    logs = {}
+
+    def log(name):
+        logs[name] = open(out / f"{name}.log", "w")
+        return logs[name]
+
+    def workers(script, extra, name):
+        ports = free_ports(2)
+        return [start(script, [*flags, "--strategy=multi_worker",
+                               f"--work_dir={out / f'worker{i}'}", *extra],
+                      tf_config_value=tf_config(ports, i), log=log(f"{name}{i}"))
+                for i in range(2)]
+
+    try:
+        single = start(train_py, [*flags, f"--work_dir={out / 'single'}"],
+                       log=log("single"))
+        killed = wait_all(workers(killer, ["--kill_worker=1", "--kill_at_update=3"],
+                                  "killed"), TIMEOUT)
+        backup = out / "worker0" / "backup" / "training_metadata.json"
+        backup_epoch = json.loads(backup.read_text())["epoch"] if backup.exists() else None
+        result_after_kill = (out / "worker0" / "result.json").exists()
+        resumed = wait_all(workers(train_py, [], "resumed") + [single], TIMEOUT)
+    finally:
+        for f in logs.values():
+            f.close()
+    return {"out": out, "killed": killed, "resumed": resumed,
+            "backup_epoch": backup_epoch, "result_after_kill": result_after_kill,
+            "log": lambda name: (out / f"{name}.log").read_text()}
+
+
+@pytest.mark.slow
+def test_train_py_on_two_workers_resumes_after_a_kill(killed_and_resumed):
+    run = killed_and_resumed
+    # Worker 1 died by SIGKILL before update 4; the chief saw it (its
+    # collectives were aborted) and stopped, leaving the backup of epoch 1
+    # (2 updates) and no result.
+    assert run["killed"][1] == -9, run["log"]("killed1")
+    assert run["killed"][0] != 0
+    assert "unhealthy" in run["log"]("killed0") or "aborted" in run["log"]("killed0")
+    assert run["backup_epoch"] == 1 and not run["result_after_kill"]
+    assert run["resumed"] == [0, 0, 0], run["log"]("resumed0")[-3000:]
+    assert "Training from update 2 of 6." in run["log"]("resumed0")
+    assert "Training from update 2 of 6." in run["log"]("resumed1")
+    assert "Worker 1 of 2 done; the chief writes the results" in run["log"]("resumed1")
+
+
+@pytest.mark.slow
+def test_resumed_two_worker_job_equals_the_uninterrupted_one_process_run(
+        killed_and_resumed):
+    out = killed_and_resumed["out"]
+    got = json.loads((out / "worker0" / "result.json").read_text())
+    want = json.loads((out / "single" / "result.json").read_text())
+    assert got["training"]["workers"] == 2 and got["training"]["replicas"] == 2
+    assert want["training"]["workers"] == 1 and want["training"]["replicas"] == 1
+    assert got["privacy"]["steps"] == want["privacy"]["steps"] == 6
+    # Poisson, q = 50/200, sigma = 1, delta = 1/N, 6 updates: from the
+    # accountant directly.
+    epsilon = dpf.accounting.compute_epsilon(
+        noise_multiplier=1.0, delta=1 / 200, sampling="poisson", steps=6,
+        sampling_probability=0.25)
+    assert got["privacy"]["epsilon"] == pytest.approx(epsilon, rel=1e-9)
+    assert want["privacy"]["epsilon"] == pytest.approx(epsilon, rel=1e-9)
+    scores = np.load(out / "worker0" / "predictions.npz")
+    reference = np.load(out / "single" / "predictions.npz")
+    for name in ("scores_raw", "scores_ema"):
+        close(scores[name], reference[name], rtol=1e-4, atol=1e-5)
+    assert got["metrics"]["raw"]["auc"] == pytest.approx(want["metrics"]["raw"]["auc"],
+                                                         abs=1e-6)
+    # The other worker wrote nothing, in its own work_dir or anywhere else
+    # the test can see.
+    assert not (out / "worker1").exists()

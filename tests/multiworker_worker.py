@@ -38,19 +38,28 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import tensorflow as tf  # noqa: E402
 
-# The strategy comes first: collective ops must be configured before any
-# dataset or variable exists.
 MULTI_WORKER = "TF_CONFIG" in os.environ
-if not MULTI_WORKER:
+STRATEGY = None  # set by make_strategies(), first thing in main()
+NON_PRIVATE_STRATEGY = None
+
+
+def make_strategies():
+    """Creates the job's strategies; before any dataset or variable exists.
+
+    A multi-worker job configures its collective ops here. Keras's own
+    (non-private) step averages the replicas' mean losses, so its reference
+    is one process with as many replicas as the job has.
+    """
+    global STRATEGY, NON_PRIVATE_STRATEGY
+    if MULTI_WORKER:
+        STRATEGY = NON_PRIVATE_STRATEGY = tf.distribute.MultiWorkerMirroredStrategy()
+        return
     tf.config.set_logical_device_configuration(
         tf.config.list_physical_devices("CPU")[0],
         [tf.config.LogicalDeviceConfiguration()] * 2)
-STRATEGY = (tf.distribute.MultiWorkerMirroredStrategy() if MULTI_WORKER
-            else tf.distribute.get_strategy())
-# Keras's own (non-private) step averages the replicas' mean losses, so its
-# reference is one process with as many replicas as the job has.
-NON_PRIVATE_STRATEGY = (STRATEGY if MULTI_WORKER else
-                        tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    STRATEGY = tf.distribute.get_strategy()
+    NON_PRIVATE_STRATEGY = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -85,15 +94,15 @@ def source(zeros=False):
                                           group_spec=GROUPS)
 
 
-def train_data(examples, seed, strategy=STRATEGY):
+def train_data(examples, seed, strategy=None):
     return data.make_train_dataset(
         examples, expected_batch_size=BATCH, seed=seed, microbatch_size=MICRO,
-        num_replicas=strategy.num_replicas_in_sync)
+        num_replicas=(strategy or STRATEGY).num_replicas_in_sync)
 
 
-def eval_data(examples, strategy=STRATEGY):
+def eval_data(examples, strategy=None):
     return data.make_eval_dataset(examples, batch_size=16,
-                                  num_replicas=strategy.num_replicas_in_sync)
+                                  num_replicas=(strategy or STRATEGY).num_replicas_in_sync)
 
 
 def flat(variables):
@@ -327,6 +336,7 @@ def run_cluster():
 
 
 def main(argv):
+    make_strategies()
     # dp_accounting warns once per excluded RDP order; nothing to see here.
     logging.getLogger("absl").setLevel(logging.ERROR)
     out_dir = argv[0]

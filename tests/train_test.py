@@ -126,12 +126,20 @@ def test_bad_settings_are_refused_with_a_reason():
         train_lib.settings_from(None, {"epsilon": 1.0, "noise_multiplier": 1.0})
     with pytest.raises(ValueError, match="Unknown config"):
         train_lib.settings_from("nope", {})
-    with pytest.raises(ValueError, match="multi_worker' is not supported.*keras#20585"):
-        train_lib.settings_from(None, {"epsilon": 1.0, "strategy": "multi_worker"})
-    with pytest.raises(ValueError, match="multi_worker' is not supported"):
-        train_lib.make_strategy("multi_worker")
     with pytest.raises(ValueError, match="strategy must be one of"):
         train_lib.make_strategy("parameter_server")
+
+
+def test_multi_worker_strategy_needs_tf_config(monkeypatch):
+    settings = train_lib.settings_from(None, {"epsilon": 1.0, "strategy": "multi_worker"})
+    assert settings.strategy == "multi_worker"
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match=r"strategy='multi_worker' needs the TF_CONFIG "
+                       r"environment variable on every worker"):
+        train_lib.make_strategy("multi_worker")
+    monkeypatch.setenv("TF_CONFIG", "")
+    with pytest.raises(ValueError, match="needs the TF_CONFIG"):
+        train_lib.make_strategy("multi_worker")
 
 
 def test_accuracy_table_counts_hits_per_group_by_hand():
