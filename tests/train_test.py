@@ -196,8 +196,9 @@ def test_rerun_of_a_run_stopped_by_its_budget_says_it_is_finished(tmp_path, caps
     sigma = result["privacy"]["noise_multiplier"]
 
     def epsilon(steps):  # Poisson, q = 50 / 200, delta = 1/N
-        return dpf.accounting.compute_epsilon(noise_multiplier=sigma, sampling_probability=0.25,
-                                              steps=steps, delta=1 / 200)
+        return dpf.accounting.compute_epsilon(noise_multiplier=sigma, sampling="poisson",
+                                              sampling_probability=0.25, steps=steps,
+                                              delta=1 / 200)
 
     assert epsilon(6) <= 3.0 < epsilon(7)  # the budget, not only the plan, ends it
     out = capsys.readouterr().out
@@ -221,7 +222,10 @@ def test_budget_reached_before_the_planned_updates_leaves_nothing_to_train():
     model.compile(optimizer="sgd", loss="mse")
 
     def epsilon(steps):
-        return dpf.accounting.compute_epsilon(noise_multiplier=1.0, sampling_probability=0.2,
+        # fit below gets 70 array rows in batches of 10, which Keras shuffles
+        # into fixed batches: accounted as shuffled, one pass per 7 updates.
+        return dpf.accounting.compute_epsilon(noise_multiplier=1.0, sampling="shuffle",
+                                              participations=math.ceil(steps / 7),
                                               steps=steps, delta=1e-3)
 
     target = (epsilon(7) + epsilon(8)) / 2  # 7 updates fit, the 8th would not

@@ -130,6 +130,19 @@ class PrivacyLogger(keras.callbacks.Callback):
 
     def _feeding(self):
         fed = getattr(self.model, "feeding", None)
+        spec = self.stated_sampling.spec
+        if fed is None and spec is not None:
+            # Not fit yet in this process (e.g. restored from a backup): the
+            # statement of the model's ledger, fed that spec's pipeline from
+            # its current update, as fit would record it.
+            count = self.model.update_count
+            fed = feeding.Feeding(
+                feeding.PIPELINE, spec.accounting_sampling, spec.num_examples,
+                spec.expected_batch_size, spec=spec, start_update=count,
+                start_step=count,
+                participations_before=self.model.participations,
+                non_poisson_before=self.model.non_poisson_updates,
+                stated_poisson=spec.accept_shuffle_as_poisson)
         if fed is None:
             raise ValueError(
                 "The model has not been fit yet, so how its batches are drawn "
