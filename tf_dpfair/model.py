@@ -480,10 +480,11 @@ class DPTraining(GroupedEvaluation):
                        "DPModel: sample weights must be >= 0."),
         ]
         # The update depends on the checks, so a failing batch writes nothing.
-        # Clamping keeps each contribution within C should a check ever be
-        # skipped (XLA drops assertions; the step keeps them outside XLA).
+        # Should a check ever be skipped (XLA drops assertions: on TPU the
+        # whole step is compiled), clamping keeps each contribution within C
+        # and a NaN or Inf weight counts as 0 rather than poisoning the sum.
         with tf.control_dependencies(weight_checks):
-            return tf.clip_by_value(weights, 0.0, 1.0)
+            return tf.clip_by_value(tf.where(finite, weights, 0.0), 0.0, 1.0)
 
     def train_step(self, data):
         """One DP-SGD update on one logical batch (see the module docstring)."""

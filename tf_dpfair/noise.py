@@ -6,10 +6,13 @@ continues the same stream, and no draw is ever reused for a different update
 (t only grows).
 
 The algorithm is pinned to Philox: TensorFlow's default ("auto_select")
-picks Philox on CPU and GPU but ThreeFry on TPU, so the same (seed, t) would
-give a different draw there, and a run moved between platforms would not
-continue its stream. With Philox everywhere it does (on CPU the draws are
-those of the default).
+picks Philox on CPU and GPU but ThreeFry on TPU. Pinning fixes the
+algorithm, not every number: XLA's Philox normals differ from those of TF's
+own kernel for the same seed (measured on CPU), so a step compiled whole
+with XLA, as on a TPU, draws a stream of its own, still a function of
+(seed, t) alone. A run resumed on other hardware thus draws other noise for
+re-done updates, as if re-keyed (see `tf_dpfair.resume`); it never gives
+the same draw to different data.
 """
 
 import tensorflow as tf
