@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -133,9 +134,8 @@ def test_cluster_helpers_in_one_process():
 
 @pytest.mark.parametrize("value", [-1, 2**63, 1.5, True, "7"])
 def test_share_from_chief_refuses_what_is_not_a_seed(value):
-    with pytest.raises((ValueError, TypeError),
-                       match=r"share_from_chief needs an integer in \[0, 2\*\*63\)"
-                       if not isinstance(value, str) else "invalid literal|integer"):
+    with pytest.raises(ValueError, match=r"share_from_chief needs an integer in "
+                       r"\[0, 2\*\*63\); got " + re.escape(repr(value))):
         cluster.share_from_chief(tf.distribute.get_strategy(), value)
 
 

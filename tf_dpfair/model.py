@@ -14,7 +14,8 @@ The DP step, one `train_step` call = one optimizer update = one logical batch
    [0, 1], and add it to a running sum.
 3. Noise enters here, once per update for the whole job: replica 0 adds
    N(0, (sigma * C)^2) drawn statelessly from (secret seed, update index);
-   the other replicas add nothing. Keras' `optimizer.apply` then sums the
+   the other replicas add nothing (replica ids are global: on several
+   workers, replica 0 is the chief's first). Keras' `optimizer.apply` then sums the
    replicas' shares, so the total carries exactly one noise draw whatever the
    replica count.
 4. Divide by `expected_batch_size` (never the realised size), add the gradient
