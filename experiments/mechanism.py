@@ -8,7 +8,7 @@ study resumes.
 
 Example:
   python experiments/mechanism.py --work_dir=/tmp/mechanism \
-      --rotated_fractions=0.05,0.2 --privacy=inf,clip,4,1
+      --rotated_fractions=0.05,0.2 --privacy=inf,sgd,clip,4,1
 """
 
 import os
@@ -24,9 +24,12 @@ import mechanism_lib  # noqa: E402
 _WORK_DIR = flags.DEFINE_string("work_dir", None, "Output folder.")
 _TRAIN = flags.DEFINE_list("train_examples", ["10000"], "Training-set sizes.")
 _SHARES = flags.DEFINE_list("rotated_fractions", ["0.05", "0.2"], "Rotated shares.")
-_PRIVACY = flags.DEFINE_list("privacy", ["inf", "clip", "4", "1"],
-                             "Privacy levels: inf (no clipping, no noise), clip "
-                             "(clipping only) or a target epsilon.")
+_PRIVACY = flags.DEFINE_list("privacy", ["inf", "sgd", "clip", "4", "1"],
+                             "Privacy levels: inf (no clipping, no noise, Adam), sgd "
+                             "(the same with SGD), clip (clipping only, SGD) or a "
+                             "target epsilon.")
+_SGD_RATE = flags.DEFINE_float("unclipped_sgd_learning_rate", 0.05,
+                               "SGD learning rate of the sgd level.")
 _EPOCHS = flags.DEFINE_integer("epochs", 6, "Epochs of --steps_per_epoch updates.")
 _STEPS = flags.DEFINE_integer("steps_per_epoch", 10, "Updates between evaluations.")
 _DATA_DIR = flags.DEFINE_string("data_dir", mechanism_lib.Recipe.data_dir,
@@ -40,16 +43,17 @@ def main(argv):
     if not _WORK_DIR.value:
         raise app.UsageError("--work_dir is required.")
     for level in _PRIVACY.value:
-        if level not in ("inf", "clip"):
+        if level not in ("inf", "sgd", "clip"):
             try:
                 if not float(level) > 0:
                     raise ValueError
             except ValueError:
-                raise app.UsageError(f"--privacy: {level!r} is not inf, clip or an "
-                                     f"epsilon > 0.") from None
+                raise app.UsageError(f"--privacy: {level!r} is not inf, sgd, clip or "
+                                     f"an epsilon > 0.") from None
     flags_lib.quiet_accountant()
     recipe = mechanism_lib.Recipe(data_dir=_DATA_DIR.value, epochs=_EPOCHS.value,
-                                  steps_per_epoch=_STEPS.value)
+                                  steps_per_epoch=_STEPS.value,
+                                  unclipped_sgd_learning_rate=_SGD_RATE.value)
     settings = [mechanism_lib.Setting(int(n), float(share), level)
                 for n in _TRAIN.value for share in _SHARES.value
                 for level in _PRIVACY.value]

@@ -10,9 +10,12 @@ share of examples, the cosine of the update with the group's own gradient,
 and the test accuracy of each group.
 
 Privacy levels: `inf` trains without clipping and without noise (C so large
-that nothing is clipped): the non-private baseline; `clip` clips at C but
-adds no noise, which separates clipping's effect from the noise's; a number
-is a target epsilon (Poisson sampling, RDP, delta 1e-5) with clipping at C.
+that nothing is clipped) with Adam, the usual non-private recipe; `sgd` is
+the same with the clipped runs' optimizer (plain SGD at a rate that suits
+unclipped gradients), so that `sgd` against `clip` isolates clipping; `clip`
+clips at C but adds no noise, which separates clipping's effect from the
+noise's; a number is a target epsilon (Poisson sampling, RDP, delta 1e-5)
+with clipping at C.
 
 The training-set figures are outside the DP guarantee (diagnostics of the
 person training the model); accuracies are on held-out test images.
@@ -76,6 +79,7 @@ class Recipe:
         learning_rate: SGD learning rate of the clipped settings.
         non_private_learning_rate: Adam learning rate of `inf` (unclipped
             gradients need another recipe).
+        unclipped_sgd_learning_rate: SGD learning rate of `sgd`.
         delta: delta of the privacy statements.
         seed: seed of subsets, rotations and initialisation.
     """
@@ -90,6 +94,7 @@ class Recipe:
     clip_norm: float = 1.0
     learning_rate: float = 2.0
     non_private_learning_rate: float = 0.003
+    unclipped_sgd_learning_rate: float = 0.05
     delta: float = 1e-5
     seed: int = 0
 
@@ -169,6 +174,9 @@ def run_setting(recipe, setting, work_dir):
     clip, sigma, optimizer = recipe.clip_norm, 0.0, keras.optimizers.SGD(recipe.learning_rate)
     if setting.privacy == "inf":
         clip, optimizer = NO_CLIP_NORM, keras.optimizers.Adam(recipe.non_private_learning_rate)
+    elif setting.privacy == "sgd":
+        clip = NO_CLIP_NORM
+        optimizer = keras.optimizers.SGD(recipe.unclipped_sgd_learning_rate)
     elif setting.privacy != "clip":
         sigma = dpf.accounting.calibrate_noise_multiplier(
             target_epsilon=float(setting.privacy), delta=recipe.delta,

@@ -10,6 +10,9 @@ Examples:
       --rotated_fraction=0.1 --work_dir=/tmp/runs/eps4
   python experiments/train.py --config=chexpert --data_dir=/data/chexpert \
       --epsilon=8 --work_dir=/tmp/runs/chexpert_eps8
+
+On several machines, run the same command on each with TF_CONFIG set and
+--strategy=multi_worker (see the README, "Training on several machines").
 """
 
 import os
@@ -39,6 +42,11 @@ def main(argv):
     if not settings.work_dir:
         raise app.UsageError("--work_dir is required.")
     result = train_lib.run(settings)
+    if not result.get("chief", True):
+        statement = (result["privacy"] or {}).get("statement", "")
+        print(f"\nWorker {result['worker']} of {result['num_workers']} done; the chief "
+              f"writes the results to its work_dir. {statement}")
+        return
     print(f"\n{result['privacy']['statement']}")
     for variant in ("raw", "ema"):
         metrics = result["metrics"][variant]

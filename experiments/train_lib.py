@@ -23,6 +23,11 @@ writes into `settings.work_dir`:
 
 Noise and sampling seeds are fresh secrets unless `deterministic` is set
 (for tests: anyone who knows the seed can remove the noise).
+
+With `strategy="multi_worker"` every worker runs the same command (TF_CONFIG
+says which worker it is): the chief's sampling seed is shared with all, the
+chief alone reads and writes `work_dir` (and restores the backup for all),
+the others write nothing and `run` returns them a short result.
 """
 
 import dataclasses
@@ -43,17 +48,12 @@ import tf_dpfair as dpf
 from tf_dpfair import data as data_lib
 
 RESULT_FILE = "result.json"
-STRATEGIES = ("default", "mirrored", "tpu")
-# Keras 3's `fit` cannot train under MultiWorkerMirroredStrategy: it reduces
-# nested batches and scalar logs in ways the collective strategy rejects
-# (keras-team/keras#20585, tensorflow/tensorflow#72388; reproduced here with
-# two local workers). A multi-worker DP run would also need every worker to
-# share the secret sampling seed, or each update would combine slices of
-# different logical batches and the accountant's sampling would not hold.
-MULTI_WORKER_REFUSAL = (
-    "strategy='multi_worker' is not supported: Keras 3's fit() fails under "
-    "tf.distribute.MultiWorkerMirroredStrategy (keras-team/keras#20585). Use "
-    "'mirrored' for several accelerators on one machine, or 'tpu'.")
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+NO_TF_CONFIG = (
+    "strategy='multi_worker' needs the TF_CONFIG environment variable on every "
+    "worker (the cluster's addresses and this worker's index; see the README, "
+    "'Training on several machines'). Without it every machine would run a job "
+    "of its own. For one machine use 'mirrored'.")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -162,8 +162,6 @@ def _validate(s):
                          "(or non_private=True).")
     if s.private and s.epsilon is not None and s.noise_multiplier is not None:
         raise ValueError("Give epsilon or noise_multiplier, not both.")
-    if s.strategy == "multi_worker":
-        raise ValueError(MULTI_WORKER_REFUSAL)
     if s.non_private_optimizer not in ("",) + OPTIMIZERS:
         raise ValueError(f"non_private_optimizer must be '' or one of {OPTIMIZERS}.")
     for name, allowed in (("strategy", STRATEGIES), ("optimizer", OPTIMIZERS),
@@ -195,18 +193,35 @@ def write_json(path, value):
 
 
 def make_strategy(name, tpu=""):
-    """Returns the `tf.distribute` strategy called `name` (see `STRATEGIES`)."""
+    """Returns the `tf.distribute` strategy called `name` (see `STRATEGIES`).
+
+    Create it before any dataset: a multi-worker job configures its
+    collective ops at start-up and fails once a `tf.data` dataset exists.
+
+    Args:
+        name: one of `STRATEGIES`.
+        tpu: the TPU address, for "tpu".
+
+    Returns:
+        A `tf.distribute.Strategy`.
+
+    Raises:
+        ValueError: an unknown name, or "multi_worker" without TF_CONFIG.
+    """
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        if not os.environ.get("TF_CONFIG"):
+            raise ValueError(NO_TF_CONFIG)
+        return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
-    raise ValueError(MULTI_WORKER_REFUSAL if name == "multi_worker"
-                     else f"strategy must be one of {STRATEGIES}; got {name!r}.")
+    raise ValueError(f"strategy must be one of {STRATEGIES}; got {name!r}.")
 
 
 def extra_callbacks(settings, work_dir, *, privacy_logger, run_data, test):
@@ -251,26 +266,38 @@ def updates_applied(model):
     return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
 
 
-def _restore(model, backup_dir, steps_per_epoch):
+def _restore(model, backup_dir, steps_per_epoch, strategy):
     """Loads the backup (if any) and returns the updates already applied.
 
     BackupAndRestore would load it too, but only inside `fit`; the pipeline
     has to know the update count before `fit` to restart at the right batch.
+    On several workers the chief alone reads the backup and every worker
+    gets its state (`cluster.copy_from_chief`): the others need no access
+    to the work dir.
     """
+    chief = dpf.cluster.is_chief(strategy)
     weights = os.path.join(backup_dir, "latest.weights.h5")
-    if not os.path.exists(weights):
+    found = chief and os.path.exists(weights)
+    if not dpf.cluster.share_from_chief(strategy, int(found)):
         return 0
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
-    model.load_weights(weights)
-    with open(os.path.join(backup_dir, "training_metadata.json")) as f:
-        epoch = json.load(f)["epoch"]
-    done = updates_applied(model)
-    if done != epoch * steps_per_epoch:
-        raise ValueError(f"The backup in {backup_dir} holds {done} updates after {epoch} "
-                         f"epochs of {steps_per_epoch}: it belongs to other settings. "
-                         f"Remove it or use another work_dir.")
-    return done
+    problem = None
+    if chief:
+        model.load_weights(weights)
+        with open(os.path.join(backup_dir, "training_metadata.json")) as f:
+            epoch = json.load(f)["epoch"]
+        done = updates_applied(model)
+        if done != epoch * steps_per_epoch:
+            problem = (f"The backup in {backup_dir} holds {done} updates after {epoch} "
+                       f"epochs of {steps_per_epoch}: it belongs to other settings. "
+                       f"Remove it or use another work_dir.")
+    # Every worker stops on the chief's finding, rather than wait for it.
+    if dpf.cluster.share_from_chief(strategy, int(problem is not None)):
+        raise ValueError(problem or "The chief found a backup of other settings "
+                         "in its work_dir (see its output).")
+    dpf.cluster.copy_from_chief(strategy, model.variables + model.optimizer.variables)
+    return updates_applied(model)
 
 
 def nothing_left_to_train(model, logger, total_steps):
@@ -307,11 +334,17 @@ def nothing_left_to_train(model, logger, total_steps):
     return None
 
 
-def _seeds(settings):
-    """(sampling seed, noise seed): secret unless `deterministic`."""
+def _seeds(settings, strategy):
+    """(sampling seed, noise seed): secret unless `deterministic`.
+
+    On several workers every worker uses the chief's sampling seed, so all
+    draw the same logical batches; the noise seed stays each worker's own
+    (only the chief's first replica adds noise, see `DPTraining.train_step`).
+    """
     if settings.deterministic:
         return settings.seed + 1, settings.seed + 2
-    return secrets.randbits(62), None  # DPConfig draws its own secret seed.
+    # DPConfig(seed=None) draws its own secret noise seed.
+    return dpf.cluster.share_from_chief(strategy, secrets.randbits(62)), None
 
 
 def _privacy(settings, model, logger, sigma, spec, delta, total_steps):
@@ -334,6 +367,13 @@ def _privacy(settings, model, logger, sigma, spec, delta, total_steps):
             "stopped_for_budget": statement.steps < total_steps}
 
 
+def _worker_result(strategy, privacy):
+    """What `run` returns on a worker that is not the chief (it writes nothing)."""
+    return {"finished": True, "chief": False,
+            "worker": strategy.cluster_resolver.task_id,
+            "num_workers": dpf.cluster.num_workers(strategy), "privacy": privacy}
+
+
 def run(settings, *, callbacks=(), strategy=None, verbose=2):
     """Trains, evaluates and writes one run (see the module docstring).
 
@@ -345,29 +385,42 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
             `settings.strategy`.
         verbose: `fit` verbosity.
 
+    On several workers (`strategy="multi_worker"`), run it on every worker
+    with the same settings: only the chief reads and writes `work_dir`; the
+    others train their share of every logical batch and write nothing.
+
     Returns:
         The result dict, as written to result.json (read back unchanged when
-        the run had finished before).
+        the run had finished before). On a worker other than the chief:
+        `{"finished", "chief": False, "worker", "num_workers", "privacy"}`
+        (privacy None when the chief found the run finished).
 
     Raises:
         ValueError: no work_dir, bad settings, or a backup of other settings.
     """
     if not settings.work_dir:
         raise ValueError("settings.work_dir is required.")
+    # First: a multi-worker job must configure its collective ops before any
+    # dataset exists (loading the data builds some).
+    strategy = strategy or make_strategy(settings.strategy, settings.tpu)
+    chief = dpf.cluster.is_chief(strategy)
     work_dir = settings.work_dir
     result_path = os.path.join(work_dir, RESULT_FILE)
-    if os.path.exists(result_path):
+    finished = chief and os.path.exists(result_path)
+    if dpf.cluster.share_from_chief(strategy, int(finished)):
+        if not chief:
+            return _worker_result(strategy, None)
         with open(result_path) as f:
             return json.load(f)
-    os.makedirs(work_dir, exist_ok=True)
-    write_json(os.path.join(work_dir, "settings.json"), settings.to_json())
+    if chief:  # The other workers write nowhere.
+        os.makedirs(work_dir, exist_ok=True)
+        write_json(os.path.join(work_dir, "settings.json"), settings.to_json())
     keras.utils.set_random_seed(settings.seed)
     run_data = inputs_lib.load_data(settings)
-    strategy = strategy or make_strategy(settings.strategy, settings.tpu)
     replicas = strategy.num_replicas_in_sync
     num_train = run_data.train.num_examples
     delta = settings.delta or 1.0 / num_train
-    sampling_seed, noise_seed = _seeds(settings)
+    sampling_seed, noise_seed = _seeds(settings, strategy)
 
     def pipeline(start_step):
         return data_lib.make_train_dataset(
@@ -405,27 +458,32 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
                 raise ValueError("augmult > 1 is implemented by DPModel only.")
             model = dpf.make_non_private(base)
         _compile(model, settings, run_data.multi_label)
-        backup_dir = os.path.join(work_dir, "backup")
-        start = _restore(model, backup_dir, period)
+    backup_dir = os.path.join(work_dir, "backup")
+    # Outside the scope: there Keras's load_weights runs collective ops, which
+    # the other workers (not loading) would never join.
+    start = _restore(model, backup_dir, period, strategy)
 
     test = data_lib.make_eval_dataset(run_data.test, batch_size=settings.eval_batch_size,
                                       microbatch_size=1, num_replicas=1)
     logger = None
-    standard = [evaluation_lib.EpochEvaluation(
-        test, run_data, os.path.join(work_dir, "checkpoints"), settings.eval_every)]
     if settings.private:
+        # On every worker: a budget stop must end every worker's fit at the
+        # same update, and each states the job's epsilon.
         logger = dpf.callbacks.PrivacyLogger(
             delta=delta, sampling_spec=spec, accountant=settings.accountant,
-            target_epsilon=settings.epsilon)
+            target_epsilon=settings.epsilon, verbose=int(chief))
         # Its statement reads the model's update count, with or without fit.
         logger.set_model(model)
-        standard.insert(0, logger)
-    standard += extra_callbacks(settings, work_dir, privacy_logger=logger,
-                                run_data=run_data, test=test)
-    standard += [keras.callbacks.TensorBoard(os.path.join(work_dir, "tensorboard"),
-                                             write_graph=False, profile_batch=0),
-                 # Last, so an epoch's checkpoint files exist before its backup.
-                 keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False)]
+    standard = [logger] if logger else []
+    if chief:  # Writers: the chief's alone.
+        standard += [evaluation_lib.EpochEvaluation(
+            test, run_data, os.path.join(work_dir, "checkpoints"), settings.eval_every)]
+        standard += extra_callbacks(settings, work_dir, privacy_logger=logger,
+                                    run_data=run_data, test=test)
+        standard += [keras.callbacks.TensorBoard(os.path.join(work_dir, "tensorboard"),
+                                                 write_graph=False, profile_batch=0),
+                     # Last, so an epoch's checkpoint files exist before its backup.
+                     keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False)]
     started = time.time()
     # A run stopped by its budget (or complete) but killed before result.json
     # is finished: fit would only refuse to start.
@@ -434,9 +492,15 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
         print(finished)
     else:
         print(f"Training from update {start} of {total_steps}.")
-        model.fit(pipeline(start).dataset, epochs=epochs, steps_per_epoch=period,
-                  callbacks=list(callbacks) + standard, verbose=verbose)
+        # initial_epoch is given, not left to BackupAndRestore: only the
+        # chief has that callback, and every worker must run the same epochs.
+        model.fit(pipeline(start).dataset, epochs=epochs, initial_epoch=start // period,
+                  steps_per_epoch=period, callbacks=list(callbacks) + standard,
+                  verbose=verbose if chief else 0)
     train_seconds = time.time() - started
+    if not chief:
+        return _worker_result(strategy, _privacy(settings, model, logger, sigma, spec,
+                                                 delta, total_steps))
     result = {
         "finished": True, "settings": settings.to_json(),
         "privacy": _privacy(settings, model, logger, sigma, spec, delta, total_steps),
@@ -447,6 +511,7 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
                             for a in run_data.group_spec.attributes}},
         "training": {"epochs": epochs, "steps_per_epoch": period,
                      "total_steps": total_steps, "replicas": replicas,
+                     "workers": dpf.cluster.num_workers(strategy),
                      "seconds_this_session": train_seconds},
         "metrics": evaluation_lib.evaluate_final(model, run_data, test, work_dir,
                                                   settings.n_bootstrap),

@@ -10,6 +10,8 @@ import os
 import re
 import sys
 
+import pytest
+
 _PATH = os.path.join(os.path.dirname(__file__), os.pardir,
                      "benchmarks/dp_overhead.py")
 
@@ -44,3 +46,23 @@ def test_memory_probe_reports_the_input_it_was_given():
     # 64 images of 32x32x3 float32 and 64 int64 labels.
     assert abs(got["input_mib"] - (64 * 32 * 32 * 3 * 4 + 64 * 8) / 2**20) < 1e-9
     assert got["added_mib"] >= 0 and got["before_mib"] > 0
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_runs_one_and_two_local_workers():
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), os.pardir,
+                          "benchmarks/multi_worker_scaling.py")
+    done = subprocess.run(
+        [sys.executable, script, "--batch", "16", "--microbatch", "8", "--examples", "64",
+         "--updates", "2", "--warmup", "1", "--rounds", "1", "--timeout", "400"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("[workers=")]
+    assert [line.split("]")[0] for line in lines] == ["[workers=1", "[workers=2"]
+    assert "replicas 2, 3 updates" in lines[1]
+    for line in lines:
+        speed, ratio = re.search(r"(\d+) ex/s, ratio to 1 worker\(s\) ([\d.]+)x",
+                                 line).groups()
+        assert int(speed) > 0 and float(ratio) > 0

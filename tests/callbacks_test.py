@@ -255,3 +255,28 @@ def test_restored_model_without_a_fit_is_stated_as_its_logger_says(tmp_path):
     assert logger.statement().epsilon == pytest.approx(shuffle_eps(2))
     # Update 8 continues pass 1 from step 7 in a new fit: counted as a new pass.
     assert logger.statement(8).participations == 3
+
+
+def test_statement_before_fit_with_a_spec_reads_the_restored_ledger():
+    # A run restored from a backup asks for its epsilon before fit (is its
+    # budget spent?): a logger given the pipeline's spec answers from the
+    # model's ledger. N = 50, B = 10: q = 0.2 for Poisson.
+    from tf_dpfair import sampling
+
+    model = make_model()
+    model._update_count.assign(7)
+    spec = sampling.make_sampling_spec("poisson", 50, 10, microbatch_size=5)
+    logger = dpf.callbacks.PrivacyLogger(delta=1e-3, sampling_spec=spec)
+    logger.set_model(model)
+    for steps in (7, 8):
+        assert logger.statement(steps).epsilon == pytest.approx(
+            dpf.accounting.compute_epsilon(noise_multiplier=1.0, delta=1e-3,
+                                           sampling="poisson", steps=steps,
+                                           sampling_probability=0.2), rel=1e-9)
+    # Updates that were not Poisson-sampled take the amplification away.
+    model._non_poisson_updates.assign(1)
+    model._participations.assign(3)
+    assert logger.statement(8).epsilon == pytest.approx(
+        dpf.accounting.compute_epsilon(noise_multiplier=1.0, delta=1e-3,
+                                       sampling="shuffle", steps=8,
+                                       participations=4), rel=1e-9)

@@ -251,6 +251,26 @@ def test_noise_differs_between_updates_and_seeds():
     assert model.update_count == 3
 
 
+def test_train_on_batch_is_refused_with_several_replicas():
+    # Keras gives every replica the whole batch here: each example would
+    # count twice in the sum (measured: the update equalled that of the
+    # batch concatenated with itself), while the noise is calibrated to one.
+    with mirrored().scope():
+        inputs = keras.Input((3,))
+        model = dpf.DPModel(inputs=inputs, outputs=keras.layers.Dense(1)(inputs),
+                            dp_config=dpf.DPConfig(l2_norm_clip=1.0,
+                                                   noise_multiplier=1.0,
+                                                   expected_batch_size=4))
+        model.compile(optimizer="sgd", loss="mse")
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    with pytest.raises(ValueError, match=r"every replica the whole batch, so "
+                       r"each example would count 2 times"):
+        model.train_on_batch(np.ones((4, 3), np.float32), np.ones((4, 1), np.float32))
+    assert model.update_count == 0 and model.participations == 0
+    for got, want in zip(model.trainable_variables, before):
+        np.testing.assert_array_equal(got.numpy(), want)
+
+
 def test_augmult_update_uses_mean_loss_over_views_per_example(clipping):
     rng = np.random.default_rng(17)
     views, n = 3, 6

@@ -126,12 +126,20 @@ def test_bad_settings_are_refused_with_a_reason():
         train_lib.settings_from(None, {"epsilon": 1.0, "noise_multiplier": 1.0})
     with pytest.raises(ValueError, match="Unknown config"):
         train_lib.settings_from("nope", {})
-    with pytest.raises(ValueError, match="multi_worker' is not supported.*keras#20585"):
-        train_lib.settings_from(None, {"epsilon": 1.0, "strategy": "multi_worker"})
-    with pytest.raises(ValueError, match="multi_worker' is not supported"):
-        train_lib.make_strategy("multi_worker")
     with pytest.raises(ValueError, match="strategy must be one of"):
         train_lib.make_strategy("parameter_server")
+
+
+def test_multi_worker_strategy_needs_tf_config(monkeypatch):
+    settings = train_lib.settings_from(None, {"epsilon": 1.0, "strategy": "multi_worker"})
+    assert settings.strategy == "multi_worker"
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match=r"strategy='multi_worker' needs the TF_CONFIG "
+                       r"environment variable on every worker"):
+        train_lib.make_strategy("multi_worker")
+    monkeypatch.setenv("TF_CONFIG", "")
+    with pytest.raises(ValueError, match="needs the TF_CONFIG"):
+        train_lib.make_strategy("multi_worker")
 
 
 def test_accuracy_table_counts_hits_per_group_by_hand():
@@ -188,8 +196,9 @@ def test_rerun_of_a_run_stopped_by_its_budget_says_it_is_finished(tmp_path, caps
     sigma = result["privacy"]["noise_multiplier"]
 
     def epsilon(steps):  # Poisson, q = 50 / 200, delta = 1/N
-        return dpf.accounting.compute_epsilon(noise_multiplier=sigma, sampling_probability=0.25,
-                                              steps=steps, delta=1 / 200, sampling="poisson")
+        return dpf.accounting.compute_epsilon(noise_multiplier=sigma, sampling="poisson",
+                                              sampling_probability=0.25, steps=steps,
+                                              delta=1 / 200)
 
     assert epsilon(6) <= 3.0 < epsilon(7)  # the budget, not only the plan, ends it
     out = capsys.readouterr().out
@@ -213,9 +222,11 @@ def test_budget_reached_before_the_planned_updates_leaves_nothing_to_train():
     model.compile(optimizer="sgd", loss="mse")
 
     def epsilon(steps):
-        # Keras' shuffled batches of 10 from 70 arrays: a new pass every 7 updates.
-        return dpf.accounting.compute_epsilon(noise_multiplier=1.0, participations=-(-steps // 7),
-                                              steps=steps, delta=1e-3, sampling="shuffle")
+        # fit below gets 70 array rows in batches of 10, which Keras shuffles
+        # into fixed batches: accounted as shuffled, one pass per 7 updates.
+        return dpf.accounting.compute_epsilon(noise_multiplier=1.0, sampling="shuffle",
+                                              participations=math.ceil(steps / 7),
+                                              steps=steps, delta=1e-3)
 
     target = (epsilon(7) + epsilon(8)) / 2  # 7 updates fit, the 8th starts pass 2
     logger = dpf.callbacks.PrivacyLogger(delta=1e-3, target_epsilon=target, verbose=0)

@@ -4,6 +4,7 @@ from tf_dpfair import accounting
 from tf_dpfair import audit
 from tf_dpfair import augment
 from tf_dpfair import callbacks
+from tf_dpfair import cluster
 from tf_dpfair import dashboard_sweep
 from tf_dpfair import dashboards
 from tf_dpfair import data

@@ -5,6 +5,7 @@ import dataclasses
 import keras
 
 from tf_dpfair import accounting
+from tf_dpfair import cluster
 from tf_dpfair import feeding
 from tf_dpfair import resume
 
@@ -37,7 +38,9 @@ class PrivacyLogger(keras.callbacks.Callback):
 
     Epsilon comes from the model's own count of applied DP updates and its
     participation ledger (`DPModel.update_count`, `DPModel.participations`,
-    saved with the model), so it is right after a resume too. With
+    saved with the model), so it is right after a resume too, and counts
+    updates (logical batches), not replicas or workers: on several workers
+    every worker's logger states the job's epsilon. With
     `target_epsilon`, training stops before any update that would take
     epsilon above it, and refuses to start if not even one more update fits.
 
@@ -328,6 +331,11 @@ class BudgetGuard(PrivacyLogger):
     `stop_reason`. It refuses to start (ValueError, nothing trained or saved)
     when not even one more update fits, e.g. with noise_multiplier 0.
 
+    Epsilon, as for `PrivacyLogger`, comes from the model's count of updates
+    (one per logical batch, whatever the number of replicas or workers).
+    On several workers give it to every worker: all stop at the same update,
+    and only the chief saves.
+
     Args:
       target_epsilon: the budget, > 0.
       save_path: where the model is saved when the budget stops training; a
@@ -361,11 +369,16 @@ class BudgetGuard(PrivacyLogger):
             done = self.model.update_count
             now = self.statement()
             after = self.statement(done + self._updates_per_call())
-            resume.atomic_save_model(self.model, self.save_path)
+            # Every worker stops at the same update (the count is the
+            # job's); only the chief writes the model.
+            chief = cluster.is_chief(self.model.distribute_strategy)
+            if chief:
+                resume.atomic_save_model(self.model, self.save_path)
             self.stop_reason = (
                 f"Privacy budget reached: stopped after {done} updates at "
                 f"epsilon={now.epsilon:.4g} (delta={now.delta:.3g}); update "
                 f"{done + 1} would take epsilon to {after.epsilon:.4g}, above "
-                f"the target {self.target_epsilon}. Model saved to "
-                f"{self.save_path}.")
+                f"the target {self.target_epsilon}. "
+                + (f"Model saved to {self.save_path}." if chief else
+                   "The chief saves the model."))
             print(self.stop_reason)

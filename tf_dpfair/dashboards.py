@@ -37,6 +37,7 @@ from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 from tensorboard.plugins.hparams import api as hp
 
 from tf_dpfair import batch as batch_lib
+from tf_dpfair import cluster
 from tf_dpfair import fairness
 from tf_dpfair import reports
 
@@ -168,7 +169,8 @@ class FairnessDashboard(keras.callbacks.Callback):
     `keras.callbacks.TensorBoard(log_dir)`; compile the model with a
     `metrics.GroupedAUC` and pass `validation_data` with groups. Tag names
     and runs are in the module docstring; it warns once about each missing
-    source of figures.
+    source of figures. On several workers only the chief writes (and
+    evaluates); give it to every worker.
 
     With `evaluation_data`, each epoch it also computes exact per-group AUC
     with bootstrap intervals (`fairness.evaluate`) on that held-out data,
@@ -251,7 +253,14 @@ class FairnessDashboard(keras.callbacks.Callback):
 
     # ------------------------------------------------------------- callbacks
 
+    def _writes(self):
+        # On several workers only the chief writes; the others' figures are
+        # the same (their logs and weights equal the chief's).
+        return cluster.is_chief(self.model.distribute_strategy)
+
     def on_train_begin(self, logs=None):
+        if not self._writes():
+            return
         if not self._hparams_written:
             values = run_hparams(self.model, self.privacy_logger, self.hparams)
             with self._writer("").as_default():
@@ -259,6 +268,8 @@ class FairnessDashboard(keras.callbacks.Callback):
             self._hparams_written = True
 
     def on_epoch_end(self, epoch, logs=None):
+        if not self._writes():
+            return
         logs = logs or {}
         step = self._step()
         groups = self._write_logged_figures(logs, step)

@@ -323,7 +323,11 @@ def make_train_dataset(source, *, expected_batch_size, seed, mode=sampling.POISS
     the model learns the spec and `steps_per_epoch` defaults to the spec's.
     To resume at update k, pass `start_step=k` (`fit` refuses a pipeline
     that does not start at the model's update count) and the same seed:
-    batches are a function of `(seed, update)` only.
+    batches are a function of `(seed, update)` only. On several workers
+    (`MultiWorkerMirroredStrategy`) every worker builds it with the same
+    secret seed (`cluster.share_from_chief`) and `num_replicas` of the whole
+    job; it is sharded by data, so each worker trains on its replicas' rows
+    of every logical batch.
 
     Args:
         source: an `ExampleSource`.
@@ -379,9 +383,10 @@ def make_train_dataset(source, *, expected_batch_size, seed, mode=sampling.POISS
             (tf.fill(tf.shape(indices), step), indices, valid)))
     dataset = rows.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(spec.padded_batch_size, drop_remainder=True)
-    # The tag lets `DPModel.fit` learn the spec from the dataset itself.
-    dataset = feeding.tag_pipeline(dataset.prefetch(tf.data.AUTOTUNE), spec,
-                                   start_step, num_steps)
+    dataset = _sharded_by_data(dataset.prefetch(tf.data.AUTOTUNE))
+    # The tag lets `DPModel.fit` learn the spec from the dataset itself; set
+    # last, on the very object returned (`with_options` makes a new one).
+    dataset = feeding.tag_pipeline(dataset, spec, start_step, num_steps)
     return TrainData(dataset, spec)
 
 
@@ -424,7 +429,23 @@ def make_eval_dataset(source, *, batch_size, microbatch_size=1, num_replicas=1,
 
     dataset = tf.data.Dataset.range(total).map(
             example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return _sharded_by_data(
+            dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+
+
+def _sharded_by_data(dataset):
+    """`dataset` with tf.data auto-sharding by data, for several workers.
+
+    Under `MultiWorkerMirroredStrategy` every worker then builds the same
+    batches and keeps its own replicas' rows of each: every row is used
+    once. (AUTO falls back to this for these datasets, since they read no
+    files; OFF would give every worker the same rows.) No effect in one
+    process.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA)
+    return dataset.with_options(options)
 
 
 def _check_source(source):

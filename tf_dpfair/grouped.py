@@ -10,6 +10,7 @@ from training logs.
 import keras
 
 from tf_dpfair import batch
+from tf_dpfair import multiworker
 
 
 class GroupedEvaluation:
@@ -64,7 +65,8 @@ class GroupedEvaluation:
 
 
 @keras.saving.register_keras_serializable(package="tf_dpfair")
-class NonPrivateModel(GroupedEvaluation, keras.Model):
+class NonPrivateModel(multiworker.MultiWorkerFit, GroupedEvaluation,
+                      keras.Model):
     """A functional model trained without DP, evaluated like a DPModel.
 
     The baseline of private-vs-non-private comparisons: plain Keras training

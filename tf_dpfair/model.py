@@ -14,7 +14,8 @@ The DP step, one `train_step` call = one optimizer update = one logical batch
    [0, 1], and add it to a running sum.
 3. Noise enters here, once per update for the whole job: replica 0 adds
    N(0, (sigma * C)^2) drawn statelessly from (secret seed, update index);
-   the other replicas add nothing. Keras' `optimizer.apply` then sums the
+   the other replicas add nothing (replica ids are global: on several
+   workers, replica 0 is the chief's first). Keras' `optimizer.apply` then sums the
    replicas' shares, so the total carries exactly one noise draw whatever the
    replica count.
 4. Divide by `expected_batch_size` (never the realised size), add the gradient
@@ -36,11 +37,13 @@ import tensorflow as tf
 from tf_dpfair import batch
 from tf_dpfair import checks
 from tf_dpfair import clipping
+from tf_dpfair import cluster
 from tf_dpfair import data
 from tf_dpfair import diagnostics
 from tf_dpfair import ema
 from tf_dpfair import feeding
 from tf_dpfair import ghost
+from tf_dpfair import multiworker
 from tf_dpfair import noise
 from tf_dpfair import separability
 from tf_dpfair.config import DPConfig
@@ -211,14 +214,21 @@ class DPTraining(GroupedEvaluation):
         (`participations`, `non_poisson_updates`) up to date after every
         step, so `PrivacyLogger` states the sampling the batches really had.
 
+        Under `MultiWorkerMirroredStrategy` with several workers, `x` must
+        be the package's pipeline (see `tf_dpfair.cluster`): every worker
+        builds it with the same secret seed and trains on its own slice.
+
         Raises:
           ValueError: the input would break the accounting (see
             `feeding.resolve`): a pipeline not started at `update_count`, a
-            finite pipeline Keras would replay, arrays stated as Poisson.
+            finite pipeline Keras would replay, arrays stated as Poisson; on
+            several workers, input other than the package's pipeline.
         """
         if isinstance(x, data.TrainData):
             x = x.dataset
         tag = feeding.pipeline_tag(x)
+        if cluster.is_multi_worker(self.distribute_strategy):
+            _refuse_unsliced_input_on_workers(x, tag, self.distribute_strategy)
         if tag is not None and tag.num_steps is None and steps_per_epoch is None:
             steps_per_epoch = tag.spec.steps_per_epoch  # else endless epochs
         if isinstance(callbacks, keras.callbacks.CallbackList):
@@ -269,7 +279,22 @@ class DPTraining(GroupedEvaluation):
         Nothing says how such a batch was drawn, so the accountant's ledger
         counts it as an update any example may have joined (one more
         participation, not Poisson-sampled), and `feeding` is cleared.
+
+        Raises:
+          ValueError: the model's strategy has several replicas. Keras hands
+            every replica the whole batch here, so each example would enter
+            the sum once per replica: its influence would be R times the
+            clip norm the noise is calibrated to. Use `fit`, which splits
+            the batch.
         """
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if replicas > 1:
+            raise ValueError(
+                f"DPModel.train_on_batch under a strategy with {replicas} "
+                f"replicas would give every replica the whole batch, so each "
+                f"example would count {replicas} times in the update, above "
+                f"the clip norm the noise is calibrated to. Use fit (one "
+                f"batch = one update), which splits the batch over replicas.")
         result = super().train_on_batch(x, y, sample_weight=sample_weight,
                                         class_weight=class_weight,
                                         return_dict=return_dict)
@@ -551,10 +576,11 @@ class DPTraining(GroupedEvaluation):
                        "DPModel: sample weights must be >= 0."),
         ]
         # The update depends on the checks, so a failing batch writes nothing.
-        # Clamping keeps each contribution within C should a check ever be
-        # skipped (XLA drops assertions; the step keeps them outside XLA).
+        # Should a check ever be skipped (XLA drops assertions: on TPU the
+        # whole step is compiled), clamping keeps each contribution within C
+        # and a NaN or Inf weight counts as 0 rather than poisoning the sum.
         with tf.control_dependencies(weight_checks):
-            return tf.clip_by_value(weights, 0.0, 1.0)
+            return tf.clip_by_value(tf.where(finite, weights, 0.0), 0.0, 1.0)
 
     def train_step(self, data):
         """One DP-SGD update on one logical batch (see the module docstring)."""
@@ -693,6 +719,49 @@ def _is_sparse_categorical(loss):
     return getattr(loss, "fn", loss) is keras.losses.sparse_categorical_crossentropy
 
 
+def _refuse_unsliced_input_on_workers(x, tag, strategy):
+    """Raises unless every worker will train on its slice of one batch.
+
+    Under several workers Keras splits each batch of the dataset by
+    `tf.data` auto-sharding: every worker builds the same stream and keeps
+    its replicas' rows (policy DATA). That is the logical batch only if all
+    workers build the same batches: the package's pipeline does (same
+    secret seed everywhere, see `tf_dpfair.cluster.share_from_chief`). Keras
+    shuffles arrays differently on each worker, and a user pipeline shuffled
+    without a seed would put one example in two workers' slices of one
+    update, counting it twice; with sharding OFF every worker trains on the
+    same rows.
+
+    Args:
+      x: the input given to `fit`.
+      tag: its `feeding.PipelineTag`, or None.
+      strategy: the model's multi-worker strategy.
+
+    Raises:
+      ValueError: `x` is not the package's pipeline, or its auto-shard
+        policy is not DATA.
+    """
+    workers = cluster.num_workers(strategy)
+    if tag is None:
+        raise ValueError(
+            f"On {workers} workers DPModel.fit needs the TrainData of "
+            f"tf_dpfair.data.make_train_dataset (built on every worker with "
+            f"the same secret seed, shared with "
+            f"tf_dpfair.cluster.share_from_chief): each worker must train on "
+            f"its own slice of the same logical batch, which the package "
+            f"cannot check for arrays or other pipelines (Keras shuffles "
+            f"arrays differently on each worker; an unseeded shuffle would "
+            f"put one example in two workers' slices and count it twice).")
+    policy = x.options().experimental_distribute.auto_shard_policy
+    if policy != tf.data.experimental.AutoShardPolicy.DATA:
+        raise ValueError(
+            f"On {workers} workers the training dataset must be sharded by "
+            f"data (tf.data AutoShardPolicy.DATA: each worker keeps its "
+            f"replicas' rows of every batch); it has {policy!r}. With OFF "
+            f"every worker trains on the same rows, so each example would "
+            f"count once per worker. data.make_train_dataset sets DATA.")
+
+
 def _refuse_multi_step_under_strategy(steps_per_execution, strategy):
     """Raises where Keras' `fit` would fail with several steps per call.
 
@@ -731,7 +800,7 @@ class _GhostState:
 
 
 @keras.saving.register_keras_serializable(package="tf_dpfair")
-class DPModel(DPTraining, keras.Model):
+class DPModel(multiworker.MultiWorkerFit, DPTraining, keras.Model):
     """A functional Keras model trained with DP-SGD by `fit`.
 
     `DPModel(inputs=..., outputs=..., dp_config=cfg)`. For any other model
@@ -765,7 +834,7 @@ class DPModel(DPTraining, keras.Model):
 
 
 @keras.saving.register_keras_serializable(package="tf_dpfair")
-class PrivateModel(DPTraining, keras.Model):
+class PrivateModel(multiworker.MultiWorkerFit, DPTraining, keras.Model):
     """A DPModel that wraps a model without a functional graph (subclassed).
 
     Args:

@@ -90,7 +90,14 @@ re-done updates are the only ones released; a file another callback wrote
 between the checkpoint and the kill would show updates that are re-done with
 other noise (count them, or checkpoint only through this module).
 
-Single process (one writer); multi-worker jobs need a chief-only writer.
+Several workers (`MultiWorkerMirroredStrategy`): give every worker the
+same `DPCheckpoint`. Only the chief reads and writes the directory (the
+others write nothing and need no access to it); `restore` copies the
+chief's restored state to every worker (`tf_dpfair.cluster`), and all follow
+the chief's decision to re-key. Noise is drawn on the chief's first replica
+only (`DPTraining.train_step`), so its noise seed is the one that matters,
+and the argument above holds for the job as for one process: all workers
+are restarted together, since a job loses its collectives when any dies.
 """
 
 import dataclasses
@@ -99,6 +106,8 @@ import math
 import os
 
 import keras
+
+from tf_dpfair import cluster
 
 CHECKPOINT_NAME = "checkpoint.weights.h5"
 LEASE_NAME = "noise_lease.json"
@@ -206,6 +215,7 @@ class DPCheckpoint(keras.callbacks.Callback):
         self._restored = None  # (model, update count) of the last restore
         self._saved_at = None
         self._lease = 0
+        self._chief = True  # set by restore() from the model's strategy
 
     @property
     def checkpoint_path(self):
@@ -222,7 +232,9 @@ class DPCheckpoint(keras.callbacks.Callback):
 
         Deletes partial files of an interrupted write. If updates may have
         been applied after the checkpoint (and lost), the model gets a fresh
-        secret noise seed, so their noise draws are never reused.
+        secret noise seed, so their noise draws are never reused. On several
+        workers call it on every worker: the chief reads the directory and
+        every worker gets its state and decision.
 
         Args:
           model: the compiled DPModel, built, as the training command makes it.
@@ -239,19 +251,31 @@ class DPCheckpoint(keras.callbacks.Callback):
         if model.optimizer is None:
             raise ValueError("Compile the model before restore(): the "
                              "checkpoint holds the optimizer state and EMA.")
-        os.makedirs(self.directory, exist_ok=True)
-        for name in os.listdir(self.directory):
-            if name.startswith(TMP_PREFIX):
-                os.remove(os.path.join(self.directory, name))
-        found = os.path.exists(self.checkpoint_path)
+        strategy = model.distribute_strategy
+        self._chief = cluster.is_chief(strategy)
+        found = False
+        if self._chief:
+            os.makedirs(self.directory, exist_ok=True)
+            for name in os.listdir(self.directory):
+                if name.startswith(TMP_PREFIX):
+                    os.remove(os.path.join(self.directory, name))
+            found = os.path.exists(self.checkpoint_path)
+        # On several workers every one follows the chief's files.
+        found = bool(cluster.share_from_chief(strategy, int(found)))
         if found:
             if not model.optimizer.built:
                 model.optimizer.build(model.trainable_variables)
-            model.load_weights(self.checkpoint_path)
+            if self._chief:
+                model.load_weights(self.checkpoint_path)
+            cluster.copy_from_chief(strategy, model.variables
+                                    + model.optimizer.variables)
         count = model.update_count
-        lease = self._read_lease()
-        # No lease but a count: the history is unknown, so assume the worst.
-        self.rekeyed = (count > 0) if lease is None else lease > count
+        rekey = False
+        if self._chief:
+            lease = self._read_lease()
+            # No lease but a count: the history is unknown, so assume the worst.
+            rekey = (count > 0) if lease is None else lease > count
+        self.rekeyed = bool(cluster.share_from_chief(strategy, int(rekey)))
         if self.rekeyed:
             _refresh_noise_seed(model)
         self._lease = count
@@ -275,12 +299,18 @@ class DPCheckpoint(keras.callbacks.Callback):
             return None
 
     def _write_lease(self, value):
-        _write_json(self.lease_path, {"reserved_through": int(value)})
+        if self._chief:
+            _write_json(self.lease_path, {"reserved_through": int(value)})
         self._lease = value
 
     def save(self):
-        """Writes the checkpoint of the current state now (atomically)."""
-        atomic_write(self.checkpoint_path, self.model.save_weights)
+        """Writes the checkpoint of the current state now (atomically).
+
+        On several workers only the chief writes; the others only note the
+        update count, so that all keep the same schedule.
+        """
+        if self._chief:
+            atomic_write(self.checkpoint_path, self.model.save_weights)
         self._saved_at = self.model.update_count
 
     def _updates_per_call(self):
@@ -332,7 +362,8 @@ def fit_resumable(model, make_dataset, *, directory, total_updates,
       make_dataset: `fn(start_step)` returning the `TrainData` (or a
         `tf.data.Dataset`) of at least `total_updates - start_step` batches
         from update `start_step` on (e.g.
-        `lambda s: data.make_train_dataset(..., start_step=s)`).
+        `lambda s: data.make_train_dataset(..., start_step=s)`; on several
+        workers with the seed of `cluster.share_from_chief`).
       directory: the checkpoint folder.
       total_updates: the length of the run in updates.
       steps_per_epoch: updates per epoch (epochs only pace the logs).
