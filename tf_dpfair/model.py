@@ -22,6 +22,10 @@ The DP step, one `train_step` call = one optimizer update = one logical batch
    of data-independent weight regularizers (replica 0 only), apply the
    optimizer, count the update, update the EMA shadows.
 
+What surrounds the step in `fit` (how the input is recorded for the
+accountant, the participation ledger, diagnostics, XLA and multi-step
+refusals) is in `tf_dpfair/fitting.py`.
+
 Before the first update after each `compile` (at the first trace of
 `train_step`), the model is checked: trainable BatchNormalization anywhere in
 it is refused, and so is any model whose training-mode output for one example
@@ -37,11 +41,9 @@ import tensorflow as tf
 from tf_dpfair import batch
 from tf_dpfair import checks
 from tf_dpfair import clipping
-from tf_dpfair import cluster
-from tf_dpfair import data
 from tf_dpfair import diagnostics
 from tf_dpfair import ema
-from tf_dpfair import feeding
+from tf_dpfair import fitting
 from tf_dpfair import ghost
 from tf_dpfair import multiworker
 from tf_dpfair import noise
@@ -51,7 +53,7 @@ from tf_dpfair.grouped import GroupedEvaluation
 from tf_dpfair.models import batchnorm
 
 
-class DPTraining(GroupedEvaluation):
+class DPTraining(fitting.KerasFitting, GroupedEvaluation):
     """The DP-SGD `train_step` and its bookkeeping, mixed into Keras models.
 
     `DPModel` (functional models) and `PrivateModel` (any other model) use it;
@@ -103,44 +105,6 @@ class DPTraining(GroupedEvaluation):
         return int(self._update_count.numpy())
 
     @property
-    def participations(self):
-        """Most updates any one training example can have taken part in (int).
-
-        An upper bound kept over every `fit` call from how each was fed
-        (see `tf_dpfair.feeding`); the shuffle statement composes this many
-        Gaussian mechanisms. Saved with the model.
-        """
-        return int(self._participations.numpy())
-
-    @property
-    def non_poisson_updates(self):
-        """Updates so far whose batch was not drawn by Poisson sampling (int)."""
-        return int(self._non_poisson_updates.numpy())
-
-    @property
-    def feeding(self):
-        """The `feeding.Feeding` of the latest `fit` call, or None before any."""
-        self._sync_feeding()
-        return self._feeding
-
-    def _sync_feeding(self, first_step=False):
-        """Re-bases the feeding on weights restored before the first step.
-
-        A callback such as `keras.callbacks.BackupAndRestore` may load other
-        weights (update count and ledger included) after `fit` recorded how
-        it is fed; until the first step runs, the record follows them.
-        """
-        fed = self._feeding
-        if fed is None or self._feeding_started:
-            return
-        count = self.update_count
-        if count != fed.start_update:
-            self._feeding = feeding.rebase(
-                fed, update_count=count, participations=self.participations,
-                non_poisson_updates=self.non_poisson_updates)
-        self._feeding_started = first_step
-
-    @property
     def nonfinite_examples(self):
         """Training examples so far whose gradient had a NaN or Inf (int).
 
@@ -180,7 +144,7 @@ class DPTraining(GroupedEvaluation):
         if loss is None:
             raise ValueError("DPModel.compile needs a loss: per-example "
                              "gradients are gradients of the per-example loss.")
-        _refuse_multi_step_under_strategy(
+        fitting.refuse_multi_step_under_strategy(
             kwargs.get("steps_per_execution", 1), self.distribute_strategy)
         super().compile(optimizer=optimizer, loss=loss,
                         loss_weights=loss_weights, metrics=metrics,
@@ -197,141 +161,6 @@ class DPTraining(GroupedEvaluation):
                     "so that EMA shadows can be created for its weights.")
             self._ema_shadows = ema.create_shadows(self,
                                                    self.trainable_variables)
-
-    # ----------------------------------------------------------- fit
-
-    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto",
-            callbacks=None, validation_split=0.0, validation_data=None,
-            shuffle=True, class_weight=None, sample_weight=None,
-            initial_epoch=0, steps_per_epoch=None, validation_steps=None,
-            validation_batch_size=None, validation_freq=1):
-        """Like `keras.Model.fit`; also records how the batches are drawn.
-
-        `x` may be the `TrainData` of `data.make_train_dataset` (or its
-        dataset): the model then knows the pipeline's `SamplingSpec`, and
-        `steps_per_epoch` defaults to the spec's. Every call records its
-        `feeding.Feeding` (`model.feeding`) and keeps the accountant's ledger
-        (`participations`, `non_poisson_updates`) up to date after every
-        step, so `PrivacyLogger` states the sampling the batches really had.
-
-        Under `MultiWorkerMirroredStrategy` with several workers, `x` must
-        be the package's pipeline (see `tf_dpfair.cluster`): every worker
-        builds it with the same secret seed and trains on its own slice.
-
-        Raises:
-          ValueError: the input would break the accounting (see
-            `feeding.resolve`): a pipeline not started at `update_count`, a
-            finite pipeline Keras would replay, arrays stated as Poisson; on
-            several workers, input other than the package's pipeline.
-        """
-        if isinstance(x, data.TrainData):
-            x = x.dataset
-        tag = feeding.pipeline_tag(x)
-        if cluster.is_multi_worker(self.distribute_strategy):
-            _refuse_unsliced_input_on_workers(x, tag, self.distribute_strategy)
-        if tag is not None and tag.num_steps is None and steps_per_epoch is None:
-            steps_per_epoch = tag.spec.steps_per_epoch  # else endless epochs
-        if isinstance(callbacks, keras.callbacks.CallbackList):
-            callbacks = callbacks.callbacks
-        callbacks = list(callbacks or [])
-        self._feeding = feeding.resolve(
-            x=x, batch_size=batch_size, validation_split=validation_split,
-            epochs=epochs, initial_epoch=initial_epoch,
-            steps_per_epoch=steps_per_epoch,
-            expected_batch_size=self._dp_config.expected_batch_size,
-            update_count=self.update_count, participations=self.participations,
-            non_poisson_updates=self.non_poisson_updates,
-            stated=[c.stated_sampling for c in callbacks
-                    if isinstance(getattr(c, "stated_sampling", None),
-                                  feeding.StatedSampling)])
-        self._feeding_started = False
-        self._attach_diagnostics(callbacks)
-        # First, so checkpoints written at a step's end hold the ledger of
-        # that step.
-        callbacks.insert(0, feeding.LedgerCallback())
-        return super().fit(
-            x=x, y=y, batch_size=batch_size, epochs=epochs, verbose=verbose,
-            callbacks=callbacks, validation_split=validation_split,
-            validation_data=validation_data, shuffle=shuffle,
-            class_weight=class_weight, sample_weight=sample_weight,
-            initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
-            validation_steps=validation_steps,
-            validation_batch_size=validation_batch_size,
-            validation_freq=validation_freq)
-
-    def _attach_diagnostics(self, callbacks):
-        """Turns `diagnostics.GroupDiagnostics` on for this fit, or off."""
-        found = [c for c in callbacks
-                 if isinstance(c, diagnostics.GroupDiagnostics)]
-        if len(found) > 1:
-            raise ValueError("Give fit one GroupDiagnostics callback.")
-        wanted = found[0] if found else None
-        if wanted is not self._diagnostics:
-            self.train_function = None  # traced with the other setting
-            self._diagnostics = wanted
-        if wanted is not None:
-            wanted.attach(self)
-
-    def train_on_batch(self, x, y=None, sample_weight=None, class_weight=None,
-                       return_dict=False):
-        """Like `keras.Model.train_on_batch`: one DP update on one batch.
-
-        Nothing says how such a batch was drawn, so the accountant's ledger
-        counts it as an update any example may have joined (one more
-        participation, not Poisson-sampled), and `feeding` is cleared.
-
-        Raises:
-          ValueError: the model's strategy has several replicas. Keras hands
-            every replica the whole batch here, so each example would enter
-            the sum once per replica: its influence would be R times the
-            clip norm the noise is calibrated to. Use `fit`, which splits
-            the batch.
-        """
-        replicas = self.distribute_strategy.num_replicas_in_sync
-        if replicas > 1:
-            raise ValueError(
-                f"DPModel.train_on_batch under a strategy with {replicas} "
-                f"replicas would give every replica the whole batch, so each "
-                f"example would count {replicas} times in the update, above "
-                f"the clip norm the noise is calibrated to. Use fit (one "
-                f"batch = one update), which splits the batch over replicas.")
-        result = super().train_on_batch(x, y, sample_weight=sample_weight,
-                                        class_weight=class_weight,
-                                        return_dict=return_dict)
-        self._participations.assign_add(1)
-        self._non_poisson_updates.assign_add(1)
-        self._feeding = None
-        return result
-
-    def _build_optimizer(self):
-        """Creates the optimizer's slots for the trainable variables, once."""
-        if self.optimizer is not None and not self.optimizer.built:
-            with self.distribute_strategy.scope():
-                self.optimizer.build(self.trainable_variables)
-
-    def make_train_function(self, force=False):
-        """Keras' train function, with XLA limited to the per-example pass.
-
-        Keras compiles the whole `train_step` with XLA under `jit_compile`;
-        XLA drops `tf.debugging` assertions, so the class-id and sample-weight
-        checks would pass bad batches. The step is traced as a plain graph
-        instead, and `train_step` compiles its per-example pass with XLA.
-
-        Raises:
-          ValueError: `steps_per_execution` > 1 under a `tf.distribute`
-            strategy with several replicas.
-        """
-        _refuse_multi_step_under_strategy(self.steps_per_execution,
-                                          self.distribute_strategy)
-        if self.train_function is not None and not force:
-            return self.train_function
-        jit_compile = self.jit_compile
-        self.jit_compile = False
-        try:
-            super().make_train_function(force=force)
-        finally:
-            self.jit_compile = jit_compile
-        return self.train_function
 
     # ----------------------------------------------------------- the DP step
 
@@ -717,78 +546,6 @@ def _is_sparse_categorical(loss):
     if isinstance(loss, str):
         loss = keras.losses.get(loss)
     return getattr(loss, "fn", loss) is keras.losses.sparse_categorical_crossentropy
-
-
-def _refuse_unsliced_input_on_workers(x, tag, strategy):
-    """Raises unless every worker will train on its slice of one batch.
-
-    Under several workers Keras splits each batch of the dataset by
-    `tf.data` auto-sharding: every worker builds the same stream and keeps
-    its replicas' rows (policy DATA). That is the logical batch only if all
-    workers build the same batches: the package's pipeline does (same
-    secret seed everywhere, see `tf_dpfair.cluster.share_from_chief`). Keras
-    shuffles arrays differently on each worker, and a user pipeline shuffled
-    without a seed would put one example in two workers' slices of one
-    update, counting it twice; with sharding OFF every worker trains on the
-    same rows.
-
-    Args:
-      x: the input given to `fit`.
-      tag: its `feeding.PipelineTag`, or None.
-      strategy: the model's multi-worker strategy.
-
-    Raises:
-      ValueError: `x` is not the package's pipeline, or its auto-shard
-        policy is not DATA.
-    """
-    workers = cluster.num_workers(strategy)
-    if tag is None:
-        raise ValueError(
-            f"On {workers} workers DPModel.fit needs the TrainData of "
-            f"tf_dpfair.data.make_train_dataset (built on every worker with "
-            f"the same secret seed, shared with "
-            f"tf_dpfair.cluster.share_from_chief): each worker must train on "
-            f"its own slice of the same logical batch, which the package "
-            f"cannot check for arrays or other pipelines (Keras shuffles "
-            f"arrays differently on each worker; an unseeded shuffle would "
-            f"put one example in two workers' slices and count it twice).")
-    policy = x.options().experimental_distribute.auto_shard_policy
-    if policy != tf.data.experimental.AutoShardPolicy.DATA:
-        raise ValueError(
-            f"On {workers} workers the training dataset must be sharded by "
-            f"data (tf.data AutoShardPolicy.DATA: each worker keeps its "
-            f"replicas' rows of every batch); it has {policy!r}. With OFF "
-            f"every worker trains on the same rows, so each example would "
-            f"count once per worker. data.make_train_dataset sets DATA.")
-
-
-def _refuse_multi_step_under_strategy(steps_per_execution, strategy):
-    """Raises where Keras' `fit` would fail with several steps per call.
-
-    Keras 3.15's `fit` with `steps_per_execution` > 1 fails inside its step
-    loop ("You must feed a value for placeholder tensor") under a strategy
-    with several replicas, even for a plain Sequential model
-    (keras-team/keras#19246, open). One replica (OneDeviceStrategy, or
-    MirroredStrategy on one device) works and is let through.
-
-    Args:
-      steps_per_execution: the model's `steps_per_execution`.
-      strategy: the model's `distribute_strategy` (the one it was created
-        under, else the one in scope).
-
-    Raises:
-      ValueError: more than one step per call with more than one replica.
-    """
-    if not isinstance(steps_per_execution, int) or steps_per_execution <= 1:
-        return
-    if strategy.num_replicas_in_sync <= 1:
-        return
-    raise ValueError(
-        f"steps_per_execution={steps_per_execution} is not supported under "
-        f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} "
-        f"replicas: Keras 3's fit fails with more than one step per call "
-        f"under a tf.distribute strategy with several replicas "
-        f"(keras-team/keras#19246). Use steps_per_execution=1.")
 
 
 class _GhostState:
