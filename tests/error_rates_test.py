@@ -234,3 +234,11 @@ def test_bad_inputs_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         error_rates.evaluate(args.pop("labels"), args.pop("scores"), args.pop("groups"),
                              **args)
+
+
+def test_multi_class_scores_must_sum_to_one():
+    scores = np.array([[0.6, 0.6], [0.2, 0.8]])
+    with pytest.raises(ValueError, match=r"summing to 1 per example .a softmax.; row sums "
+                                         r"range over \[1, 1.2\]"):
+        error_rates.evaluate(np.array([0, 1]), scores, {"g": np.array([0, 1])},
+                             multi_class=True, n_bootstrap=0)

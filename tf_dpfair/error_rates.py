@@ -300,6 +300,13 @@ def _multi_class_inputs(labels, scores, label_names):
     num_classes = scores.shape[1]
     if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"class ids must be integers in [0, {num_classes}).")
+    sums = scores.sum(axis=1)
+    if not np.all(np.abs(sums - 1.0) < 1e-3):
+        raise ValueError("multi-class scores must be probabilities summing to 1 per example "
+                         f"(a softmax); row sums range over [{sums.min():g}, {sums.max():g}].")
+    # Float32 softmax sums miss 1 by ~1e-7, which scikit-learn's multi-class
+    # Brier score warns about; renormalised, every figure sees the same scores.
+    scores = scores / sums[:, None]
     names = [str(k) for k in range(num_classes)] if label_names is None else label_names
     return np.eye(num_classes)[labels], scores, names
 
@@ -324,6 +331,8 @@ def evaluate(labels, scores, groups, *, threshold=None, multi_class=False, data=
         data, label_names, group_names, intersections, min_group_size,
             n_bootstrap, confidence, seed, split, label_mask: as in
             `fairness.evaluate` (`label_mask` not with `multi_class`).
+            With `multi_class`, rows of `scores` must sum to 1 (within
+            1e-3; they are renormalised).
         n_bins: calibration bins (see the module docstring).
 
     Returns:
