@@ -13,6 +13,7 @@ from tf_dpfair import error_rates
 from tf_dpfair import fairness
 from tf_dpfair import metrics
 from tf_dpfair import models
+from tf_dpfair import rate_metrics
 from tf_dpfair import reports
 from tf_dpfair import resume
 from tf_dpfair import sampling
