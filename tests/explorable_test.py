@@ -200,6 +200,7 @@ def test_no_explorable_figures_without_an_epsilon_axis(fake_sweep, tmp_path):
 
 @pytest.mark.slow
 def test_umap_projection_of_separated_clusters():
+    pytest.importorskip("umap")  # the optional extra "explorable"
     rng = np.random.default_rng(1)
     centres = np.repeat(np.eye(2, 16) * 20, 100, axis=0)
     points, method = explorable_lib.project(centres + rng.normal(size=(200, 16)), "umap")
