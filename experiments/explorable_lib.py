@@ -235,7 +235,7 @@ def _load_settings(run_dir):
     return train_lib.settings_from(None, values)
 
 
-def test_images(run_dir):
+def load_test_images(run_dir):
     """The test images of a run `[N, H, W, C]` (floats in [0, 1] or uint8)."""
     run_data = inputs_lib.load_data(_load_settings(run_dir))
     images = [element["image"].numpy() for element in run_data.test.elements()]
@@ -294,8 +294,8 @@ def plot_image_grid(images, ranking, class_names, sensitivity, groups=None, coun
                     "which on every model classifies it"
                     + ("; R = rotated group" if groups is not None else "")
                     + f". {HELD_OUT_NOTE.capitalize()}.", fontsize=9)
-    figure.subplots_adjust(left=0.12, right=0.99, bottom=0.01, top=1 - 0.9 / figure.get_figheight(),
-                           wspace=0.05, hspace=0.35)
+    figure.subplots_adjust(left=0.12, right=0.99, bottom=0.01,
+                           top=1 - 0.9 / figure.get_figheight(), wspace=0.05, hspace=0.35)
     return figure
 
 
@@ -529,7 +529,7 @@ def _sensitivity_section(sweep_dir, table, keys, out_dir, facets, projection, co
              "at one epsilon vote); 'never' when even the largest epsilon gets it wrong. "
              f"All images are {HELD_OUT_NOTE}.", "",
              reports.to_markdown(shown.drop(columns=list(chosen)).reset_index(drop=True))]
-    images, class_names = test_images(os.path.join(sweep_dir, rows["run"].iloc[0]))
+    images, class_names = load_test_images(os.path.join(sweep_dir, rows["run"].iloc[0]))
     probability = np.mean([scores[run][np.arange(len(labels)), labels] for run in rows["run"]],
                           axis=0)
     ranking = rank_examples(sensitivity, probability, labels, count)

@@ -83,7 +83,8 @@ def layout_categories(groups, *, with_ci=False, confidence=0.95):
                 title=f"{attribute}: equal opportunity, equalized odds and ECE gap, "
                       f"{level} bootstrap band",
                 margin=layout_pb2.MarginChartContent(series=[
-                    _band(f"{CI_PREFIX}{d}/{attribute}") for d in DIFFERENCES if d != "error_gap"])))
+                    _band(f"{CI_PREFIX}{d}/{attribute}") for d in DIFFERENCES
+                    if d != "error_gap"])))
         categories.append(layout_pb2.Category(title=f"error rates by {attribute}", chart=charts))
     return categories
 

@@ -459,6 +459,7 @@ class _Context:
             for f in FIGURES}
 
     def overall_rows(self, rng):
+        """One row per label over all examples (resampled as one group)."""
         everything = np.arange(len(self.labels))
         points = {}
         for j, label in enumerate(self.label_names):
@@ -474,6 +475,7 @@ class _Context:
                 for label in self.label_names + self.summaries]
 
     def group_rows(self, attribute, names, codes, min_group_size, rng):
+        """One row per group and label of one attribute, with its status."""
         features = pd.Series(np.asarray(names, dtype=object)[codes], name=attribute)
         points = {}
         for j, label in enumerate(self.label_names):
