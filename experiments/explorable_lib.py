@@ -420,6 +420,7 @@ def plot_heatmap(cells):
     epsilons = sorted(cells["epsilon"].unique())
     figure = Figure(figsize=(3.2 * len(shares) + 1.2, 2.0 + 1.2 * len(sizes) * 2))
     FigureCanvasAgg(figure)
+    figure.subplots_adjust(wspace=0.08, hspace=0.45, left=0.08, right=0.88)
     for row, (column, title, cmap, limits) in enumerate((
             ("rare_accuracy", "rotated-group accuracy", "viridis", (0.0, 1.0)),
             ("gap", "gap: upright - rotated accuracy", "magma_r", (0.0, 0.8)))):
@@ -440,13 +441,16 @@ def plot_heatmap(cells):
                                   fontsize=8, color="white" if dark else "black")
             axes.set_xticks(range(len(epsilons)),
                             ["inf" if math.isinf(e) else f"{e:g}" for e in epsilons])
-            axes.set_yticks(range(len(sizes)), [f"{s:,}" for s in sizes])
             axes.set_xlabel("epsilon", fontsize=8)
+            # Size labels on the first panel only: the panels sit close.
+            axes.set_yticks(range(len(sizes)),
+                            [f"{s:,}" for s in sizes] if p == 0 else [""] * len(sizes))
             if p == 0:
                 axes.set_ylabel("training images", fontsize=8)
             axes.set_title(f"{title}\n{share:.0%} of training images rotated", fontsize=8)
-        figure.colorbar(image, ax=figure.axes[-len(shares):], fraction=0.02)
-    figure.suptitle("Rotated group on held-out test images (20% rotated in every run); "
+        box = axes.get_position()
+        figure.colorbar(image, cax=figure.add_axes([0.9, box.y0, 0.012, box.height]))
+    figure.suptitle("Rotated group on held-out test images (the same in every run); "
                     "EMA weights where kept", fontsize=9)
     return figure
 
@@ -551,7 +555,9 @@ def _sensitivity_section(sweep_dir, table, keys, out_dir, facets, projection, co
 
     first = next(iter(chosen), None)
     panels, table_rows = [], []
-    for values, group_rows in combinations:
+    # Panels in increasing order of the first setting (the table is in run-name order).
+    ordered = sorted(combinations, key=lambda c: [_sortable(v) for v in c[0].values()])
+    for values, group_rows in ordered:
         if any(str(values[k]) != str(chosen[k]) for k in chosen if k != first):
             continue
         accuracy = np.stack([per_class_accuracy(scores[run], labels, len(class_names))
