@@ -11,6 +11,12 @@ Figures reported for every run (raw weights, and EMA weights where kept):
   with bootstrap intervals resampled within each group (the figure of the
   PAIR explorable's rotated-digit study, where the rare group's accuracy
   collapses while its AUC can stay far above chance).
+- Error rates and calibration (`tf_dpfair.error_rates.evaluate`): per group
+  TPR, FPR, selection rate, error, ECE (10 equal-width bins) and Brier
+  score, equal-opportunity and equalized-odds differences. Multi-class data:
+  the top-1 decision (classes one-vs-rest, and top-1 error and confidence
+  calibration); multi-label data: the given threshold `THRESHOLD` on each
+  label's probability (the runs have no validation split to choose one on).
 
 Everything here is computed on held-out test data.
 """
@@ -22,10 +28,14 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from tf_dpfair import error_rates
 from tf_dpfair import fairness
+from tf_dpfair import rate_reports
 from tf_dpfair import reports
 
 NO_GROUPS = "all"
+# Decision threshold of multi-label runs, given (stated in every report).
+THRESHOLD = 0.5
 
 
 def forward_fn(model):
@@ -110,6 +120,36 @@ def auc_evaluation(predictions, group_spec, class_names, multi_label, *, n_boots
                              split="test", label_mask=predictions.get("label_mask"))
 
 
+def rate_kwargs(multi_label, label_mask=None):
+    """The decision arguments of `error_rates.evaluate` for a run's data."""
+    if multi_label:
+        return {"threshold": THRESHOLD, "label_mask": label_mask}
+    return {"multi_class": True}
+
+
+def rate_evaluation(predictions, group_spec, class_names, multi_label, *, n_bootstrap,
+                    seed=0):
+    """Per-group error rates and calibration (`error_rates.evaluate`) of predictions.
+
+    Args:
+        predictions: output of `predict` (probabilities).
+        group_spec: `GroupSpec` naming the group ids.
+        class_names: names of the classes or labels.
+        multi_label: multi-label data (threshold `THRESHOLD`) or multi-class
+            (top-1 decision).
+        n_bootstrap: bootstrap replicates.
+        seed: bootstrap seed (equal seeds pair two models' intervals).
+
+    Returns:
+        An `error_rates.RateEvaluation`.
+    """
+    groups, names = _groups_and_names(predictions, group_spec)
+    return error_rates.evaluate(
+        predictions["labels"], predictions["scores"], groups, label_names=list(class_names),
+        group_names=names, n_bootstrap=n_bootstrap, seed=seed, split="test",
+        **rate_kwargs(multi_label, predictions.get("label_mask")))
+
+
 def accuracy_table(predictions, group_spec, *, n_bootstrap, seed=0, confidence=0.95):
     """Top-1 accuracy overall and per group, with bootstrap intervals.
 
@@ -164,17 +204,61 @@ def accuracy_table(predictions, group_spec, *, n_bootstrap, seed=0, confidence=0
     return pd.DataFrame(rows), pd.DataFrame(disparities)
 
 
-def summarize(evaluation, accuracy=None):
+def summarize_rates(rates):
+    """The error-rate figures of one model that go into result.json.
+
+    Multi-class data: top-1 error, ECE and Brier score, and the mean over
+    classes of TPR, FPR and the equal-opportunity and equalized-odds
+    differences; multi-label: the means over labels.
+
+    Args:
+        rates: the model's `error_rates.RateEvaluation`.
+
+    Returns:
+        dict with "decision", "n_bins", and per attribute "groups" {group:
+        {tpr, fpr, error, ece, brier}} and "disparities"
+        {equal_opportunity_difference, equalized_odds_difference, error_gap,
+        ece_gap, each with _low and _high}.
+    """
+    def number(value):
+        return None if pd.isna(value) else float(value)
+
+    calibrated = error_rates.TOP1_LABEL if rates.multi_class else rates.summary_label
+    out = {"decision": rates.threshold_rule, "n_bins": rates.n_bins, "groups": {},
+           "disparities": {}}
+    for r in rates.groups.itertuples():
+        if r.label not in (rates.summary_label, calibrated):
+            continue
+        entry = out["groups"].setdefault(r.attribute, {}).setdefault(r.group, {})
+        names = ("tpr", "fpr") if r.label == rates.summary_label else ()
+        names += ("error", "ece", "brier") if r.label == calibrated else ()
+        entry.update({name: number(getattr(r, name)) for name in names})
+    for r in rates.disparities.itertuples():
+        names = ("equal_opportunity_difference", "equalized_odds_difference")
+        if r.label not in (rates.summary_label, calibrated):
+            continue
+        entry = out["disparities"].setdefault(r.attribute, {})
+        chosen = (names if r.label == rates.summary_label else ()) + (
+            ("error_gap", "ece_gap") if r.label == calibrated else ())
+        for name in chosen:
+            for suffix in ("", "_low", "_high"):
+                entry[name + suffix] = number(getattr(r, name + suffix))
+    return out
+
+
+def summarize(evaluation, accuracy=None, rates=None):
     """The figures of one model that go into result.json (plain floats).
 
     Args:
         evaluation: the model's `fairness.GroupEvaluation`.
         accuracy: `accuracy_table` output, or None (multi-label data).
+        rates: the model's `error_rates.RateEvaluation`, or None.
 
     Returns:
         dict with "auc", "accuracy" (or None), and per attribute "groups"
         {group: {count, auc, auc_low, auc_high, accuracy, ...}}, "worst" and
-        "gap" {"auc", "accuracy"} and "worst_group".
+        "gap" {"auc", "accuracy"} and "worst_group"; with `rates`, "rates"
+        (`summarize_rates`).
     """
     label = evaluation.summary_label
 
@@ -209,26 +293,34 @@ def summarize(evaluation, accuracy=None):
             out["gap"][r.attribute].update(accuracy=number(r.gap),
                                            accuracy_low=number(r.gap_low),
                                            accuracy_high=number(r.gap_high))
+    if rates is not None:
+        out["rates"] = summarize_rates(rates)
     return out
 
 
-def write_run_report(evaluation, accuracy, directory, title):
+def write_run_report(evaluation, accuracy, directory, title, rates=None):
     """Writes the exact fairness report of one model (CSV, Markdown, PNG).
 
-    `reports.write_report` writes the AUC tables and figures; the accuracy
-    tables (multi-class data) are added as CSV and as a section of
-    report.md.
+    `reports.write_report` writes the AUC tables and figures, then
+    `rate_reports.write_report` the error-rate and calibration sections
+    (with `rates`); the accuracy tables (multi-class data) are added as CSV
+    and as a section of report.md.
 
     Args:
         evaluation: `fairness.GroupEvaluation`.
         accuracy: `accuracy_table` output, or None.
         directory: output folder.
         title: report title.
+        rates: `error_rates.RateEvaluation`, or None.
 
     Returns:
-        dict name -> path, as `reports.write_report`, plus the accuracy CSVs.
+        dict name -> path, as `rate_reports.write_report`, plus the accuracy
+        CSVs.
     """
-    paths = reports.write_report(evaluation, directory, title=title)
+    if rates is None:
+        paths = reports.write_report(evaluation, directory, title=title)
+    else:
+        paths = rate_reports.write_report(rates, directory, auc=evaluation, title=title)
     if accuracy is None:
         return paths
     groups, disparities = accuracy
@@ -320,11 +412,13 @@ def evaluate_final(model, run_data, test, work_dir, n_bootstrap):
             n_bootstrap=n_bootstrap)
         accuracy = None if run_data.multi_label else accuracy_table(
             predictions, run_data.group_spec, n_bootstrap=n_bootstrap)
+        rates = rate_evaluation(predictions, run_data.group_spec, run_data.class_names,
+                                run_data.multi_label, n_bootstrap=n_bootstrap)
         weights = "EMA" if ema else "raw"
         write_run_report(
             evaluation, accuracy, os.path.join(work_dir, f"report_{name}"),
-            title=f"Test split, {weights} weights: {run_data.description}")
-        metrics[name] = summarize(evaluation, accuracy)
+            title=f"Test split, {weights} weights: {run_data.description}", rates=rates)
+        metrics[name] = summarize(evaluation, accuracy, rates)
         arrays[f"scores_{name}"] = predictions["scores"].astype(np.float32)
     np.savez(os.path.join(work_dir, "predictions.npz"), **arrays,
              **label_arrays(predictions))

@@ -31,7 +31,7 @@ from tf_dpfair.groups import GroupSpec
 DIGIT_DATASETS = ("fashion_mnist", "mnist")
 TFDS_DATASETS = {"imagenet2012": 1000, "places365": 365}
 DATASETS = DIGIT_DATASETS + ("synthetic", "chexpert", "mimic_cxr") + tuple(TFDS_DATASETS)
-MODELS = ("tiny_cnn", "small_cnn", "wide_resnet", "nf_resnet", "efficientnet_lite0")
+MODELS = ("mlp", "tiny_cnn", "small_cnn", "wide_resnet", "nf_resnet", "efficientnet_lite0")
 FINETUNE_RECIPES = ("head", "last_blocks", "all")
 
 
@@ -197,6 +197,29 @@ def tiny_cnn(input_shape, num_classes, filters=(16, 32), groups=4):
     return keras.Model(inputs, outputs, name="tiny_cnn")
 
 
+def mlp(input_shape, num_classes, hidden=(64,)):
+    """Flatten, ReLU hidden layers, Dense: the cheapest model with an embedding.
+
+    Per-example gradients of Dense layers are cheap to clip (closed forms of
+    ghost clipping), so a grid of dozens of private runs fits a CPU; the last
+    hidden layer is the penultimate-layer embedding the reports project.
+
+    Args:
+        input_shape: `(H, W, C)`.
+        num_classes: logits.
+        hidden: widths of the hidden layers.
+
+    Returns:
+        A functional `keras.Model` without BatchNorm.
+    """
+    inputs = keras.Input(tuple(input_shape), name="image")
+    h = keras.layers.Flatten()(inputs)
+    for width in hidden:
+        h = keras.layers.Dense(width, activation="relu")(h)
+    outputs = keras.layers.Dense(num_classes)(h)
+    return keras.Model(inputs, outputs, name="mlp")
+
+
 def build_model(settings, run_data):
     """Builds the Keras model named by `settings.model` (outputs logits).
 
@@ -224,7 +247,7 @@ def build_model(settings, run_data):
             classes, input_shape=shape, image_size=options.pop("image_size", 64),
             weights_path=settings.pretrained or None, recipe=settings.finetune,
             num_blocks=settings.finetune_blocks, pixel_range=1.0, **options)
-    builder = {"tiny_cnn": tiny_cnn, "small_cnn": models.small_cnn,
+    builder = {"mlp": mlp, "tiny_cnn": tiny_cnn, "small_cnn": models.small_cnn,
                "wide_resnet": models.wide_resnet,
                "nf_resnet": models.nf_resnet}[settings.model]
     model = builder(shape, classes, **options)

@@ -3,7 +3,11 @@
 Reads the finished runs of a sweep folder (`sweep.py`): accuracy/AUC against
 epsilon, disparity against overall performance for private models and the
 non-private checkpoints, private vs non-private at matched performance
-(with and without EMA), and per-group tables with confidence intervals.
+(with and without EMA; AUC, accuracy, error rates and calibration), error
+rates and calibration per run, per-group tables with confidence intervals,
+and the PAIR explorable's figures where the sweep's axes allow (privacy
+sensitivity of test examples, per-class accuracy against epsilon, the
+subgroup heatmap).
 
 Example:
   python experiments/report.py --sweep_dir=/tmp/rotated_study \
@@ -18,6 +22,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 import report_lib  # noqa: E402
+import sweep_lib  # noqa: E402
 
 # Not `required=True`: a required flag fails the parsing of every binary that
 # shares the flag registry (tests import several binaries into one process).
@@ -25,6 +30,14 @@ _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Folder of the sweep (requir
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Report folder (default <sweep_dir>/report).")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 200,
                                   "Bootstrap replicates of the matched comparisons.")
+_SETTING = flags.DEFINE_multi_string(
+    "explorable_setting", [], "setting=value choosing the runs of the privacy-sensitivity "
+    "figures (default: the largest value of every setting but epsilon and seed).")
+_PROJECTION = flags.DEFINE_enum("projection", None, ["umap", "pca", "tsne"],
+                                "2-D projection of the embeddings (default: umap where "
+                                "umap-learn is installed, else pca).")
+_IMAGES = flags.DEFINE_integer("grid_images", 6, "Images per class in each grid of "
+                               "privacy-sensitive examples.")
 
 
 def main(argv):
@@ -33,7 +46,10 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not _SWEEP_DIR.value:
         raise app.UsageError("--sweep_dir is required.")
-    paths = report_lib.write_sweep_report(_SWEEP_DIR.value, _OUT_DIR.value, _BOOTSTRAP.value)
+    explorable = {"facets": sweep_lib.parse_assignments(_SETTING.value) or None,
+                  "projection": _PROJECTION.value, "count": _IMAGES.value}
+    paths = report_lib.write_sweep_report(_SWEEP_DIR.value, _OUT_DIR.value, _BOOTSTRAP.value,
+                                          explorable=explorable)
     print(f"Report: {paths['report']}")
     for name, path in sorted(paths.items()):
         if name != "report":

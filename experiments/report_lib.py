@@ -12,7 +12,17 @@ From a sweep folder (`sweep_lib.run_sweep`) `write_sweep_report` writes:
 - `matched.md/.csv` and `matched/<run>_<weights>/`: each private model
   against the checkpoint of its non-private counterpart (same settings
   but epsilon) with the closest overall AUC (`reports.compare_matched`,
-  paired intervals), and against the checkpoint of closest accuracy.
+  paired intervals), and against the checkpoint of closest accuracy, whose
+  error-rate and calibration gaps are compared too
+  (`rate_reports.compare_matched`, paired intervals).
+- `rates.csv`: per run, per-group top-1 error and ECE (multi-label: error,
+  TPR, FPR and ECE at the threshold `evaluation_lib.THRESHOLD`), and per
+  attribute the equal-opportunity and equalized-odds differences and the
+  ECE gap.
+- The PAIR explorable's figures where the sweep's axes allow
+  (`explorable_lib`): per-example privacy sensitivity with image grids and
+  an embedding projection, per-class accuracy against epsilon, and the
+  subgroup heatmap with links to per-run tables.
 
 The figure is accuracy for multi-class data and (mean) AUC for multi-label
 data; see `evaluation_lib` for how AUC is computed per group.
@@ -29,7 +39,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import evaluation_lib
+import explorable_lib
 import sweep_lib
+from tf_dpfair import error_rates
+from tf_dpfair import rate_reports
 from tf_dpfair import reports
 from tf_dpfair.groups import GroupSpec
 
@@ -133,6 +146,64 @@ def groups_table(table, keys):
     if not frame.empty:
         frame["count"] = frame["count"].astype("Int64")
     return frame
+
+
+def _rate_summary(sweep_dir, row, use):
+    """A run's `evaluation_lib.summarize_rates`, from result.json or its predictions.
+
+    Sweeps run before error rates were reported lack them in result.json;
+    they are then worked out from the saved test scores (no intervals).
+    """
+    if f"metrics.{use}.rates.decision" in row and not pd.isna(row[f"metrics.{use}.rates.decision"]):
+        with open(os.path.join(sweep_dir, row["run"], "result.json")) as f:
+            return json.load(f)["metrics"][use]["rates"]
+    saved = np.load(os.path.join(sweep_dir, row["run"], "predictions.npz"))
+    attributes = [c.split(".")[-1] for c in row.index
+                  if c.startswith("data.groups.") and isinstance(row[c], list)]
+    spec = GroupSpec({a: row[f"data.groups.{a}"] for a in attributes})
+    multi_label = bool(row["data.multi_label"])
+    num = saved[f"scores_{use}"].shape[1]
+    rates = evaluation_lib.rate_evaluation(
+        _predictions(saved[f"scores_{use}"], saved, attributes), spec,
+        [str(j) for j in range(num)], multi_label, n_bootstrap=0)
+    return evaluation_lib.summarize_rates(rates)
+
+
+def rates_table(table, keys, sweep_dir):
+    """Per run (EMA weights where kept): per-group error and ECE, and the gaps.
+
+    Args:
+        table, keys: from `load_sweep`.
+        sweep_dir: the sweep folder.
+
+    Returns:
+        A DataFrame sorted as `summary_table`: per group `error <group>`,
+        `ECE <group>` (and `TPR`, `FPR` for multi-label data), per attribute
+        `EO diff <attribute>`, `EOdds diff <attribute>`, `ECE gap <attribute>`.
+    """
+    metric = _metric(table)
+    facets = [k for k in keys if k not in _NOT_FACETS]
+    rows = []
+    for _, r in table.iterrows():
+        use = "ema" if not pd.isna(r.get(f"metrics.ema.{metric}")) else "raw"
+        summary = _rate_summary(sweep_dir, r, use)
+        row = {k: r[f"settings.{k}"] for k in facets}
+        row.update(epsilon=_epsilon_label(r["epsilon"]), weights=use)
+        for attribute, groups in summary["groups"].items():
+            for group, figures in groups.items():
+                names = ("error", "ece") if metric == "accuracy" else ("error", "tpr", "fpr",
+                                                                        "ece")
+                for name in names:
+                    row[f"{name.upper() if name != 'error' else 'error'} {group}"] = \
+                        figures.get(name)
+        for attribute, figures in summary["disparities"].items():
+            row[f"EO diff {attribute}"] = figures.get("equal_opportunity_difference")
+            row[f"EOdds diff {attribute}"] = figures.get("equalized_odds_difference")
+            row[f"ECE gap {attribute}"] = figures.get("ece_gap")
+        row["_epsilon"] = r["epsilon"]
+        rows.append(row)
+    frame = pd.DataFrame(rows).sort_values(facets + ["_epsilon"], kind="stable")
+    return frame.drop(columns="_epsilon").reset_index(drop=True)
 
 
 def _checkpoint_points(run_dir, metric, attribute):
@@ -300,8 +371,18 @@ def matched_comparisons(table, keys, sweep_dir, out_dir, n_bootstrap=200):
                 group_names={a: list(spec.names(a)) for a in attributes},
                 n_bootstrap=n_bootstrap, seed=0, split="test",
                 label_mask=_label_mask(labels))
-            reports.write_report(comparison, os.path.join(out_dir, "matched", f"{r['run']}_{use}"),
-                                 title=f"{r['run']} ({use} weights) vs non-private at matched AUC")
+            private_rates = evaluation_lib.rate_evaluation(
+                _predictions(final[f"scores_{use}"], labels, attributes), spec, names,
+                multi_label, n_bootstrap=n_bootstrap)
+            rates = rate_reports.compare_matched(
+                private_rates, checkpoints, labels=labels["labels"], groups=groups,
+                label_names=names, group_names={a: list(spec.names(a)) for a in attributes},
+                n_bootstrap=n_bootstrap, seed=0, split="test",
+                **evaluation_lib.rate_kwargs(multi_label, _label_mask(labels)))
+            rate_reports.write_report(
+                rates, os.path.join(out_dir, "matched", f"{r['run']}_{use}"), auc=comparison,
+                title=f"{r['run']} ({use} weights) vs non-private at matched AUC; error "
+                      "rates at matched accuracy")
             for d in comparison.disparities[
                     comparison.disparities["label"] == private.summary_label].itertuples():
                 row = {k: r[f"settings.{k}"] for k in facets}
@@ -316,6 +397,7 @@ def matched_comparisons(table, keys, sweep_dir, out_dir, n_bootstrap=200):
                 if not multi_label:
                     row.update(_accuracy_matched(final[f"scores_{use}"], checkpoints,
                                                  labels, d.attribute))
+                row.update(_rate_gaps(rates, d.attribute))
                 rows.append(row)
     frame = pd.DataFrame(rows)
     if frame.empty:
@@ -324,6 +406,24 @@ def matched_comparisons(table, keys, sweep_dir, out_dir, n_bootstrap=200):
     return frame.sort_values(facets + ["epsilon", "attribute", "weights"],
                              key=lambda c: c.map(order) if c.name == "weights" else c,
                              kind="stable").reset_index(drop=True)
+
+
+def _rate_gaps(comparison, attribute):
+    """Equalized-odds and ECE-gap differences at matched accuracy, for the table."""
+    private = comparison.private
+    table = comparison.disparities.set_index(["attribute", "label"])
+    calibrated = error_rates.TOP1_LABEL if private.multi_class else private.summary_label
+    odds = table.loc[(attribute, private.summary_label)]
+    ece = table.loc[(attribute, calibrated)]
+    return {"rates_matched_checkpoint": comparison.checkpoint,
+            "private_eodds": odds["private_equalized_odds_difference"],
+            "non_private_eodds": odds["non_private_equalized_odds_difference"],
+            "eodds_difference": odds["delta_equalized_odds_difference"],
+            "eodds_difference_low": odds["delta_equalized_odds_difference_low"],
+            "eodds_difference_high": odds["delta_equalized_odds_difference_high"],
+            "ece_gap_difference": ece["delta_ece_gap"],
+            "ece_gap_difference_low": ece["delta_ece_gap_low"],
+            "ece_gap_difference_high": ece["delta_ece_gap_high"]}
 
 
 def _accuracy_matched(private_scores, checkpoints, labels, attribute):
@@ -337,13 +437,15 @@ def _accuracy_matched(private_scores, checkpoints, labels, attribute):
             "non_private_accuracy_gap": points[name][1]}
 
 
-def write_sweep_report(sweep_dir, out_dir=None, n_bootstrap=200):
+def write_sweep_report(sweep_dir, out_dir=None, n_bootstrap=200, explorable=None):
     """Writes the sweep's tables and figures (see the module docstring).
 
     Args:
         sweep_dir: folder written by `sweep_lib.run_sweep`.
         out_dir: output folder (default `sweep_dir/report`).
         n_bootstrap: bootstrap replicates of the matched comparisons.
+        explorable: keyword arguments of `explorable_lib.write_explorable`
+            (`facets`, `projection`, `count`).
 
     Returns:
         dict name -> path of what was written ("report" is report.md).
@@ -382,8 +484,26 @@ def write_sweep_report(sweep_dir, out_dir=None, n_bootstrap=200):
                   "Each private model against the checkpoint of its non-private counterpart "
                   "with the closest overall AUC (gap difference = private - non-private, "
                   "paired 95% interval)"
-                  + ("" if metric == "auc" else ", and with the closest accuracy") + ".", "",
+                  + ("" if metric == "auc" else ", and with the closest accuracy")
+                  + "; at the checkpoint of closest accuracy, the differences of the "
+                  "equalized-odds difference (eodds) and of the ECE gap, paired 95% "
+                  "intervals. Each comparison's full report is in `matched/`.", "",
                   reports.to_markdown(matched)]
+    rates = rates_table(table, keys, sweep_dir)
+    paths["rates"] = os.path.join(out_dir, "rates.csv")
+    rates.to_csv(paths["rates"], index=False)
+    decision = ("top-1 class" if metric == "accuracy"
+                else f"score >= {evaluation_lib.THRESHOLD:g} (given)")
+    lines += ["## Error rates and calibration", "",
+              f"Decision: {decision}; ECE over 10 equal-width bins of [0, 1]"
+              + (" of the top-1 confidence; EO diff and EOdds diff: means over classes "
+                 "(one-vs-rest) of the max - min TPR and of max(TPR, FPR differences)"
+                 if metric == "accuracy" else "; means over labels") + ".", "",
+              reports.to_markdown(rates)]
+    explorable_paths, explorable_lines = explorable_lib.write_explorable(
+        sweep_dir, table, keys, out_dir, **(explorable or {}))
+    paths.update(explorable_paths)
+    lines += explorable_lines
     groups = groups_table(table, keys)
     if not groups.empty:
         paths["groups"] = os.path.join(out_dir, "groups.csv")

@@ -33,7 +33,7 @@ def digits_sweep(tmp_path_factory):
 def test_main_writes_tables_figures_and_matched_comparisons(digits_sweep, tmp_path):
     out_dir = str(tmp_path / "report")
     FLAGS(["report.py", f"--sweep_dir={digits_sweep}", f"--out_dir={out_dir}",
-           "--bootstrap=30"])
+           "--bootstrap=30", "--projection=pca", "--grid_images=2"])
     try:
         report.main(["report.py"])
     finally:
@@ -41,9 +41,14 @@ def test_main_writes_tables_figures_and_matched_comparisons(digits_sweep, tmp_pa
     text = open(os.path.join(out_dir, "report.md")).read()
     for heading in ("## Summary, EMA weights", "## Summary, raw weights",
                     "## accuracy against epsilon", "## Disparity against overall",
-                    "## Private vs non-private at matched", "## Per-group figures"):
+                    "## Private vs non-private at matched", "## Per-group figures",
+                    "## Error rates and calibration", "## Which test examples privacy",
+                    "## Per-class accuracy against epsilon"):
         assert heading in text
-    for figure in ("metric_vs_epsilon.png", "disparity_vs_overall.png"):
+    assert "## The subgroup heatmap" not in text  # no rotated_fraction axis
+    for figure in ("metric_vs_epsilon.png", "disparity_vs_overall.png",
+                   "privacy_sensitive_examples.png", "sensitivity_projection.png",
+                   "per_class_accuracy.png"):
         assert os.path.getsize(os.path.join(out_dir, figure)) > 5000
 
     summary = pd.read_csv(os.path.join(out_dir, "summary_ema.csv"))
@@ -73,6 +78,20 @@ def test_main_writes_tables_figures_and_matched_comparisons(digits_sweep, tmp_pa
         assert os.path.exists(os.path.join(out_dir, "matched", f"epsilon=2_{row.weights}",
                                            "report.md"))
 
+    # Error rates at matched accuracy: the same checkpoint as the accuracy match.
+    assert (matched["rates_matched_checkpoint"] == matched["acc_matched_checkpoint"]).all()
+    assert np.allclose(matched["eodds_difference"],
+                       matched["private_eodds"] - matched["non_private_eodds"])
+    rates = pd.read_csv(os.path.join(out_dir, "rates.csv"))
+    assert rates["weights"].tolist() == ["ema", "raw"]
+    for i, run in enumerate(("epsilon=2", "epsilon=inf")):
+        saved = np.load(os.path.join(digits_sweep, run, "predictions.npz"))
+        rotated = saved["group_orientation"] == 1
+        wrong = saved[f"scores_{rates['weights'][i]}"].argmax(1) != saved["labels"]
+        assert rates["error rotated"][i] == pytest.approx(wrong[rotated].mean())
+    assert {"ECE upright", "EO diff orientation", "EOdds diff orientation",
+            "ECE gap orientation"} <= set(rates.columns)
+
     groups = pd.read_csv(os.path.join(out_dir, "groups.csv"))
     assert set(groups["group"]) == {"upright", "rotated"}
     assert (groups["count"] == 100).all()  # Half of the 200 test digits rotated.
@@ -90,6 +109,11 @@ def test_multi_label_sweep_reports_mean_auc(tmp_path):
     matched = pd.read_csv(paths["matched"])
     assert set(matched["attribute"]) == {"sex", "age"}
     assert "private_accuracy" not in matched  # No accuracy for multi-label data.
+    # Error rates at the given threshold, matched on accuracy at it.
+    assert matched["eodds_difference"].notna().all()
+    rates = pd.read_csv(paths["rates"])
+    assert {"TPR female", "FPR female", "ECE gap sex", "EOdds diff age"} <= set(rates.columns)
+    assert "privacy_sensitivity.csv" not in os.listdir(os.path.dirname(paths["report"]))
 
 
 def test_report_of_an_empty_sweep_says_so(tmp_path):

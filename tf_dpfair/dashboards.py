@@ -21,6 +21,14 @@ Images `auc_by_group/<attribute>` (`reports.plot_attribute`) go with the
 `ci/` scalars; a custom-scalars layout (`dashboard_layout`) is written once
 per run. Group figures of training batches are never written: they would be
 outside the DP guarantee.
+
+Error rates and calibration have their own tags, listed in
+`tf_dpfair.dashboard_rates`: the streaming `tpr/...`, `fpr/...`,
+`equalized_odds/<attribute>`, ... of `rate_metrics.GroupedErrorRates` in the
+epoch logs, and with `evaluation_data` plus a `threshold` (or
+`multi_class`) the exact `ci/rates/...` bands and the images
+`error_rates_by_group/<attribute>`; the layout then gets a category
+"error rates by <attribute>" per attribute.
 """
 
 import contextlib
@@ -38,6 +46,8 @@ from tensorboard.plugins.hparams import api as hp
 
 from tf_dpfair import batch as batch_lib
 from tf_dpfair import cluster
+from tf_dpfair import dashboard_rates
+from tf_dpfair import error_rates
 from tf_dpfair import fairness
 from tf_dpfair import reports
 
@@ -54,7 +64,8 @@ IMAGE_PREFIX = "auc_by_group/"
 _AUC_PREFIXES = ("auc/", "auc_gap/", "auc_worst/")
 
 
-def dashboard_layout(groups, *, with_ci=False, confidence=0.95):
+def dashboard_layout(groups, *, with_ci=False, confidence=0.95, rates=False,
+                     rates_ci=False):
     """The custom-scalars layout: one category per attribute, then privacy.
 
     Each attribute's category has a multiline chart of every group's AUC
@@ -67,6 +78,9 @@ def dashboard_layout(groups, *, with_ci=False, confidence=0.95):
         groups: dict attribute -> list of group names.
         with_ci: add the margin charts of the `ci/` tags.
         confidence: confidence level named in the margin charts' titles.
+        rates: add the "error rates by <attribute>" categories
+            (`dashboard_rates.layout_categories`).
+        rates_ci: with `rates`, their margin charts of the `ci/rates/` tags.
 
     Returns:
         A `layout_pb2.Layout`.
@@ -95,6 +109,9 @@ def dashboard_layout(groups, *, with_ci=False, confidence=0.95):
                 title=f"{attribute}: gap and worst group, {level} bootstrap band",
                 margin=layout_pb2.MarginChartContent(series=series)))
         categories.append(layout_pb2.Category(title=f"AUC by {attribute}", chart=charts))
+    if rates:
+        categories += dashboard_rates.layout_categories(groups, with_ci=rates_ci,
+                                                        confidence=confidence)
     categories.append(layout_pb2.Category(title="privacy", chart=[
         _multiline("epsilon spent vs step (optimizer updates)", f"^{EPSILON_TAG}$"),
         _multiline("overall AUC vs epsilon (x axis: epsilon x 1000)", f"^{AUC_VS_EPSILON_TAG}$"),
@@ -192,13 +209,25 @@ class FairnessDashboard(keras.callbacks.Callback):
         n_bootstrap: bootstrap replicates of the exact evaluation.
         confidence: confidence level of its intervals.
         ema_prefix: prefix of the EMA logs (`EMAEvaluation`'s `prefix`).
+        threshold: with `evaluation_data` of binary or multi-label targets,
+            the decision threshold on probabilities at which exact error
+            rates and calibration are written too (None: not written); a
+            number, one per label, or a `thresholds.Threshold`.
+        multi_class: `evaluation_data` holds class ids and the model one
+            output per class: AUC is one-vs-rest per class (macro mean), and
+            exact error rates are written for the top-1 decision.
+        from_logits: the model outputs logits; a sigmoid (softmax with
+            `multi_class`) gives the probabilities that thresholds and
+            calibration need (AUC does not change).
 
     Raises:
-        ValueError: `evaluation_data` without `group_names`, or bad settings.
+        ValueError: `evaluation_data` without `group_names`, a threshold
+            with `multi_class`, or bad settings.
     """
 
     def __init__(self, log_dir, *, privacy_logger=None, hparams=None, evaluation_data=None,
-                 group_names=None, n_bootstrap=200, confidence=0.95, ema_prefix="val_ema_"):
+                 group_names=None, n_bootstrap=200, confidence=0.95, ema_prefix="val_ema_",
+                 threshold=None, multi_class=False, from_logits=False):
         super().__init__()
         if evaluation_data is not None and group_names is None:
             raise ValueError("evaluation_data needs group_names (a dict attribute -> names, "
@@ -207,6 +236,11 @@ class FairnessDashboard(keras.callbacks.Callback):
             raise ValueError(f"n_bootstrap must be an integer >= 1; got {n_bootstrap!r}.")
         if not 0.0 < confidence < 1.0:
             raise ValueError(f"confidence must lie in (0, 1); got {confidence!r}.")
+        if multi_class and threshold is not None:
+            raise ValueError("multi_class decides by the top-1 class: pass no threshold.")
+        self.threshold = threshold
+        self.multi_class = bool(multi_class)
+        self.from_logits = bool(from_logits)
         self.log_dir = str(log_dir)
         self.privacy_logger = privacy_logger
         self.hparams = dict(hparams or {})
@@ -221,6 +255,7 @@ class FairnessDashboard(keras.callbacks.Callback):
         self._writers = {}
         self._hparams_written = False
         self._layout_has_ci = None  # None: no layout written yet.
+        self._layout_rates = (False, False)  # (categories, bands) in the written layout
         self._last_epsilon_step = {}
         self._warned = set()
 
@@ -273,28 +308,42 @@ class FairnessDashboard(keras.callbacks.Callback):
         logs = logs or {}
         step = self._step()
         groups = self._write_logged_figures(logs, step)
+        logged_rates = any(dashboard_rates.is_rate_log(k[len(VAL_PREFIX):])
+                           for k in logs if k.startswith(VAL_PREFIX))
         if self.evaluation_data is not None:
             groups = self.group_names
-            self.write_evaluation(self._evaluate(ema=False), step=step)
-            if self._ema_on():
-                self.write_evaluation(self._evaluate(ema=True), step=step, ema=True)
+            for ema in (False, True) if self._ema_on() else (False,):
+                evaluation, rates = self._evaluate(ema=ema)
+                self.write_evaluation(evaluation, step=step, ema=ema, rates=rates)
         if groups and self._layout_has_ci is None:
-            self._write_layout(groups, with_ci=self.evaluation_data is not None)
+            self._write_layout(groups, with_ci=self.evaluation_data is not None,
+                               rates=(logged_rates or self._exact_rates(),
+                                      self._exact_rates()))
+        elif groups and logged_rates and not self._layout_rates[0]:
+            self._write_layout(groups, with_ci=bool(self._layout_has_ci),
+                               rates=(True, self._layout_rates[1]))
         for writer in self._writers.values():
             writer.flush()
 
     def on_train_end(self, logs=None):
         self.close()
 
+    def _exact_rates(self):
+        """Whether exact error rates are computed on `evaluation_data`."""
+        return self.evaluation_data is not None and (self.multi_class
+                                                     or self.threshold is not None)
+
     # ------------------------------------------------------------- scalars
 
     def _write_logged_figures(self, logs, step):
         """Writes the GroupedAUC, EMA and privacy logs; returns the groups seen."""
         sources = [(FAIRNESS_RUN, VAL_PREFIX), (EMA_RUN, self.ema_prefix)]
-        if not any(key.startswith(VAL_PREFIX + "auc_gap/") for key in logs):
+        if not any(key.startswith((VAL_PREFIX + "auc_gap/", VAL_PREFIX + "equalized_odds/"))
+                   for key in logs):
             self._warn_once("groups", "no `val_auc_gap/<attribute>` in the epoch logs: compile "
-                            "the model with metrics=[GroupedAUC(...)] and pass validation_data "
-                            "with groups (on epochs without validation, nothing is written).")
+                            "the model with metrics=[GroupedAUC(...)] (or GroupedErrorRates) "
+                            "and pass validation_data with groups (on epochs without "
+                            "validation, nothing is written).")
         if self._ema_on() and self.evaluation_data is None and not any(
                 key.startswith(self.ema_prefix) for key in logs):
             self._warn_once("ema", f"EMA is on but no `{self.ema_prefix}...` logs: put "
@@ -306,7 +355,8 @@ class FairnessDashboard(keras.callbacks.Callback):
         for run, prefix in sources:
             names = {key[len(prefix):]: key for key in logs if key.startswith(prefix)}
             figures = {name: logs[key] for name, key in names.items()
-                       if name == "auc" or name.startswith(_AUC_PREFIXES)}
+                       if name == "auc" or name.startswith(_AUC_PREFIXES)
+                       or dashboard_rates.is_rate_log(name)}
             if not figures:
                 continue
             with self._writer(run).as_default():
@@ -330,18 +380,24 @@ class FairnessDashboard(keras.callbacks.Callback):
             tf.summary.scalar(AUC_VS_EPSILON_TAG, float(auc), step=step)
             self._last_epsilon_step[run] = step
 
-    def _write_layout(self, groups, with_ci):
-        layout = dashboard_layout(groups, with_ci=with_ci, confidence=self.confidence)
+    def _write_layout(self, groups, with_ci, rates=(False, False)):
+        layout = dashboard_layout(groups, with_ci=with_ci, confidence=self.confidence,
+                                  rates=rates[0], rates_ci=rates[1])
         with self._writer(FAIRNESS_RUN).as_default():
             # The plugin reads the latest layout of a run, so a rewrite replaces it.
             tf.summary.experimental.write_raw_pb(
                 custom_scalar_summary.pb(layout).SerializeToString(), step=0)
         self._layout_has_ci = with_ci
+        self._layout_rates = tuple(rates)
 
     # ------------------------------------------------------------- exact evaluation
 
     def _evaluate(self, ema):
-        """Exact grouped evaluation of `evaluation_data` (EMA weights if `ema`)."""
+        """Exact grouped evaluation of `evaluation_data` (EMA weights if `ema`).
+
+        Returns:
+            `(fairness.GroupEvaluation, error_rates.RateEvaluation or None)`.
+        """
         labels, scores, masks, groups = [], [], [], {a: [] for a in self.group_names}
         with self.model.ema_weights() if ema else contextlib.nullcontext():
             for element in self.evaluation_data:
@@ -358,18 +414,36 @@ class FairnessDashboard(keras.callbacks.Callback):
                         else np.asarray(weights).reshape(-1) > 0)
                 labels.append(np.asarray(label).reshape(len(keep), -1)[keep])
                 scores.append(predicted.reshape(len(keep), -1)[keep])
-                masks.append(np.ones_like(labels[-1]) if mask is None
+                masks.append(np.ones_like(labels[-1], dtype=float) if mask is None
                              else np.asarray(mask).reshape(len(keep), -1)[keep])
                 for attribute in groups:
                     groups[attribute].append(np.asarray(ids[attribute]).reshape(-1)[keep])
+        labels, scores = np.concatenate(labels), np.concatenate(scores)
+        groups = {a: np.concatenate(v) for a, v in groups.items()}
+        common = {"group_names": self.group_names, "n_bootstrap": self.n_bootstrap,
+                  "confidence": self.confidence, "split": "validation"}
+        if self.multi_class:
+            classes = labels.reshape(-1).astype(np.int64)
+            names = [str(k) for k in range(scores.shape[1])]
+            evaluation = fairness.evaluate(np.eye(scores.shape[1])[classes], scores, groups,
+                                           label_names=names, **common)
+            if self.from_logits:
+                scores = np.exp(scores - scores.max(axis=1, keepdims=True))
+                scores /= scores.sum(axis=1, keepdims=True)
+            return evaluation, error_rates.evaluate(classes, scores, groups, multi_class=True,
+                                                    label_names=names, **common)
         # Unknown labels (mask 0) are left out of the AUCs, as of the loss.
-        return fairness.evaluate(
-            np.concatenate(labels), np.concatenate(scores),
-            {a: np.concatenate(v) for a, v in groups.items()}, group_names=self.group_names,
-            n_bootstrap=self.n_bootstrap, confidence=self.confidence, split="validation",
-            label_mask=np.concatenate(masks))
+        masks = np.concatenate(masks)
+        evaluation = fairness.evaluate(labels, scores, groups, label_mask=masks, **common)
+        if self.threshold is None:
+            return evaluation, None
+        if self.from_logits:
+            scores = 1.0 / (1.0 + np.exp(-scores))
+        labels = np.where(masks == 1, labels, 0.0)  # placeholders of unknown labels
+        return evaluation, error_rates.evaluate(labels, scores, groups, threshold=self.threshold,
+                                                label_mask=masks, **common)
 
-    def write_evaluation(self, evaluation, *, step=None, ema=False):
+    def write_evaluation(self, evaluation, *, step=None, ema=False, rates=None):
         """Writes an exact evaluation: `ci/` scalars and per-attribute images.
 
         Use it for an end-of-run evaluation on a test set, e.g.
@@ -381,10 +455,16 @@ class FairnessDashboard(keras.callbacks.Callback):
             step: the step to write at (default: the update count of the
                 model the callback was given by `fit`).
             ema: whether the figures are of the EMA weights (run `fairness_ema`).
+            rates: optional `error_rates.RateEvaluation` of the same data:
+                its `ci/rates/` scalars and `error_rates_by_group/` images
+                (`dashboard_rates`) are written too.
 
         Raises:
-            ValueError: the evaluation is of training data.
+            ValueError: an evaluation is of training data.
         """
+        if rates is not None and rates.outside_dp_guarantee:
+            raise ValueError("The dashboard shows held-out data only; this evaluation is of "
+                             f"split {rates.split!r}.")
         if evaluation.outside_dp_guarantee:
             raise ValueError("The dashboard shows held-out data only; this evaluation is of "
                              f"split {evaluation.split!r}.")
@@ -407,8 +487,12 @@ class FairnessDashboard(keras.callbacks.Callback):
                 figure = reports.plot_attribute(
                     evaluation, attribute, private_name="EMA weights" if ema else "current weights")
                 tf.summary.image(IMAGE_PREFIX + attribute, figure_to_image(figure), step=step)
-        if not self._layout_has_ci:
-            self._write_layout(groups, with_ci=True)
+            if rates is not None:
+                dashboard_rates.write_evaluation(
+                    rates, step, figure_to_image, "EMA weights" if ema else "current weights")
+        if not self._layout_has_ci or (rates is not None and not self._layout_rates[1]):
+            self._write_layout(groups, with_ci=True,
+                               rates=(True, True) if rates is not None else self._layout_rates)
 
 
 def _write_band(tag, row, column, step):
@@ -418,12 +502,20 @@ def _write_band(tag, row, column, step):
 
 
 def _groups_in_logs(logs):
-    """Attribute -> group names found in `val_auc/<attribute>/<group>` logs, in order."""
-    attributes = [key.split("/")[1] for key in logs
-                  if key.startswith(VAL_PREFIX + "auc_gap/") and key.count("/") == 1]
-    groups = {attribute: [] for attribute in attributes}
-    for key in logs:
-        parts = key.split("/")
-        if parts[0] == VAL_PREFIX + "auc" and len(parts) == 3 and parts[1] in groups:
-            groups[parts[1]].append(parts[2])
-    return {attribute: names for attribute, names in groups.items() if names}
+    """Attribute -> group names found in the group logs, in order.
+
+    From `val_auc/<attribute>/<group>` (GroupedAUC) or, without those,
+    `val_tpr/<attribute>/<group>` (GroupedErrorRates).
+    """
+    for gap, figure in (("auc_gap", "auc"), ("equalized_odds", "tpr")):
+        attributes = [key.split("/")[1] for key in logs
+                      if key.startswith(f"{VAL_PREFIX}{gap}/") and key.count("/") == 1]
+        groups = {attribute: [] for attribute in attributes}
+        for key in logs:
+            parts = key.split("/")
+            if parts[0] == VAL_PREFIX + figure and len(parts) == 3 and parts[1] in groups:
+                groups[parts[1]].append(parts[2])
+        found = {attribute: names for attribute, names in groups.items() if names}
+        if found:
+            return found
+    return {}

@@ -148,6 +148,31 @@ def _weighted_aucs(labels, scores, weights):
     return auc
 
 
+def bootstrap_weights(n, n_bootstrap, rng):
+    """Yields bootstrap resamples of n examples as counts, chunk by chunk.
+
+    Each replicate draws n examples with replacement; its weights are how
+    often each example was drawn. Chunks bound the memory to about
+    `_CHUNK_ENTRIES` floats.
+
+    Args:
+        n: number of examples (> 0).
+        n_bootstrap: number of replicates.
+        rng: `numpy.random.Generator`; the draws consume it in order, so the
+            same generator state gives the same resamples.
+
+    Yields:
+        `(start, weights)`: the index of the chunk's first replicate and
+        float weights `[b, n]`.
+    """
+    chunk = max(1, _CHUNK_ENTRIES // n)
+    for start in range(0, n_bootstrap, chunk):
+        b = min(chunk, n_bootstrap - start)
+        draws = rng.integers(0, n, size=(b, n))
+        flat = (np.arange(b)[:, None] * n + draws).ravel()
+        yield start, np.bincount(flat, minlength=b * n).reshape(b, n).astype(float)
+
+
 def _bootstrap_aucs(labels, scores, rows, n_bootstrap, rng):
     """AUC replicates `[L, n_bootstrap]` of the examples `rows`, resampled."""
     num_labels = labels.shape[1]
@@ -155,12 +180,8 @@ def _bootstrap_aucs(labels, scores, rows, n_bootstrap, rng):
     n = len(rows)
     if n == 0:
         return out
-    chunk = max(1, _CHUNK_ENTRIES // n)
-    for start in range(0, n_bootstrap, chunk):
-        b = min(chunk, n_bootstrap - start)
-        draws = rng.integers(0, n, size=(b, n))
-        flat = (np.arange(b)[:, None] * n + draws).ravel()
-        weights = np.bincount(flat, minlength=b * n).reshape(b, n).astype(float)
+    for start, weights in bootstrap_weights(n, n_bootstrap, rng):
+        b = len(weights)
         for j in range(num_labels):
             known = ~np.isnan(labels[rows, j])  # masked-out labels drop out
             out[j, start:start + b] = _weighted_aucs(
@@ -195,11 +216,21 @@ def _column(data, name, what):
     return data[name].to_numpy()
 
 
-def _prepare(labels, scores, groups, data, label_names, group_names, label_mask=None):
-    """Validates inputs; returns labels, scores `[N, L]`, label names, groups.
+def prepare_inputs(labels, scores, groups, data, label_names, group_names, label_mask=None):
+    """Validates the inputs of `evaluate` (and of `error_rates.evaluate`).
 
-    `groups` comes back as a dict attribute -> (names list, codes `[N]`).
-    Labels that `label_mask` marks unknown come back as NaN.
+    Args:
+        labels, scores, groups, data, label_names, group_names, label_mask:
+            as in `evaluate`.
+
+    Returns:
+        `(labels, scores, label_names, groups)`: float labels and scores
+        `[N, L]` (labels that `label_mask` marks unknown come back as NaN),
+        the L label names, and a dict attribute -> (group names list, int
+        codes `[N]`).
+
+    Raises:
+        ValueError: as listed in `evaluate`.
     """
     if data is not None:
         if not isinstance(data, pd.DataFrame):
@@ -282,8 +313,16 @@ def _prepare(labels, scores, groups, data, label_names, group_names, label_mask=
     return labels, scores, label_names, prepared
 
 
-def _add_intersections(groups, intersections):
-    """Adds attribute 'a&b' whose groups are all combinations 'x&y'."""
+def add_intersections(groups, intersections):
+    """Adds attribute 'a&b' whose groups are all combinations 'x&y'.
+
+    Args:
+        groups: dict from `prepare_inputs`, updated in place.
+        intersections: attribute tuples to cross, as in `evaluate`.
+
+    Raises:
+        ValueError: an intersection of fewer than two known attributes.
+    """
     for combo in intersections:
         combo = [combo] if isinstance(combo, str) else list(combo)
         unknown = [a for a in combo if a not in groups]
@@ -434,9 +473,9 @@ def evaluate(labels, scores, groups, *, data=None, label_names=None, group_names
         raise ValueError(f"seed must be an integer >= 0; got {seed!r}.")
     if _outside_dp(split):
         warnings.warn(f"Group figures on split {split!r}: {OUTSIDE_DP_NOTE}", stacklevel=2)
-    labels, scores, label_names, groups = _prepare(
+    labels, scores, label_names, groups = prepare_inputs(
         labels, scores, groups, data, label_names, group_names, label_mask)
-    _add_intersections(groups, intersections)
+    add_intersections(groups, intersections)
     multi = len(label_names) > 1
     summary_label = MEAN_LABEL if multi else label_names[0]
     all_labels = label_names + ([MEAN_LABEL] if multi else [])
@@ -483,12 +522,28 @@ def evaluate(labels, scores, groups, *, data=None, label_names=None, group_names
                 frame[column] = frame[column].astype("Int64")
         return frame
 
-    key = hashlib.sha256(repr((seed, n_bootstrap)).encode())
-    key.update(labels.tobytes())
-    for attribute, (names, codes) in groups.items():
-        key.update(repr((attribute, names)).encode())
-        key.update(codes.astype(np.int64).tobytes())
     return GroupEvaluation(
         groups=table(group_rows), disparities=table(disparity_rows),
         overall=table(overall_rows), split=split, summary_label=summary_label,
-        confidence=confidence, replicates=replicates, resample_key=key.hexdigest())
+        confidence=confidence, replicates=replicates,
+        resample_key=resample_key(labels, groups, seed, n_bootstrap))
+
+
+def resample_key(labels, groups, seed, n_bootstrap):
+    """Fingerprint of what fixes the bootstrap draws of an evaluation.
+
+    Args:
+        labels: float labels `[N, L]` (NaN where unknown).
+        groups: dict attribute -> (names, codes), as from `prepare_inputs`.
+        seed: bootstrap seed.
+        n_bootstrap: number of replicates.
+
+    Returns:
+        A hex string; two evaluations with equal keys drew the same resamples.
+    """
+    key = hashlib.sha256(repr((seed, n_bootstrap)).encode())
+    key.update(np.ascontiguousarray(labels).tobytes())
+    for attribute, (names, codes) in groups.items():
+        key.update(repr((attribute, names)).encode())
+        key.update(codes.astype(np.int64).tobytes())
+    return key.hexdigest()

@@ -45,12 +45,67 @@ from tf_dpfair import batch as batch_lib
 DEFAULT_NUM_THRESHOLDS = 2000
 
 
-def _check_name(kind, name):
+def _check_name(kind, name, owner="GroupedAUC"):
     """Raises ValueError unless `name` can be part of a `/`-separated key."""
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(
-            f"GroupedAUC: each {kind} name must be a non-empty string without "
+            f"{owner}: each {kind} name must be a non-empty string without "
             f"'/' (it becomes part of a metric name); got {name!r}.")
+
+
+def checked_groups(groups, owner):
+    """Validates a metric's `groups` argument.
+
+    Args:
+        groups: dict attribute -> list of group names (index = group id).
+        owner: class name for error messages.
+
+    Returns:
+        `(groups, offsets, num_rows)`: the groups as a dict of lists, the
+        first statistics row of each attribute (row 0 is all examples; see
+        `group_rows`) and the number of rows.
+
+    Raises:
+        ValueError: empty or malformed groups, names with '/', duplicates.
+    """
+    if not isinstance(groups, dict) or not groups:
+        raise ValueError(
+            f"{owner}: `groups` must be a non-empty dict attribute -> list "
+            f"of group names; got {groups!r}.")
+    checked, offsets, num_rows = {}, {}, 1
+    for attribute, names in groups.items():
+        _check_name("attribute", attribute, owner)
+        if isinstance(names, str) or not list(names):
+            raise ValueError(
+                f"{owner}: groups[{attribute!r}] must be a non-empty list "
+                f"of group names; got {names!r}.")
+        names = list(names)
+        for group in names:
+            _check_name("group", group, owner)
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"{owner}: groups[{attribute!r}] has duplicate names: "
+                f"{names}.")
+        checked[attribute] = names
+        offsets[attribute] = num_rows
+        num_rows += len(names)
+    return checked, offsets, num_rows
+
+
+def checked_label_names(label_names, owner):
+    """Validates label (or class) names; returns them as a list.
+
+    Raises:
+        ValueError: empty, with '/', or duplicated names.
+    """
+    label_names = list(label_names)
+    if not label_names:
+        raise ValueError(f"{owner}: `label_names` is empty.")
+    for label in label_names:
+        _check_name("label", label, owner)
+    if len(set(label_names)) != len(label_names):
+        raise ValueError(f"{owner}: duplicate label names: {label_names}.")
+    return label_names
 
 
 def _nan_like(x):
@@ -78,6 +133,46 @@ def _gap_and_worst(values):
     nan = tf.constant(math.nan, values.dtype)
     return (tf.where(count >= 2, best - worst, nan),
             tf.where(count >= 1, worst, nan))
+
+
+def group_rows(group_names, offsets, groups, live, size, owner):
+    """Row of every example in a per-group statistics table, and its checks.
+
+    Row 0 holds all examples; then one row per group, attribute after
+    attribute (`offsets[attribute]` is the row of the attribute's group 0),
+    so that one segment sum updates every group.
+
+    Args:
+        group_names: dict attribute -> list of group names.
+        offsets: dict attribute -> first row of that attribute's groups.
+        groups: dict attribute -> int ids `[B]` (extra attributes ignored).
+        live: bool `[B]`, False for padding rows (weight 0), whose ids may
+            be anything.
+        size: batch size B (scalar tensor).
+        owner: class name for error messages.
+
+    Returns:
+        `(rows, checks)`: int32 `[B, 1 + attributes]`, -1 where an id is out
+        of range (a segment sum drops it, so a bad id cannot land in another
+        attribute's rows even where assertions are compiled out), and the
+        assertions to run first.
+    """
+    rows = [tf.zeros([size], tf.int32)]
+    checks = []
+    for attribute, names in group_names.items():
+        ids = tf.reshape(tf.cast(groups[attribute], tf.int32), [-1])
+        checks.append(tf.debugging.assert_equal(
+            tf.size(ids), size,
+            message=f"{owner}: groups[{attribute!r}] must have one id per example"))
+        checked = tf.where(live, ids, tf.zeros_like(ids))
+        # No quotes: graph-mode assertion messages print them escaped.
+        message = (f"{owner}: group ids of attribute `{attribute}` must lie "
+                   f"in [0, {len(names)}) (groups: {', '.join(names)})")
+        checks.append(tf.debugging.assert_non_negative(checked, message=message))
+        checks.append(tf.debugging.assert_less(checked, len(names), message=message))
+        valid = (ids >= 0) & (ids < len(names))
+        rows.append(tf.where(valid, ids + offsets[attribute], -1))
+    return tf.stack(rows, axis=1), checks
 
 
 @keras.saving.register_keras_serializable(package="tf_dpfair")
@@ -134,25 +229,7 @@ class GroupedAUC(keras.metrics.Metric):
                 `num_thresholds` < 2.
         """
         super().__init__(name=name, dtype=dtype)
-        if not isinstance(groups, dict) or not groups:
-            raise ValueError(
-                "GroupedAUC: `groups` must be a non-empty dict attribute -> list "
-                f"of group names; got {groups!r}.")
-        self._groups = {}
-        for attribute, names in groups.items():
-            _check_name("attribute", attribute)
-            if isinstance(names, str) or not list(names):
-                raise ValueError(
-                    f"GroupedAUC: groups[{attribute!r}] must be a non-empty list "
-                    f"of group names; got {names!r}.")
-            names = list(names)
-            for group in names:
-                _check_name("group", group)
-            if len(set(names)) != len(names):
-                raise ValueError(
-                    f"GroupedAUC: groups[{attribute!r}] has duplicate names: "
-                    f"{names}.")
-            self._groups[attribute] = names
+        self._groups, self._offsets, self._num_rows = checked_groups(groups, "GroupedAUC")
         if multi_label is None:
             multi_label = label_names is not None
         if multi_label and label_names is None:
@@ -164,14 +241,7 @@ class GroupedAUC(keras.metrics.Metric):
                 "GroupedAUC: `label_names` is only for multi_label=True; got "
                 f"label_names={label_names!r} with multi_label=False.")
         if label_names is not None:
-            label_names = list(label_names)
-            if not label_names:
-                raise ValueError("GroupedAUC: `label_names` is empty.")
-            for label in label_names:
-                _check_name("label", label)
-            if len(set(label_names)) != len(label_names):
-                raise ValueError(
-                    f"GroupedAUC: duplicate label names: {label_names}.")
+            label_names = checked_label_names(label_names, "GroupedAUC")
         if not isinstance(num_thresholds, int) or num_thresholds < 2:
             raise ValueError(
                 "GroupedAUC: `num_thresholds` must be an integer > 1; got "
@@ -183,14 +253,9 @@ class GroupedAUC(keras.metrics.Metric):
         self.include_counts = bool(include_counts)
         self._num_labels = len(label_names) if label_names else 1
 
-        # Row 0 of the histograms holds all examples; then one row per group,
-        # attribute after attribute, so one segment sum updates them all.
-        self._offsets = {}
-        num_rows = 1
-        for attribute, names in self._groups.items():
-            self._offsets[attribute] = num_rows
-            num_rows += len(names)
-        self._num_rows = num_rows
+        # Row 0 of the histograms holds all examples, then one row per group
+        # (`group_rows`), so one segment sum updates them all.
+        num_rows = self._num_rows
         shape = (num_rows, num_thresholds, self._num_labels)
         self.positives = self.add_variable(
             shape=shape, initializer="zeros", aggregation="sum",
@@ -286,28 +351,10 @@ class GroupedAUC(keras.metrics.Metric):
             checks.append(tf.debugging.assert_equal(
                 tf.size(weights), size,
                 message="GroupedAUC: sample_weight must have one weight per example"))
-        live = weights != 0
-
-        rows = [tf.zeros([size], tf.int32)]
-        for attribute, names in self._groups.items():
-            ids = tf.reshape(tf.cast(groups[attribute], tf.int32), [-1])
-            checks.append(tf.debugging.assert_equal(
-                tf.size(ids), size,
-                message=f"GroupedAUC: groups[{attribute!r}] must have one id per example"))
-            # Padding rows (weight 0) may carry any id.
-            checked = tf.where(live, ids, tf.zeros_like(ids))
-            # No quotes: graph-mode assertion messages print them escaped.
-            message = (f"GroupedAUC: group ids of attribute `{attribute}` must lie "
-                       f"in [0, {len(names)}) (groups: {', '.join(names)})")
-            checks.append(tf.debugging.assert_non_negative(checked, message=message))
-            checks.append(tf.debugging.assert_less(checked, len(names), message=message))
-            # A negative segment id is dropped, so a bad id cannot land in
-            # another attribute's rows even where assertions are compiled out.
-            valid = (ids >= 0) & (ids < len(names))
-            rows.append(tf.where(valid, ids + self._offsets[attribute], -1))
-
-        with tf.control_dependencies(checks):
-            rows = tf.stack(rows, axis=1)  # [B, 1 + attributes]
+        rows, row_checks = group_rows(self._groups, self._offsets, groups, weights != 0,
+                                      size, "GroupedAUC")
+        with tf.control_dependencies(checks + row_checks):
+            rows = tf.identity(rows)  # [B, 1 + attributes]
         num_thresholds = self.num_thresholds
         num_labels = self._num_labels
         # The bucketing of keras.metrics.AUC with evenly spaced thresholds: a

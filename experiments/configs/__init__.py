@@ -7,7 +7,8 @@ dict with "grid" (field -> list of values, crossed) for `sweep.py`.
 - Paper settings, ready for a user who has the data: `chexpert`,
   `mimic_cxr`, `imagenet`, `places365`.
 - Studies that run here on real Fashion-MNIST: `rotated_study` (the PAIR
-  explorable's rotated subgroup) and `pretrained_study` (DP fine-tuning of
+  explorable's rotated subgroup), `subgroup_heatmap` (its heatmap: size x
+  epsilon x rotated share) and `pretrained_study` (DP fine-tuning of
   ImageNet-pretrained EfficientNet-Lite0).
 - `demo`: the short runs of `make demo`.
 """
@@ -15,7 +16,7 @@ dict with "grid" (field -> list of values, crossed) for `sweep.py`.
 import importlib
 
 NAMES = ("chexpert", "mimic_cxr", "imagenet", "places365", "rotated_study",
-         "pretrained_study", "demo")
+         "pretrained_study", "subgroup_heatmap", "demo")
 
 
 def load(name):
