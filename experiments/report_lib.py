@@ -206,6 +206,40 @@ def rates_table(table, keys, sweep_dir):
     return frame.drop(columns="_epsilon").reset_index(drop=True)
 
 
+DIAGNOSTIC_FIGURES = ("example_share", "clip_fraction", "grad_norm_p50", "loss",
+                      "clipped_sum_share", "update_cosine")
+
+
+def diagnostics_table(table, keys):
+    """Per run and group: the last epoch's training diagnostics (outside the guarantee).
+
+    Args:
+        table: the results table.
+        keys: the grid settings that vary.
+
+    Returns:
+        A `pandas.DataFrame` (empty when no run kept diagnostics).
+    """
+    prefix = "training.diagnostics."
+    columns = [c for c in table.columns if c.startswith(prefix)]
+    rows = []
+    for _, run in table.iterrows():
+        found = {}
+        for column in columns:
+            attribute, group, figure = column[len(prefix):].rsplit(".", 2)
+            value = run[column]
+            if figure in DIAGNOSTIC_FIGURES and pd.notna(value):
+                found.setdefault((attribute, group), {})[figure] = float(value)
+        measured = [f for f in DIAGNOSTIC_FIGURES
+                    if any(f in figures for figures in found.values())]
+        for (attribute, group), figures in found.items():
+            rows.append({**{k: run[f"settings.{k}"] for k in keys},
+                         "epsilon": _epsilon_label(run["epsilon"]),
+                         "attribute": attribute, "group": group,
+                         **{f: figures.get(f, np.nan) for f in measured}})
+    return pd.DataFrame(rows)
+
+
 def _checkpoint_points(run_dir, metric, attribute):
     """(overall, gap) of each saved checkpoint of a run, from its test scores."""
     labels = np.load(os.path.join(run_dir, "checkpoints", "labels.npz"))
@@ -504,6 +538,17 @@ def write_sweep_report(sweep_dir, out_dir=None, n_bootstrap=200, explorable=None
         sweep_dir, table, keys, out_dir, **(explorable or {}))
     paths.update(explorable_paths)
     lines += explorable_lines
+    diagnostics = diagnostics_table(table, keys)
+    if not diagnostics.empty:
+        paths["diagnostics"] = os.path.join(out_dir, "diagnostics.csv")
+        diagnostics.to_csv(paths["diagnostics"], index=False)
+        lines += ["## Training diagnostics (training data, outside the DP guarantee)", "",
+                  "Last epoch of each private run with group diagnostics: each group's "
+                  "share of the training examples, the fraction of its examples whose "
+                  "gradient was clipped, their median pre-clip gradient norm and mean "
+                  "loss (and, where measured, its share of the clipped sum and the "
+                  "cosine of the update with its gradient). For the person training "
+                  "the model, never for release.", "", reports.to_markdown(diagnostics)]
     groups = groups_table(table, keys)
     if not groups.empty:
         paths["groups"] = os.path.join(out_dir, "groups.csv")

@@ -118,6 +118,12 @@ class Settings:
     eval_batch_size: int = _field(500, "Evaluation batch size.")
     eval_every: int = _field(1, "Evaluate on test every N epochs (0 = final only).")
     n_bootstrap: int = _field(200, "Bootstrap replicates of the report's intervals.")
+    group_diagnostics: bool = _field(False, "Private runs: per-group training diagnostics "
+                                     "(clip fraction, gradient norms, loss per group) in the "
+                                     "epoch logs and dashboards; outside the DP guarantee.")
+    diagnostics_alignment: bool = _field(False, "With group_diagnostics: each group's share "
+                                         "of the clipped sum and the update's cosine with "
+                                         "its gradient (extra backward passes).")
 
     @property
     def private(self):
@@ -225,23 +231,34 @@ def make_strategy(name, tpu=""):
 
 
 def extra_callbacks(settings, work_dir, *, privacy_logger, run_data, test):
-    """The TensorBoard fairness dashboard of a run.
+    """The TensorBoard fairness dashboard of a run (and its diagnostics).
 
-    Exact per-group AUC with bootstrap bands (`tf_dpfair.dashboards`) needs
-    binary or multi-label targets and groups; for multi-class data the
-    dashboard still records privacy spend and the run's settings (HParams),
-    and per-group accuracy is in the run's reports.
+    With group attributes, the dashboard evaluates the test split exactly
+    each epoch: per-group AUC and error rates with bootstrap bands
+    (`tf_dpfair.dashboards`), at the top-1 class for multi-class data and at
+    `evaluation_lib.THRESHOLD` for multi-label data. Private runs with
+    `group_diagnostics` also get `diagnostics.GroupDiagnostics` first, so the
+    dashboard shows the training-set figures in their own category.
     """
-    grouped = run_data.multi_label and bool(run_data.group_spec.attributes)
-    return [dpf.dashboards.FairnessDashboard(
+    grouped = bool(run_data.group_spec.attributes)
+    multi_class = not run_data.multi_label
+    found = []
+    if settings.group_diagnostics and settings.private and grouped:
+        found.append(dpf.diagnostics.GroupDiagnostics(
+            run_data.group_spec, alignment=settings.diagnostics_alignment))
+    found.append(dpf.dashboards.FairnessDashboard(
         os.path.join(work_dir, "tensorboard"), privacy_logger=privacy_logger,
         hparams={"dataset": settings.dataset, "model": settings.model},
         evaluation_data=test if grouped else None,
         group_names=run_data.group_spec if grouped else None,
-        n_bootstrap=max(1, settings.n_bootstrap // 5))]
+        n_bootstrap=max(1, settings.n_bootstrap // 5),
+        threshold=None if multi_class else evaluation_lib.THRESHOLD,
+        multi_class=multi_class and grouped, from_logits=True))
+    return found
 
 
-def _compile(model, settings, multi_label):
+def _compile(model, settings, run_data):
+    multi_label = run_data.multi_label
     loss_class = (keras.losses.BinaryCrossentropy if multi_label
                   else keras.losses.SparseCategoricalCrossentropy)
     # Mean over real rows: weight-0 padding of Poisson batches must not dilute
@@ -255,8 +272,15 @@ def _compile(model, settings, multi_label):
         optimizer = keras.optimizers.SGD(rate, momentum=settings.momentum)
     else:
         optimizer = keras.optimizers.Adam(rate)
-    model.compile(optimizer=optimizer, loss=loss,
-                  metrics=None if multi_label else ["accuracy"])
+    metrics = [] if multi_label else ["accuracy"]
+    if run_data.group_spec.attributes:
+        # Streaming per-group error rates on validation data (never training).
+        metrics.append(dpf.rate_metrics.GroupedErrorRates(
+            run_data.group_spec.to_dict(), from_logits=True,
+            threshold=evaluation_lib.THRESHOLD if multi_label else None,
+            multi_class=not multi_label,
+            label_names=[str(n).replace(" ", "_") for n in run_data.class_names]))
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics or None)
 
 
 def updates_applied(model):
@@ -332,6 +356,26 @@ def nothing_left_to_train(model, logger, total_steps):
         return (f"The run is finished: all {total_steps} updates were applied"
                 f"{spent}. Nothing left to train.")
     return None
+
+
+def last_diagnostics(history):
+    """The last epoch's per-group training diagnostics, nested by attribute and group.
+
+    Args:
+        history: `History.history` of `fit` (log name -> list of values).
+
+    Returns:
+        dict attribute -> group -> figure -> value (empty without
+        `diagnostics.GroupDiagnostics`); figures of training data, outside
+        the DP guarantee.
+    """
+    nested = {}
+    for key, values in history.items():
+        parts = key[len(dpf.diagnostics.PREFIX):].split("/")
+        if key.startswith(dpf.diagnostics.PREFIX) and len(parts) == 3 and values:
+            attribute, group, figure = parts
+            nested.setdefault(attribute, {}).setdefault(group, {})[figure] = values[-1]
+    return nested
 
 
 def _seeds(settings, strategy):
@@ -426,7 +470,9 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
         return data_lib.make_train_dataset(
             run_data.train, expected_batch_size=settings.batch_size, seed=sampling_seed,
             mode=settings.sampling, microbatch_size=settings.microbatch_size,
-            num_replicas=replicas, augmult=settings.augmult, start_step=start_step)
+            num_replicas=replicas, augmult=settings.augmult, start_step=start_step,
+            # Groups reach training batches only for the opt-in diagnostics.
+            with_groups=settings.group_diagnostics and settings.private)
 
     spec = pipeline(0).spec
     wanted = settings.steps or settings.epochs * spec.steps_per_epoch
@@ -457,7 +503,7 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
             if settings.augmult > 1:
                 raise ValueError("augmult > 1 is implemented by DPModel only.")
             model = dpf.make_non_private(base)
-        _compile(model, settings, run_data.multi_label)
+        _compile(model, settings, run_data)
     backup_dir = os.path.join(work_dir, "backup")
     # Outside the scope: there Keras's load_weights runs collective ops, which
     # the other workers (not loading) would never join.
@@ -488,15 +534,18 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
     # A run stopped by its budget (or complete) but killed before result.json
     # is finished: fit would only refuse to start.
     finished = nothing_left_to_train(model, logger, total_steps)
+    diagnostics = {}
     if finished:
         print(finished)
     else:
         print(f"Training from update {start} of {total_steps}.")
         # initial_epoch is given, not left to BackupAndRestore: only the
         # chief has that callback, and every worker must run the same epochs.
-        model.fit(pipeline(start).dataset, epochs=epochs, initial_epoch=start // period,
-                  steps_per_epoch=period, callbacks=list(callbacks) + standard,
-                  verbose=verbose if chief else 0)
+        history = model.fit(pipeline(start).dataset, epochs=epochs,
+                            initial_epoch=start // period, steps_per_epoch=period,
+                            callbacks=list(callbacks) + standard,
+                            verbose=verbose if chief else 0)
+        diagnostics = last_diagnostics(history.history)
     train_seconds = time.time() - started
     if not chief:
         return _worker_result(strategy, _privacy(settings, model, logger, sigma, spec,
@@ -512,7 +561,9 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
         "training": {"epochs": epochs, "steps_per_epoch": period,
                      "total_steps": total_steps, "replicas": replicas,
                      "workers": dpf.cluster.num_workers(strategy),
-                     "seconds_this_session": train_seconds},
+                     "seconds_this_session": train_seconds,
+                     # Training data, outside the DP guarantee (last epoch).
+                     "diagnostics": diagnostics},
         "metrics": evaluation_lib.evaluate_final(model, run_data, test, work_dir,
                                                   settings.n_bootstrap),
     }

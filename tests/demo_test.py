@@ -1,6 +1,9 @@
 """End-to-end test of the demo job on its synthetic fallback data."""
 
+import json
 import os
+
+import pytest
 
 import demo_lib
 
@@ -32,3 +35,17 @@ def test_run_demo_trains_both_and_writes_report_on_synthetic_fallback(tmp_path, 
     for run in ("epsilon=2", "epsilon=inf"):
         assert os.listdir(os.path.join(work_dir, run, "tensorboard"))
         assert os.path.exists(os.path.join(work_dir, run, "report_raw", "report.md"))
+    # The private run's per-group training diagnostics reach its result, the
+    # report and the dashboards, labelled as outside the guarantee.
+    private_dir = os.path.join(work_dir, "epsilon=2")
+    with open(os.path.join(private_dir, "result.json")) as f:
+        diagnostics = json.load(f)["training"]["diagnostics"]
+    assert set(diagnostics) == {"sex", "age"}
+    shares = [g["example_share"] for g in diagnostics["sex"].values()]
+    assert sum(shares) == pytest.approx(1.0)
+    assert all(0 <= g["clip_fraction"] <= 1 for g in diagnostics["age"].values())
+    report = open(paths["report"]).read()
+    assert "## Training diagnostics (training data, outside the DP guarantee)" in report
+    assert os.path.isdir(os.path.join(private_dir, "tensorboard", "train_diagnostics"))
+    assert not os.path.exists(os.path.join(work_dir, "epsilon=inf", "tensorboard",
+                                           "train_diagnostics"))

@@ -193,3 +193,39 @@ def test_histogram_quantiles_by_hand():
     assert math.isnan(diagnostics.histogram_quantile(np.zeros(3), 0.5, 1.0))
     bins = diagnostics.histogram_bins(tf.constant([0.0, 1.0, 1e9]), 1.0).numpy()
     assert bins.tolist() == [0, index, diagnostics.NUM_BINS - 1]
+
+
+def test_dashboard_writes_diagnostics_to_their_own_run_with_a_category(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tf_dpfair import dashboards
+
+    x, y, groups, weights = batch_data()
+    history = linear_model().fit(
+        dataset(x, y, groups, weights), steps_per_epoch=1, epochs=2, verbose=0,
+        callbacks=[diagnostics.GroupDiagnostics(GROUPS),
+                   dashboards.FairnessDashboard(str(tmp_path))])
+    run = event_accumulator.EventAccumulator(
+        str(tmp_path / dashboards.DIAGNOSTICS_RUN), size_guidance={"tensors": 0})
+    run.Reload()
+    tag = "train_diagnostics/sex/female/clip_fraction"
+    written = [float(tf.make_ndarray(e.tensor_proto)) for e in run.Tensors(tag)]
+    assert written == pytest.approx(history.history[tag])
+    assert [e.step for e in run.Tensors(tag)] == [1, 2]  # updates so far
+    fairness = event_accumulator.EventAccumulator(
+        str(tmp_path / dashboards.FAIRNESS_RUN), size_guidance={"tensors": 0})
+    fairness.Reload()
+    raw = fairness.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0]
+    layout = layout_pb2.Layout.FromString(raw)
+    titles = [c.title for c in layout.category]
+    assert "training diagnostics by sex (outside the DP guarantee)" in titles
+    assert "training diagnostics by age (outside the DP guarantee)" in titles
+
+
+def test_dashboard_writes_no_training_group_figures_without_diagnostics(tmp_path):
+    from tf_dpfair import dashboards
+
+    x, y, groups, weights = batch_data()
+    linear_model().fit(dataset(x, y, groups, weights), steps_per_epoch=1, verbose=0,
+                       callbacks=[dashboards.FairnessDashboard(str(tmp_path))])
+    assert not (tmp_path / dashboards.DIAGNOSTICS_RUN).exists()

@@ -8,6 +8,7 @@ from tf_dpfair import callbacks
 from tf_dpfair import cluster
 from tf_dpfair import dashboard_sweep
 from tf_dpfair import dashboards
+from tf_dpfair import diagnostics
 from tf_dpfair import data
 from tf_dpfair import datasets
 from tf_dpfair import error_rates

@@ -19,8 +19,12 @@ run's HParams. Scalars (step = optimizer updates so far):
 
 Images `auc_by_group/<attribute>` (`reports.plot_attribute`) go with the
 `ci/` scalars; a custom-scalars layout (`dashboard_layout`) is written once
-per run. Group figures of training batches are never written: they would be
-outside the DP guarantee.
+per run. Group figures of training batches are not written unless asked
+for: they are outside the DP guarantee. Asked for means the opt-in
+`diagnostics.GroupDiagnostics` among `fit`'s callbacks (before this one);
+then its `train_diagnostics/<attribute>/<group>/<figure>` epoch logs go to
+their own run, `train_diagnostics`, and the layout gets a category "training
+diagnostics by <attribute> (outside the DP guarantee)" per attribute.
 
 Error rates and calibration have their own tags, listed in
 `tf_dpfair.dashboard_rates`: the streaming `tpr/...`, `fpr/...`,
@@ -47,12 +51,14 @@ from tensorboard.plugins.hparams import api as hp
 from tf_dpfair import batch as batch_lib
 from tf_dpfair import cluster
 from tf_dpfair import dashboard_rates
+from tf_dpfair import diagnostics
 from tf_dpfair import error_rates
 from tf_dpfair import fairness
 from tf_dpfair import reports
 
 FAIRNESS_RUN = "fairness"
 EMA_RUN = "fairness_ema"
+DIAGNOSTICS_RUN = "train_diagnostics"
 VAL_PREFIX = "val_"
 EPSILON_TAG = "privacy/epsilon"
 NOISE_TAG = "privacy/noise_multiplier"
@@ -65,7 +71,7 @@ _AUC_PREFIXES = ("auc/", "auc_gap/", "auc_worst/")
 
 
 def dashboard_layout(groups, *, with_ci=False, confidence=0.95, rates=False,
-                     rates_ci=False):
+                     rates_ci=False, diagnostics_groups=None):
     """The custom-scalars layout: one category per attribute, then privacy.
 
     Each attribute's category has a multiline chart of every group's AUC
@@ -81,14 +87,18 @@ def dashboard_layout(groups, *, with_ci=False, confidence=0.95, rates=False,
         rates: add the "error rates by <attribute>" categories
             (`dashboard_rates.layout_categories`).
         rates_ci: with `rates`, their margin charts of the `ci/rates/` tags.
+        diagnostics_groups: dict attribute -> group names of the opt-in
+            training diagnostics, for their categories; None for none.
 
     Returns:
         A `layout_pb2.Layout`.
 
     Raises:
-        ValueError: `groups` is empty or an attribute has no groups.
+        ValueError: `groups` (and `diagnostics_groups`) are empty, or an
+            attribute has no groups.
     """
-    if not groups or not all(groups.values()):
+    groups = groups or {}
+    if not (groups or diagnostics_groups) or not all(groups.values()):
         raise ValueError(f"groups must map each attribute to its group names; got {groups!r}.")
     level = f"{100 * confidence:g}%"
     categories = []
@@ -112,6 +122,21 @@ def dashboard_layout(groups, *, with_ci=False, confidence=0.95, rates=False,
     if rates:
         categories += dashboard_rates.layout_categories(groups, with_ci=rates_ci,
                                                         confidence=confidence)
+    for attribute in diagnostics_groups or {}:
+        a = re.escape(attribute)
+        tag = rf"^{re.escape(diagnostics.PREFIX)}{a}/[^/]+/"
+        categories.append(layout_pb2.Category(
+            title=f"training diagnostics by {attribute} (outside the DP guarantee)",
+            chart=[
+                _multiline(f"{attribute}: clip fraction of each group", tag + "clip_fraction$"),
+                _multiline(f"{attribute}: median pre-clip gradient norm",
+                           tag + "grad_norm_p50$"),
+                _multiline(f"{attribute}: share of the clipped sum and of the examples",
+                           tag + "(clipped_sum_share|example_share)$"),
+                _multiline(f"{attribute}: cosine of the update with the group's gradient",
+                           tag + "update_cosine$"),
+                _multiline(f"{attribute}: training loss of each group", tag + "loss$"),
+            ]))
     categories.append(layout_pb2.Category(title="privacy", chart=[
         _multiline("epsilon spent vs step (optimizer updates)", f"^{EPSILON_TAG}$"),
         _multiline("overall AUC vs epsilon (x axis: epsilon x 1000)", f"^{AUC_VS_EPSILON_TAG}$"),
@@ -256,6 +281,8 @@ class FairnessDashboard(keras.callbacks.Callback):
         self._hparams_written = False
         self._layout_has_ci = None  # None: no layout written yet.
         self._layout_rates = (False, False)  # (categories, bands) in the written layout
+        self._groups_seen = None  # groups of the written layout
+        self._diagnostics_groups = {}  # attribute -> groups of training diagnostics
         self._last_epsilon_step = {}
         self._warned = set()
 
@@ -308,6 +335,7 @@ class FairnessDashboard(keras.callbacks.Callback):
         logs = logs or {}
         step = self._step()
         groups = self._write_logged_figures(logs, step)
+        new_diagnostics = self._write_training_diagnostics(logs, step)
         logged_rates = any(dashboard_rates.is_rate_log(k[len(VAL_PREFIX):])
                            for k in logs if k.startswith(VAL_PREFIX))
         if self.evaluation_data is not None:
@@ -322,6 +350,9 @@ class FairnessDashboard(keras.callbacks.Callback):
         elif groups and logged_rates and not self._layout_rates[0]:
             self._write_layout(groups, with_ci=bool(self._layout_has_ci),
                                rates=(True, self._layout_rates[1]))
+        elif new_diagnostics:
+            self._write_layout(self._groups_seen, with_ci=bool(self._layout_has_ci),
+                               rates=self._layout_rates)
         for writer in self._writers.values():
             writer.flush()
 
@@ -380,9 +411,28 @@ class FairnessDashboard(keras.callbacks.Callback):
             tf.summary.scalar(AUC_VS_EPSILON_TAG, float(auc), step=step)
             self._last_epsilon_step[run] = step
 
+    def _write_training_diagnostics(self, logs, step):
+        """Writes the opt-in per-group training diagnostics; True if new attributes."""
+        before = set(self._diagnostics_groups)
+        figures = {k: v for k, v in logs.items() if k.startswith(diagnostics.PREFIX)}
+        if not figures:
+            return False
+        with self._writer(DIAGNOSTICS_RUN).as_default():
+            for tag, value in figures.items():
+                parts = tag[len(diagnostics.PREFIX):].split("/")
+                if len(parts) == 3:
+                    names = self._diagnostics_groups.setdefault(parts[0], [])
+                    if parts[1] not in names:
+                        names.append(parts[1])
+                if value is not None and np.isfinite(value):
+                    tf.summary.scalar(tag, float(value), step=step)
+        return set(self._diagnostics_groups) != before
+
     def _write_layout(self, groups, with_ci, rates=(False, False)):
+        self._groups_seen = groups
         layout = dashboard_layout(groups, with_ci=with_ci, confidence=self.confidence,
-                                  rates=rates[0], rates_ci=rates[1])
+                                  rates=rates[0], rates_ci=rates[1],
+                                  diagnostics_groups=self._diagnostics_groups)
         with self._writer(FAIRNESS_RUN).as_default():
             # The plugin reads the latest layout of a run, so a rewrite replaces it.
             tf.summary.experimental.write_raw_pb(
