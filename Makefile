@@ -47,8 +47,10 @@ fashion-mnist:
 	  echo "Could not install dataset-fashion-mnist; the demo will say what it uses."; \
 	fi
 
+# The demo runs as the installed console command (setup.cfg's entry points),
+# as a user of the package would run it.
 demo: $(STAMP) fashion-mnist
-	$(PY) experiments/demo.py
+	$(VENV)/bin/tf-dpfair-demo
 
 test: $(STAMP) fashion-mnist
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -14,7 +14,7 @@ from tf_dpfair import dashboards
 from tf_dpfair import fairness
 from tf_dpfair.datasets import synthetic
 
-import dashboard_lib
+from tf_dpfair.experiments import dashboard_lib
 
 GROUPS = synthetic.GROUP_SPEC.to_dict()  # sex: male, female; age: 4 bands
 TINY = dict(epochs=2, steps_per_epoch=2, num_train=256, num_eval=128, batch_size=64,

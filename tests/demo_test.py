@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-import demo_lib
+from tf_dpfair.experiments import demo_lib
 
 
 def test_demo_trains_privately_and_reports_epsilon(tmp_path, capsys):

@@ -1,8 +1,8 @@
-"""Tiny settings shared by the experiment binaries' tests.
+"""Tiny settings shared by the experiment binaries' tests, and a way to run one.
 
-Puts `experiments/` on `sys.path` (the binaries import their helpers by bare
-name, as when run as scripts) and gives settings small enough that a run
-takes seconds on synthetic CheXpert-shaped data.
+Settings small enough that a run takes seconds on synthetic CheXpert-shaped
+data; `run_binary` runs a binary of `tf_dpfair.experiments` in a subprocess
+with this checkout's code.
 """
 
 import os
@@ -11,9 +11,6 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-EXPERIMENTS = ROOT / "experiments"
-if str(EXPERIMENTS) not in sys.path:
-    sys.path.insert(0, str(EXPERIMENTS))
 
 # 200 training examples, logical batch 50 (q = 0.25), 2 updates per Keras
 # epoch: a run is a handful of updates of a small CNN on 16x16 images.
@@ -38,17 +35,28 @@ TINY = {
 
 
 def tiny_flags(**overrides):
-    """TINY (plus overrides) as command-line flags of train.py."""
+    """TINY (plus overrides) as command-line flags of `tf-dpfair-train`."""
     import json
 
     values = {**TINY, **overrides}
     return [f"--{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in values.items()]
 
 
-def run_script(script, args, timeout=300):
-    """Runs `experiments/<script>` in a subprocess; returns (returncode, output)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(EXPERIMENTS)]),
-               TF_CPP_MIN_LOG_LEVEL="2")
-    done = subprocess.run([sys.executable, str(EXPERIMENTS / script), *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def run_binary(name, args, timeout=300):
+    """Runs `python -m tf_dpfair.experiments.<name> <args>` in a subprocess.
+
+    PYTHONPATH puts this checkout first, so its code runs even where the
+    virtualenv has the package installed from elsewhere.
+
+    Args:
+        name: the binary's module name, e.g. "train".
+        args: its command-line arguments.
+        timeout: seconds before the subprocess is killed.
+
+    Returns:
+        `(returncode, stdout + stderr)`.
+    """
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run([sys.executable, "-m", f"tf_dpfair.experiments.{name}", *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
     return done.returncode, done.stdout + done.stderr

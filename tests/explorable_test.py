@@ -1,4 +1,4 @@
-"""Tests of experiments/explorable_lib.py: sensitivity, rankings, heatmap, on fake sweeps."""
+"""Tests of tf_dpfair/experiments/explorable_lib.py: sensitivity, rankings, heatmap, on fake sweeps."""
 
 import json
 import math
@@ -9,13 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import experiment_fixtures  # noqa: F401 (puts experiments/ on the path)
-import explorable_lib  # noqa: E402
-import inputs_lib  # noqa: E402
-import report_lib  # noqa: E402
-import sweep_lib  # noqa: E402
-import train_lib  # noqa: E402
 import tf_dpfair as dpf
+from tf_dpfair.experiments import explorable_lib
+from tf_dpfair.experiments import inputs_lib
+from tf_dpfair.experiments import report_lib
+from tf_dpfair.experiments import sweep_lib
+from tf_dpfair.experiments import train_lib
 
 
 def test_privacy_sensitivity_by_hand():

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-import mechanism_lib
+from tf_dpfair.experiments import mechanism_lib
 
 
 def write_idx(path, array):

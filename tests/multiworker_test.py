@@ -170,14 +170,26 @@ def tf_config(ports, index):
                        "task": {"type": "worker", "index": index}})
 
 
-def start(script, args, *, tf_config_value=None, log=None):
-    """Starts `script` with the worktree on the path; returns the Popen."""
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}:{ROOT / 'experiments'}",
+def start(program, args, *, tf_config_value=None, log=None):
+    """Starts `python <program> <args>` with the worktree on the path.
+
+    Args:
+        program: a script's path, or a list of interpreter arguments such as
+            `TRAIN` (["-m", module]).
+        args: the program's arguments.
+        tf_config_value: TF_CONFIG for the process (unset if None).
+        log: open file for its output (discarded if None).
+
+    Returns:
+        The `subprocess.Popen`.
+    """
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}",
                TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     env.pop("TF_CONFIG", None)
     if tf_config_value is not None:
         env["TF_CONFIG"] = tf_config_value
-    return subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env,
+    program = list(program) if isinstance(program, list) else [str(program)]
+    return subprocess.Popen([sys.executable, *program, *map(str, args)], env=env,
                             stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
@@ -387,6 +399,8 @@ def test_cluster_helpers_and_refusals_on_two_workers(two_workers):
 
 # ------------------------------------------------------- train.py on two workers
 
+TRAIN = ["-m", "tf_dpfair.experiments.train"]  # what tf-dpfair-train runs
+
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory):
     """train.py on two workers, worker 1 killed before update 4, then rerun.
@@ -395,11 +409,10 @@ def killed_and_resumed(tmp_path_factory):
     runs are deterministic (fixed seeds), so the resumed job must end with
     the one-process run's model.
     """
-    from experiment_fixtures import EXPERIMENTS, tiny_flags
+    from experiment_fixtures import tiny_flags
 
     out = tmp_path_factory.mktemp("train")
     flags = tiny_flags(noise_multiplier=1.0)
-    train_py = EXPERIMENTS / "train.py"
     killer = ROOT / "tests" / "multiworker_train_worker.py"
     logs = {}
 
@@ -415,14 +428,14 @@ def killed_and_resumed(tmp_path_factory):
                 for i in range(2)]
 
     try:
-        single = start(train_py, [*flags, f"--work_dir={out / 'single'}"],
+        single = start(TRAIN, [*flags, f"--work_dir={out / 'single'}"],
                        log=log("single"))
         killed = wait_all(workers(killer, ["--kill_worker=1", "--kill_at_update=3"],
                                   "killed"), TIMEOUT)
         backup = out / "worker0" / "backup" / "training_metadata.json"
         backup_epoch = json.loads(backup.read_text())["epoch"] if backup.exists() else None
         result_after_kill = (out / "worker0" / "result.json").exists()
-        resumed = wait_all(workers(train_py, [], "resumed") + [single], TIMEOUT)
+        resumed = wait_all(workers(TRAIN, [], "resumed") + [single], TIMEOUT)
     finally:
         for f in logs.values():
             f.close()

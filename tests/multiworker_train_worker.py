@@ -1,13 +1,13 @@
-"""experiments/train.py with one extra flag: this worker kills itself before an update.
+"""`tf-dpfair-train` with one extra flag: this worker kills itself before an update.
 
     python tests/multiworker_train_worker.py --kill_worker=1 --kill_at_update=3 \
-        <train.py flags>
+        <tf-dpfair-train flags>
 
 Worker `kill_worker` of the job (TF_CONFIG's task index) sends itself
 SIGKILL when the model has applied `kill_at_update` updates, just before
 the next one, as a machine lost mid-epoch would. Everything else is
-train.py's `main`; tests/multiworker_test.py then reruns the job with the
-real train.py and checks that it resumes.
+tf_dpfair/experiments/train.py's `main`; tests/multiworker_test.py then
+reruns the job with the real binary and checks that it resumes.
 """
 
 import json
@@ -20,8 +20,8 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import keras  # noqa: E402
 
-import train  # noqa: E402 (defines train.py's flags)
-import train_lib  # noqa: E402
+from tf_dpfair.experiments import train  # noqa: E402 (defines its flags)
+from tf_dpfair.experiments import train_lib  # noqa: E402
 
 _KILL_WORKER = flags.DEFINE_integer("kill_worker", 1, "Task index of the worker to kill.")
 _KILL_AT = flags.DEFINE_integer("kill_at_update", 3, "Updates applied before the kill.")

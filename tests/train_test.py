@@ -1,4 +1,5 @@
-"""End-to-end tests of experiments/train.py and its helpers, on tiny synthetic data."""
+"""End-to-end tests of `tf-dpfair-train` (tf_dpfair/experiments/train.py) and its
+helpers, on tiny synthetic data."""
 
 import json
 import math
@@ -8,14 +9,14 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from absl import app
 from absl import flags
 
-import experiment_fixtures  # noqa: F401 (puts experiments/ on the path)
-from experiment_fixtures import TINY, tiny_flags, run_script
-import evaluation_lib  # noqa: E402
-import train  # noqa: E402
-import train_lib  # noqa: E402
+from experiment_fixtures import TINY, run_binary, tiny_flags
 import tf_dpfair as dpf
+from tf_dpfair.experiments import evaluation_lib
+from tf_dpfair.experiments import train
+from tf_dpfair.experiments import train_lib
 from tf_dpfair.groups import GroupSpec
 
 FLAGS = flags.FLAGS
@@ -130,6 +131,21 @@ def test_bad_settings_are_refused_with_a_reason():
         train_lib.make_strategy("parameter_server")
 
 
+@pytest.mark.parametrize("args, argv, message", [
+    (["--epsilon=1"], ["train.py", "extra"], "Unexpected arguments: ['extra']"),
+    (["--epsilon=1"], ["train.py"], "--work_dir is required."),
+    (["--config=nope", "--work_dir=/tmp/x"], ["train.py"],
+     "Unknown config 'nope'; choose from ('chexpert',"),
+    (["--epsilon=1", "--work_dir=/tmp/x", "--dataset_options=[1]"], ["train.py"],
+     "--dataset_options must be a JSON object; got '[1]'."),
+])
+def test_main_refuses_bad_command_lines_before_training(args, argv, message, parsed_flags):
+    parsed_flags(args)
+    with pytest.raises(app.UsageError) as error:
+        train.main(argv)
+    assert str(error.value).startswith(message)
+
+
 def test_multi_worker_strategy_needs_tf_config(monkeypatch):
     settings = train_lib.settings_from(None, {"epsilon": 1.0, "strategy": "multi_worker"})
     assert settings.strategy == "multi_worker"
@@ -160,7 +176,7 @@ def test_accuracy_table_counts_hits_per_group_by_hand():
 
 @pytest.mark.slow
 def test_binary_runs_from_the_command_line_and_reads_a_json_flag(tmp_path):
-    code, output = run_script("train.py", tiny_flags(
+    code, output = run_binary("train", tiny_flags(
         non_private=True, steps=2, work_dir=str(tmp_path)))
     assert code == 0, output
     result = json.loads((tmp_path / "result.json").read_text())

@@ -1,19 +1,24 @@
 """Writes the Bazel BUILD file from the Python sources, so it stays in sync.
 
-One `py_library` per package module and per helper module (`experiments/*_lib.py`,
-`tests/*.py` that are not tests), one for the named configs (`experiments/configs/`,
-imported as `configs`), one `py_test` per `tests/*_test.py`, one
-`py_binary` per other script under `experiments/` and `benchmarks/`; `deps`
-come from each file's imports of those modules, and a test that names a
-script's, tutorial notebook's or lock file's path (such as
-"benchmarks/dp_overhead.py" or "requirements/lock.txt") gets it as `data`. `tests/build_test.py` fails when BUILD
-differs from what this script writes.
+One `py_library` per package module (the experiments' `*_lib.py` included)
+and per test helper (`tests/*.py` that are not tests), one for the named
+configs (`tf_dpfair/experiments/configs/`, loaded by name at run time), one
+`py_test` per `tests/*_test.py`, one `py_binary` per experiment binary
+(`tf_dpfair/experiments/*.py` not named `*_lib.py`) and per script under
+`benchmarks/`; `deps` come from each file's imports of those modules. A
+test that names a script's, tutorial notebook's or lock file's path (such
+as "benchmarks/dp_overhead.py" or "requirements/lock.txt"), or that imports
+or runs an experiment binary (by its module name, or through
+`run_binary("train", ...)` of tests/experiment_fixtures.py), gets it as
+`data` and the binary's `deps` as its own. `tests/build_test.py` fails
+when BUILD differs from what this script writes.
 
 Usage: python tools/gen_build.py [--check]
 """
 
 import ast
 import pathlib
+import re
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -30,24 +35,33 @@ def module_of(path):
     return ".".join(path.with_suffix("").parts).removesuffix(".__init__")
 
 
-def library_sources():
-    return sorted(p.relative_to(ROOT) for p in (ROOT / "tf_dpfair").rglob("*.py"))
+EXPERIMENTS = pathlib.Path("tf_dpfair/experiments")
+CONFIGS = EXPERIMENTS / "configs"
+CONFIGS_TARGET = target_name(CONFIGS / "__init__.py")
 
 
-def helper_sources():
-    """Script-side libraries, imported by their bare module name."""
-    helpers = sorted((ROOT / "experiments").glob("*_lib.py"))
-    helpers += [p for p in sorted((ROOT / "tests").glob("*.py"))
-                if not p.name.endswith("_test.py") and p.name != "conftest.py"]
-    return [p.relative_to(ROOT) for p in helpers]
-
-
-CONFIGS_TARGET = "experiments_configs"
+def binary_sources():
+    """The experiment binaries: every module of tf_dpfair/experiments/ but `*_lib`."""
+    return sorted(p.relative_to(ROOT) for p in (ROOT / EXPERIMENTS).glob("*.py")
+                  if not p.stem.endswith("_lib") and p.name != "__init__.py")
 
 
 def config_sources():
-    """The named experiment configs: one library, imported as `configs`."""
-    return sorted(p.relative_to(ROOT) for p in (ROOT / "experiments" / "configs").glob("*.py"))
+    """The named experiment configs: one library (`configs.load` imports them by name)."""
+    return sorted(p.relative_to(ROOT) for p in (ROOT / CONFIGS).glob("*.py"))
+
+
+def library_sources():
+    """Package modules, but the binaries and the configs (targets of their own)."""
+    skip = set(binary_sources()) | set(config_sources())
+    return sorted(p.relative_to(ROOT) for p in (ROOT / "tf_dpfair").rglob("*.py")
+                  if p.relative_to(ROOT) not in skip)
+
+
+def helper_sources():
+    """Test helpers, imported by their bare module name (tests/ is on the path)."""
+    return [p.relative_to(ROOT) for p in sorted((ROOT / "tests").glob("*.py"))
+            if not p.name.endswith("_test.py") and p.name != "conftest.py"]
 
 
 def package_data():
@@ -80,12 +94,35 @@ def imported_modules(path, known):
 def scripts_named_in(path):
     """The scripts, notebooks and lock files whose path `path`'s text names."""
     text = (ROOT / path).read_text()
-    scripts = sorted((ROOT / "experiments").glob("*.py")) + sorted(
-        (ROOT / "benchmarks").glob("*.py")) + sorted(
+    scripts = sorted((ROOT / "benchmarks").glob("*.py")) + sorted(
         (ROOT / "tutorials").glob("*.ipynb")) + sorted(
         (ROOT / "requirements").glob("*.txt"))
     return [str(p.relative_to(ROOT)) for p in scripts
             if str(p.relative_to(ROOT)) in text]
+
+
+def binaries_used_by(path, binaries):
+    """The experiment binaries that `path` imports, names or runs.
+
+    Args:
+        path: a source file, relative to the root.
+        binaries: dict module name -> source path of the experiment binaries.
+
+    Returns:
+        Sorted source paths.
+    """
+    text = (ROOT / path).read_text()
+    # `\b`: "tf_dpfair.experiments.train" must not match "...train_lib".
+    used = {name for name in binaries
+            if re.search(re.escape(name) + r"\b", text) or str(binaries[name]) in text}
+    used |= imported_modules(path, binaries)
+    for node in ast.walk(ast.parse(text)):
+        # tests/experiment_fixtures.py's run_binary("train", ...) runs
+        # `python -m tf_dpfair.experiments.train`.
+        if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "run_binary"
+                and node.args and isinstance(node.args[0], ast.Constant)):
+            used.add(f"{module_of(EXPERIMENTS)}.{node.args[0].value}")
+    return sorted({binaries[name] for name in used if name in binaries})
 
 
 def rule(kind, name, srcs, deps, extra=""):
@@ -106,8 +143,10 @@ def generate():
     libs = library_sources()
     known = {module_of(p): target_name(p) for p in libs}
     known.update({p.stem: target_name(p) for p in helper_sources()})
-    known["configs"] = CONFIGS_TARGET
-    known.update({f"configs.{p.stem}": CONFIGS_TARGET for p in config_sources()})
+    known.update({module_of(p): CONFIGS_TARGET for p in config_sources()})
+    binaries = {module_of(p): p for p in binary_sources()}
+    binary_deps = {p: {known[m] for m in imported_modules(p, known)}
+                   for p in binary_sources()}
     blocks = [HEADER.rstrip("\n")]
     data = package_data()
     for path in libs:
@@ -123,25 +162,27 @@ def generate():
         blocks.append(rule("py_library", target_name(path), [path], deps, extra))
     for path in helper_sources():
         deps = {known[m] for m in imported_modules(path, known)} - {target_name(path)}
-        blocks.append(rule("py_library", target_name(path), [path], deps))
+        used = binaries_used_by(path, binaries)
+        deps |= set().union(*(binary_deps[b] for b in used))
+        extra = ("    data = [" + ", ".join(f'"{b}"' for b in used) + "],") if used else ""
+        blocks.append(rule("py_library", target_name(path), [path], deps, extra))
     config_deps = set().union(*(imported_modules(p, known) for p in config_sources()))
     blocks.append(rule("py_library", CONFIGS_TARGET, config_sources(),
                        {known[m] for m in config_deps} - {CONFIGS_TARGET}))
-    for directory, kind in (("experiments", "py_binary"),
-                            ("benchmarks", "py_binary"), ("tests", "py_test")):
-        for path in sorted((ROOT / directory).glob("*.py")):
-            path = path.relative_to(ROOT)
-            if kind == "py_test" and not path.name.endswith("_test.py"):
-                continue
-            if path in helper_sources():
-                continue
+    benchmarks = [p.relative_to(ROOT) for p in sorted((ROOT / "benchmarks").glob("*.py"))]
+    tests = [p.relative_to(ROOT) for p in sorted((ROOT / "tests").glob("*_test.py"))]
+    for paths, kind in ((binary_sources(), "py_binary"), (benchmarks, "py_binary"),
+                        (tests, "py_test")):
+        for path in paths:
             deps = {known[m] for m in imported_modules(path, known)}
             srcs = [path]
             if kind == "py_test":
                 srcs.append(pathlib.Path("tests/conftest.py"))
             extra = f'    main = "{path}",'
             if kind == "py_test":
-                scripts = scripts_named_in(path)
+                used = binaries_used_by(path, binaries)
+                deps |= set().union(*(binary_deps[b] for b in used))
+                scripts = [str(b) for b in used] + scripts_named_in(path)
                 if scripts:
                     extra = ("    data = [" + ", ".join(f'"{s}"' for s in scripts)
                              + "],\n" + extra)

@@ -8,7 +8,7 @@ NFNet pre-trained on a larger private dataset (JFT), which is not available:
 by default this trains an NF-ResNet from scratch; pass your own pretrained
 weights with `--pretrained=/path/to/model.weights.h5`.
 
-  python experiments/train.py --config=imagenet --data_dir=/data/tfds \
+  tf-dpfair-train --config=imagenet --data_dir=/data/tfds \
       --dataset_options='{"manual_dir": "/data/imagenet"}' --epsilon=8 \
       --work_dir=/runs/imagenet/eps8
 """

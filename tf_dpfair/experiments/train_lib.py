@@ -42,10 +42,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import evaluation_lib
-import inputs_lib
 import tf_dpfair as dpf
 from tf_dpfair import data as data_lib
+from tf_dpfair.experiments import configs
+from tf_dpfair.experiments import evaluation_lib
+from tf_dpfair.experiments import inputs_lib
 
 RESULT_FILE = "result.json"
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
@@ -149,8 +150,6 @@ def settings_from(config=None, overrides=None):
     Raises:
         ValueError: unknown fields or config, or inconsistent values.
     """
-    import configs  # Only binaries and tests put experiments/ on the path.
-
     values = dict(configs.load(config).SETTINGS) if config else {}
     values.update(overrides or {})
     known = {f.name for f in dataclasses.fields(Settings)}

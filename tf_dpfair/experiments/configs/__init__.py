@@ -1,8 +1,8 @@
-"""Named settings for `train.py --config=NAME` and `sweep.py --config=NAME`.
+"""Named settings for `--config=NAME` of `tf-dpfair-train` and `tf-dpfair-sweep`.
 
 Each module here defines `SETTINGS`, a dict of `train_lib.Settings` fields
 (flags given on the command line override them), and may define `SWEEP`, a
-dict with "grid" (field -> list of values, crossed) for `sweep.py`.
+dict with "grid" (field -> list of values, crossed) for `tf-dpfair-sweep`.
 
 - Paper settings, ready for a user who has the data: `chexpert`,
   `mimic_cxr`, `imagenet`, `places365`.
@@ -33,4 +33,4 @@ def load(name):
     """
     if name not in NAMES:
         raise ValueError(f"Unknown config {name!r}; choose from {NAMES}.")
-    return importlib.import_module(f"configs.{name}")
+    return importlib.import_module(f"{__name__}.{name}")

@@ -11,8 +11,8 @@ accuracy/AUC, with raw and with EMA weights. Reduced to fit about 15-20
 minutes on 2 CPU cores: 10k training and 2k test images, 3 epochs, linear
 probe only (all layers run at about 10 examples/s here).
 
-  python experiments/sweep.py --config=pretrained_study --work_dir=/tmp/pretrained_study
-  python experiments/report.py --sweep_dir=/tmp/pretrained_study
+  tf-dpfair-sweep --config=pretrained_study --work_dir=/tmp/pretrained_study
+  tf-dpfair-report --sweep_dir=/tmp/pretrained_study
 """
 
 SETTINGS = {

@@ -10,13 +10,13 @@ network we ship is EfficientNet-Lite0 (ImageNet, BatchNorm frozen). To use
 your own pretrained NF-ResNet instead:
 `--model=nf_resnet --pretrained=/path/to/weights.weights.h5`.
 
-  python experiments/train.py --config=mimic_cxr --data_dir=/data/mimic-cxr-jpg \
+  tf-dpfair-train --config=mimic_cxr --data_dir=/data/mimic-cxr-jpg \
       --epsilon=8 --work_dir=/runs/mimic_cxr/eps8
-  python experiments/sweep.py --config=mimic_cxr --set=data_dir=... \
+  tf-dpfair-sweep --config=mimic_cxr --set=data_dir=... \
       --work_dir=/runs/mimic_cxr_sweep   # epsilons 0.5-8 and non-private
 """
 
-from configs import chexpert
+from tf_dpfair.experiments.configs import chexpert
 
 # The chest X-ray settings of the paper, shared with CheXpert; only the data
 # differ (MIMIC-CXR images are frontal-only here, as in the paper's setup).

@@ -6,7 +6,7 @@ very large logical batches from micro-batches, epsilon up to 8, an
 ImageNet-pretrained network fine-tuned (here EfficientNet-Lite0, the
 ImageNet checkpoint available offline; the paper used an NFNet).
 
-  python experiments/train.py --config=places365 --data_dir=/data/tfds \
+  tf-dpfair-train --config=places365 --data_dir=/data/tfds \
       --epsilon=8 --work_dir=/runs/places365/eps8
 """
 

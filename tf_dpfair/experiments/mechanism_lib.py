@@ -35,8 +35,7 @@ import tf_dpfair as dpf
 from tf_dpfair import data as data_lib
 from tf_dpfair import diagnostics
 from tf_dpfair.datasets import fashion_mnist
-
-import inputs_lib
+from tf_dpfair.experiments import inputs_lib
 
 GROUP = "orientation"
 NO_CLIP_NORM = 1e4  # `inf`: far above any gradient norm here (the clip fraction shows it)

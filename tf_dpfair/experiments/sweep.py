@@ -1,12 +1,13 @@
-"""Runs a grid of training runs one after another, resumably, into one table.
+r"""Runs a grid of training runs one after another, resumably, into one table.
 
 Finished runs (result.json present) are skipped and interrupted ones resume
 from their backup, so rerunning the same command completes a sweep. Every
 run's result.json is collected into <work_dir>/results.csv.
 
-Examples:
-  python experiments/sweep.py --config=rotated_study --work_dir=/tmp/rotated
-  python experiments/sweep.py --config=chexpert --data_dir=/data/chexpert \
+Examples (installed as `tf-dpfair-sweep`; from a checkout,
+`python -m tf_dpfair.experiments.sweep` takes the same flags):
+  tf-dpfair-sweep --config=rotated_study --work_dir=/tmp/rotated
+  tf-dpfair-sweep --config=chexpert --set=data_dir=/data/chexpert \
       --grid=epsilon=1,8,inf --grid=seed=0,1 --work_dir=/tmp/chexpert_sweep
 """
 
@@ -17,10 +18,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-import flags_lib  # noqa: E402
-import sweep_lib  # noqa: E402
+from tf_dpfair.experiments import flags_lib  # noqa: E402
+from tf_dpfair.experiments import sweep_lib  # noqa: E402
 
-_CONFIG = flags.DEFINE_string("config", None, "Named config in experiments/configs/ "
+_CONFIG = flags.DEFINE_string("config", None, "Named config in "
+                              "tf_dpfair/experiments/configs/ "
                               "(its SETTINGS are the base of every run, its SWEEP the grid).")
 _WORK_DIR = flags.DEFINE_string("work_dir", None, "Folder of the sweep (required).")
 _GRID = flags.DEFINE_multi_string("grid", [], "setting=v1,v2,...: a grid axis (replaces "
@@ -46,8 +48,13 @@ def main(argv):
         return
     table = sweep_lib.run_sweep(_WORK_DIR.value, config=_CONFIG.value, base=base, grid=grid)
     print(f"{len(table)} finished runs in {os.path.join(_WORK_DIR.value, sweep_lib.RESULTS_FILE)}")
-    print(f"Report: python experiments/report.py --sweep_dir={_WORK_DIR.value}")
+    print(f"Report: tf-dpfair-report --sweep_dir={_WORK_DIR.value}")
+
+
+def run():
+    """The `tf-dpfair-sweep` console command."""
+    flags_lib.run_binary(main, __name__)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -1,7 +1,7 @@
-"""Writes the tables and figures of a sweep as Markdown, PNG and CSV.
+r"""Writes the tables and figures of a sweep as Markdown, PNG and CSV.
 
-Reads the finished runs of a sweep folder (`sweep.py`): accuracy/AUC against
-epsilon, disparity against overall performance for private models and the
+Reads the finished runs of a sweep folder (`tf-dpfair-sweep`): accuracy/AUC
+against epsilon, disparity against overall performance for private models and the
 non-private checkpoints, private vs non-private at matched performance
 (with and without EMA; AUC, accuracy, error rates and calibration), error
 rates and calibration per run, per-group tables with confidence intervals,
@@ -9,8 +9,9 @@ and the PAIR explorable's figures where the sweep's axes allow (privacy
 sensitivity of test examples, per-class accuracy against epsilon, the
 subgroup heatmap).
 
-Example:
-  python experiments/report.py --sweep_dir=/tmp/rotated_study \
+Example (installed as `tf-dpfair-report`; from a checkout,
+`python -m tf_dpfair.experiments.report` takes the same flags):
+  tf-dpfair-report --sweep_dir=/tmp/rotated_study \
       --out_dir=docs/rotated_study
 """
 
@@ -21,8 +22,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-import report_lib  # noqa: E402
-import sweep_lib  # noqa: E402
+from tf_dpfair.experiments import flags_lib  # noqa: E402
+from tf_dpfair.experiments import report_lib  # noqa: E402
+from tf_dpfair.experiments import sweep_lib  # noqa: E402
 
 # Not `required=True`: a required flag fails the parsing of every binary that
 # shares the flag registry (tests import several binaries into one process).
@@ -56,5 +58,10 @@ def main(argv):
             print(f"  {name}: {path}")
 
 
+def run():
+    """The `tf-dpfair-report` console command."""
+    flags_lib.run_binary(main, __name__)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

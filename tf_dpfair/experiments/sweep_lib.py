@@ -17,7 +17,8 @@ import keras
 import numpy as np
 import pandas as pd
 
-import train_lib
+from tf_dpfair.experiments import configs
+from tf_dpfair.experiments import train_lib
 
 RESULTS_FILE = "results.csv"
 SWEEP_FILE = "sweep.json"
@@ -112,8 +113,6 @@ def sweep_grid(config=None, grid_overrides=None):
     Returns:
         A dict, or a list of dicts (see `expand_grid`).
     """
-    import configs  # Only binaries and tests put experiments/ on the path.
-
     grid = getattr(configs.load(config), "SWEEP", {}).get("grid", {}) if config else {}
     parts = [dict(part, **(grid_overrides or {}))
              for part in (grid if isinstance(grid, (list, tuple)) else [grid])]

@@ -1,14 +1,15 @@
-"""Trains one model (private or not) and writes its reports and result.json.
+r"""Trains one model (private or not) and writes its reports and result.json.
 
 Every field of `train_lib.Settings` is a flag; `--config=NAME` starts from a
-config in `experiments/configs/` and flags given on the command line
-override it. Rerunning the same command resumes an interrupted run; a
+config in `tf_dpfair/experiments/configs/` and flags given on the command
+line override it. Rerunning the same command resumes an interrupted run; a
 finished run (result.json present) is not run again.
 
-Examples:
-  python experiments/train.py --dataset=fashion_mnist --epsilon=4 \
+Examples (installed as `tf-dpfair-train`; from a checkout,
+`python -m tf_dpfair.experiments.train` takes the same flags):
+  tf-dpfair-train --dataset=fashion_mnist --epsilon=4 \
       --rotated_fraction=0.1 --work_dir=/tmp/runs/eps4
-  python experiments/train.py --config=chexpert --data_dir=/data/chexpert \
+  tf-dpfair-train --config=chexpert --data_dir=/data/chexpert \
       --epsilon=8 --work_dir=/tmp/runs/chexpert_eps8
 
 On several machines, run the same command on each with TF_CONFIG set and
@@ -22,11 +23,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-import flags_lib  # noqa: E402
-import train_lib  # noqa: E402
+from tf_dpfair.experiments import flags_lib  # noqa: E402
+from tf_dpfair.experiments import train_lib  # noqa: E402
 
-_CONFIG = flags.DEFINE_string("config", None, "Named config in experiments/configs/.")
+_CONFIG = flags.DEFINE_string("config", None, "Named config in "
+                              "tf_dpfair/experiments/configs/.")
 flags_lib.define_settings_flags(train_lib.Settings)
+# The settings flags belong to flags_lib, which defines them; adopting them
+# makes `--help` list them with --config instead of only under --helpfull.
+flags.adopt_module_key_flags(flags_lib)
 
 
 def main(argv):
@@ -58,5 +63,10 @@ def main(argv):
           f"{os.path.join(settings.work_dir, 'tensorboard')}")
 
 
+def run():
+    """The `tf-dpfair-train` console command."""
+    flags_lib.run_binary(main, __name__)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

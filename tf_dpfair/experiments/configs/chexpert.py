@@ -9,9 +9,9 @@ network we ship is EfficientNet-Lite0 (ImageNet, BatchNorm frozen). To use
 your own pretrained NF-ResNet instead:
 `--model=nf_resnet --pretrained=/path/to/weights.weights.h5`.
 
-  python experiments/train.py --config=chexpert --data_dir=/data/chexpert \
+  tf-dpfair-train --config=chexpert --data_dir=/data/chexpert \
       --epsilon=8 --work_dir=/runs/chexpert/eps8
-  python experiments/sweep.py --config=chexpert --set=data_dir=... \
+  tf-dpfair-sweep --config=chexpert --set=data_dir=... \
       --work_dir=/runs/chexpert_sweep   # epsilons 0.5-8 and non-private
 """
 

@@ -9,8 +9,8 @@ or 20% of the training images rotated, a test split with a fixed 20% rotated
 cores: a small CNN, one seed, 2 epochs on 10k images and 1 epoch on 60k
 (only the 5% and 20% shares), evaluation on the 10k test images.
 
-  python experiments/sweep.py --config=rotated_study --work_dir=/tmp/rotated_study
-  python experiments/report.py --sweep_dir=/tmp/rotated_study
+  tf-dpfair-sweep --config=rotated_study --work_dir=/tmp/rotated_study
+  tf-dpfair-report --sweep_dir=/tmp/rotated_study
 """
 
 SETTINGS = {

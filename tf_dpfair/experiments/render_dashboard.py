@@ -6,7 +6,8 @@ gap (female examples carry a weaker signal), logs it with
 a free loopback port and captures its custom-scalars page with headless
 Chromium (Debian's `chromium`).
 
-Usage: python experiments/render_dashboard.py [--out docs/dashboard.png]
+Usage, from the repository root:
+  python -m tf_dpfair.experiments.render_dashboard [--out docs/dashboard.png]
 """
 
 import argparse
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 
-import dashboard_lib
+from tf_dpfair.experiments import dashboard_lib
 
 
 def render(out, *, log_dir=None, epochs=8):

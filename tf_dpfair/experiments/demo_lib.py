@@ -21,6 +21,9 @@ import tf_dpfair as dpf
 from tf_dpfair import data
 from tf_dpfair.datasets import common
 from tf_dpfair.datasets import fashion_mnist
+from tf_dpfair.experiments import report_lib
+from tf_dpfair.experiments import sweep_lib
+from tf_dpfair.experiments.configs import demo as demo_config
 
 
 def synthetic_sources(num_train, seed=0):
@@ -126,11 +129,6 @@ def run_demo(work_dir, *, epsilon=3.0, data_dir=fashion_mnist.DEFAULT_ROOT, over
     Returns:
         `(results table, report paths, data description)`.
     """
-    import configs  # noqa: F401 (experiments/ is on the path)
-    import report_lib
-    import sweep_lib
-    from configs import demo as demo_config
-
     base = {"data_dir": data_dir}
     try:
         image_file = fashion_mnist.FILES["train"][0]

@@ -5,7 +5,7 @@ A grid of training-set size x epsilon x share of rotated training images
 it trail the upright one, in every cell? The test split is the same in
 every run (all 10k test images, a fixed 20% of them rotated), so the report
 can also rank each test image by the smallest epsilon at which the sweep's
-models still classify it (`experiments/explorable_lib.py`).
+models still classify it (`tf_dpfair/experiments/explorable_lib.py`).
 
 Each run is cheap: an MLP (one hidden layer of 64 units, the embedding the
 report projects), 200 updates of Poisson
@@ -14,8 +14,8 @@ cost the same and a larger set means fewer passes over the data and a
 smaller sampling rate), test scores every 50 updates, 50 bootstrap
 replicates. Delta 1e-5 is below 1/N for every size, so epsilons compare.
 
-  python experiments/sweep.py --config=subgroup_heatmap --work_dir=/tmp/subgroup_heatmap
-  python experiments/report.py --sweep_dir=/tmp/subgroup_heatmap --out_dir=/tmp/heatmap_report
+  tf-dpfair-sweep --config=subgroup_heatmap --work_dir=/tmp/subgroup_heatmap
+  tf-dpfair-report --sweep_dir=/tmp/subgroup_heatmap --out_dir=/tmp/heatmap_report
 """
 
 SETTINGS = {

@@ -1,5 +1,8 @@
 """`make demo`: private and non-private training with TensorBoard logs and a report.
 
+Installed as `tf-dpfair-demo` (what `make demo` runs); from a checkout,
+`python -m tf_dpfair.experiments.demo`.
+
 Trains a small CNN on Fashion-MNIST (10% of it rotated, a rare group) at
 epsilon 3 and without privacy, evaluates both exactly per group, and writes
 a Markdown report. Prints the summary, where everything is, and the command
@@ -14,11 +17,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-import demo_lib  # noqa: E402
 import pandas as pd  # noqa: E402
-import flags_lib  # noqa: E402
+
 from tf_dpfair import reports  # noqa: E402
 from tf_dpfair.datasets import fashion_mnist  # noqa: E402
+from tf_dpfair.experiments import demo_lib  # noqa: E402
+from tf_dpfair.experiments import flags_lib  # noqa: E402
 
 _WORK_DIR = flags.DEFINE_string("work_dir", "/tmp/tf_dpfair_demo", "Output folder.")
 _EPSILON = flags.DEFINE_float("epsilon", 3.0, "Epsilon of the private run.")
@@ -41,5 +45,10 @@ def main(argv):
     print(f"TensorBoard: tensorboard --logdir {_WORK_DIR.value}")
 
 
+def run():
+    """The `tf-dpfair-demo` console command."""
+    flags_lib.run_binary(main, __name__)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -1,4 +1,4 @@
-"""Why a group pays under DP: per-group clipping and gradients against the accuracy gap.
+r"""Why a group pays under DP: per-group clipping and gradients against the accuracy gap.
 
 Trains one small CNN per setting on Fashion-MNIST with a rotated subgroup,
 with per-group training diagnostics on (see `mechanism_lib`), and writes
@@ -6,8 +6,9 @@ with per-group training diagnostics on (see `mechanism_lib`), and writes
 `<work_dir>/report`. Finished settings are read back, so an interrupted
 study resumes.
 
-Example:
-  python experiments/mechanism.py --work_dir=/tmp/mechanism \
+Example (installed as `tf-dpfair-mechanism`; from a checkout,
+`python -m tf_dpfair.experiments.mechanism` takes the same flags):
+  tf-dpfair-mechanism --work_dir=/tmp/mechanism \
       --rotated_fractions=0.05,0.2 --privacy=inf,sgd,clip,4,1
 """
 
@@ -18,8 +19,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-import flags_lib  # noqa: E402
-import mechanism_lib  # noqa: E402
+from tf_dpfair.experiments import flags_lib  # noqa: E402
+from tf_dpfair.experiments import mechanism_lib  # noqa: E402
 
 _WORK_DIR = flags.DEFINE_string("work_dir", None, "Output folder.")
 _TRAIN = flags.DEFINE_list("train_examples", ["10000"], "Training-set sizes.")
@@ -62,6 +63,11 @@ def main(argv):
     print(f"Report: {path}")
 
 
-if __name__ == "__main__":
+def run():
+    """The `tf-dpfair-mechanism` console command."""
     flags.mark_flag_as_required("work_dir")
-    app.run(main)
+    flags_lib.run_binary(main, __name__)
+
+
+if __name__ == "__main__":
+    run()

@@ -2,13 +2,17 @@
 
 Each field becomes a flag of its name with the field's help; a flag counts
 as an override only when it is given on the command line (`present`), so
-named configs keep their values unless a flag says otherwise.
+named configs keep their values unless a flag says otherwise. `run_binary`
+runs a binary's `main` so that `--help` shows its docstring and flags when it
+is an installed console command too.
 """
 
 import dataclasses
 import json
 import logging
+import sys
 
+from absl import app
 from absl import flags
 
 
@@ -79,3 +83,30 @@ def given_settings(settings_class, flag_values=flags.FLAGS):
                 raise ValueError(f"--{field.name} must be a JSON object; got {flag.value!r}.")
         values[field.name] = value
     return values
+
+
+def run_binary(main, module_name, flag_values=flags.FLAGS):
+    """Runs an absl binary's `main`, as a console command or as `python -m`.
+
+    absl's `--help` prints the docstring of `__main__` and the flags that
+    belong to the module named by `sys.argv[0]`. An installed console command
+    runs as `__main__` the small wrapper that pip writes (no docstring, no
+    flags of its own; `sys.argv[0]` is the command's path), so `--help` would
+    show neither; the binary's docstring and key flags are lent to it first.
+    Under `python -m` the binary is `__main__` itself and nothing is lent.
+
+    Args:
+        main: the binary's `main(argv)`.
+        module_name: the binary's `__name__`.
+        flag_values: the `FlagValues` its flags are defined in.
+
+    Returns:
+        Nothing: `absl.app.run` exits the process with `main`'s status.
+    """
+    binary = sys.modules[module_name]
+    wrapper = sys.modules["__main__"]
+    if wrapper is not binary:
+        wrapper.__doc__ = binary.__doc__
+        for flag in flag_values.get_key_flags_for_module(module_name):
+            flag_values.register_key_flag_for_module(sys.argv[0], flag)
+    app.run(main)

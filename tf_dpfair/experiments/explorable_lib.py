@@ -31,10 +31,10 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-import evaluation_lib
-import inputs_lib
-import train_lib
 from tf_dpfair import reports
+from tf_dpfair.experiments import evaluation_lib
+from tf_dpfair.experiments import inputs_lib
+from tf_dpfair.experiments import train_lib
 
 NEVER = math.inf  # sensitivity of an example the largest epsilon misclassifies
 HELD_OUT_NOTE = "held-out test images (not training data)"

@@ -5,7 +5,7 @@ The paper's mechanism at CPU scale: on a small subset of real Fashion-MNIST
 and train with the same DP settings and epsilon; only the initialisation
 differs. Prints test accuracy of each and the privacy statement.
 
-Usage: python experiments/pretrained_vs_scratch.py --train_examples 3000
+Usage: python -m tf_dpfair.experiments.pretrained_vs_scratch --train_examples 3000
 """
 
 import os

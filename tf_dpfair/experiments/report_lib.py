@@ -38,12 +38,12 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-import evaluation_lib
-import explorable_lib
-import sweep_lib
 from tf_dpfair import error_rates
 from tf_dpfair import rate_reports
 from tf_dpfair import reports
+from tf_dpfair.experiments import evaluation_lib
+from tf_dpfair.experiments import explorable_lib
+from tf_dpfair.experiments import sweep_lib
 from tf_dpfair.groups import GroupSpec
 
 _NOT_FACETS = ("epsilon", "non_private", "noise_multiplier", "seed")
