@@ -8,6 +8,7 @@ import tensorflow as tf
 import conftest
 import tf_dpfair as dpf
 from tf_dpfair import ghost
+from tf_dpfair.ghost import dense_conv
 from tf_dpfair import models
 
 
@@ -116,7 +117,7 @@ def test_plan_covers_every_weight_and_picks_closed_forms():
 
 
 def test_norm_trick_is_picked_only_where_cheaper():
-    trick = [ghost._LinearClip(layer, 4, 1, [0]).norm_trick
+    trick = [dense_conv.LinearClip(layer, 4, 1, [0]).norm_trick
              for layer, kind in ghost.plan(mixed_model()) if kind == "linear"]
     # Six convs, then two Dense. The norm trick: the conv on the 2x2 map
     # (P=4, K=36, O=32: 4*68 < 36*32) and the Dense layers on flat inputs
@@ -157,7 +158,7 @@ def test_sequence_layers_equal_vectorized(augmult, microbatch):
 ])
 def test_every_way_to_the_norms_and_sums_equals_vectorized(
         monkeypatch, max_patch_entries, keep_bytes):
-    monkeypatch.setattr(ghost._LinearClip, "MAX_PATCH_ENTRIES", max_patch_entries)
+    monkeypatch.setattr(dense_conv.LinearClip, "MAX_PATCH_ENTRIES", max_patch_entries)
     monkeypatch.setattr(ghost, "KEEP_PER_EXAMPLE_BYTES", keep_bytes)
     x, y, weights = data(10, augmult=2)
     fast = one_update("ghost", x, y, weights, augmult=2)
@@ -176,8 +177,8 @@ def test_large_feature_maps_take_per_example_conv_gradients():
     small = keras.layers.Conv2D(16, 3, padding="same")
     keras.Model(inputs, small(keras.layers.MaxPooling2D(4)(conv(inputs))))
     # 4096 positions x 144 = 590k patch entries; 256 x 144 = 37k.
-    assert ghost._LinearClip(conv, 8, 1, [0]).method == "per_example_conv"
-    assert ghost._LinearClip(small, 8, 1, [0]).method == "patches"
+    assert dense_conv.LinearClip(conv, 8, 1, [0]).method == "per_example_conv"
+    assert dense_conv.LinearClip(small, 8, 1, [0]).method == "patches"
 
 
 def test_nonfinite_example_contributes_exactly_nothing():
