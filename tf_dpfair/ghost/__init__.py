@@ -39,8 +39,8 @@ from tf_dpfair.ghost import embedding
 from tf_dpfair.ghost import generic
 from tf_dpfair.ghost import norms
 from tf_dpfair.ghost.plan import (DEPTHWISE, EMBEDDING, GENERIC, LINEAR,
-                                  NORMALIZATION, layer_kind, plan, tap_model)
-from tf_dpfair.ghost.plan import _plan
+                                  NORMALIZATION, Probe, Tap, layer_kind, plan,
+                                  plan_with_reason)
 
 _LOG = logging.getLogger(__name__)
 
@@ -53,41 +53,39 @@ _CLIPPERS = {LINEAR: dense_conv.LinearClip, DEPTHWISE: depthwise.DepthwiseClip,
              EMBEDDING: embedding.EmbeddingClip,
              NORMALIZATION: norms.NormalizationClip, GENERIC: generic.GenericClip}
 
-__all__ = ["prepare", "clipped_gradient_sum", "plan", "layer_kind", "tap_model",
+__all__ = ["prepare", "clipped_gradient_sum", "plan", "plan_with_reason",
+           "layer_kind", "Probe", "Tap",
            "LINEAR", "DEPTHWISE", "EMBEDDING", "NORMALIZATION", "GENERIC"]
 
 
 def prepare(model, required):
-    """The taps and tap model of ghost clipping, with a one-line notice of
+    """The taps and probe of ghost clipping, with a one-line notice of
     what falls back to per-example gradients.
 
     Args:
       model: a built Keras model.
       required: True when the user asked for ghost clipping: a model it
         cannot handle is then an error rather than a notice, and nested
-        models with trainable weights are handled as generic layers (in
-        "auto" they send the whole model to the vectorized path, which is
-        then the cheaper).
+        models without a functional graph (subclassed) that hold trainable
+        weights are handled as generic layers (in "auto" they send the whole
+        model to the vectorized path, which is then the cheaper). Nested
+        functional and Sequential models are tapped layer by layer.
 
     Returns:
-      `(taps, tap_model)`, or None for the vectorized path.
+      `(taps, probe)` (`plan(model)` and its `Probe`), or None for the
+      vectorized path.
 
     Raises:
       ValueError: `required` and the model cannot use ghost clipping.
     """
-    taps, reason = _plan(model)
-    nested = [layer.name for layer, kind in taps or ()
-              if kind == GENERIC and isinstance(layer, keras.Model)]
-    if nested and not required:
+    taps, reason = plan_with_reason(model)
+    opaque = [tap.name for tap in taps or ()
+              if tap.kind == GENERIC and isinstance(tap.layer, keras.Model)]
+    if opaque and not required:
         # Its own per-example gradients would cost the vectorized path's
         # pass, on top of the tapped forward and backward passes.
-        taps, reason = None, f"model layer(s) {', '.join(nested)} hold trainable weights"
-    probe = None
-    if taps is not None:
-        try:
-            probe = tap_model(model, taps)
-        except ValueError as error:
-            taps, reason = None, f"its layer graph cannot be tapped: {error}"
+        taps, reason = None, (f"model layer(s) {', '.join(opaque)} without a "
+                              f"functional graph hold trainable weights")
     if taps is None:
         if required:
             raise ValueError(
@@ -97,12 +95,12 @@ def prepare(model, required):
         _LOG.warning("tf_dpfair: ghost clipping does not apply (%s); the "
                      "whole model uses vectorized per-example gradients.", reason)
         return None
-    generic_names = [layer.name for layer, kind in taps if kind == GENERIC]
+    generic_names = [tap.name for tap in taps if tap.kind == GENERIC]
     if generic_names:
         _LOG.warning("tf_dpfair: ghost clipping has no closed form for %s; "
                      "those layers use their own vectorized per-example "
                      "gradients.", ", ".join(generic_names))
-    return taps, probe
+    return taps, Probe(model, taps)
 
 
 def clipped_gradient_sum(taps, probe, variables, loss_fn, inputs, targets,
@@ -111,7 +109,7 @@ def clipped_gradient_sum(taps, probe, variables, loss_fn, inputs, targets,
 
     Args:
       taps: `plan(model)`.
-      probe: `tap_model(model, taps)`.
+      probe: `Probe(model, taps)`.
       variables: the model's trainable variables.
       loss_fn: `loss_fn(targets, y_pred) -> [rows]` unreduced per-row losses.
       inputs: [m, ...], or [m, K, ...] with `views` = K.
@@ -131,19 +129,15 @@ def clipped_gradient_sum(taps, probe, variables, loss_fn, inputs, targets,
             lambda t: tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0)), inputs)
         targets = tf.nest.map_structure(
             lambda t: tf.repeat(t, views, axis=0), targets)
-    n_taps = len(taps)
     with tf.GradientTape() as tape:
-        outs = probe(inputs, training=True)
-        layer_inputs, layer_outputs = outs[:n_taps], outs[n_taps:2 * n_taps]
-        y_pred = outs[-1]
+        layer_inputs, layer_outputs, y_pred = probe(inputs, training=True)
         losses = tf.reduce_mean(tf.reshape(loss_fn(targets, y_pred), [m, views]),
                                 axis=1)
         total = tf.reduce_sum(losses)
     out_grads = tape.gradient(total, layer_outputs,
                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
     keep_budget = [KEEP_PER_EXAMPLE_BYTES]
-    clippers = [_CLIPPERS[kind](layer, m, views, keep_budget)
-                for layer, kind in taps]
+    clippers = [_CLIPPERS[tap.kind](tap, m, views, keep_budget) for tap in taps]
     sq = tf.zeros([m], tf.float32)
     for clipper, a, y, g in zip(clippers, layer_inputs, layer_outputs, out_grads):
         sq += clipper.sq_norms(a, y, tf.cast(g, tf.float32), m)

@@ -130,15 +130,15 @@ class LinearClip:
     # 3x3 stride 2, 64x64x16 -> 32 (147k) 25 / 6.4.
     MAX_PATCH_ENTRIES = 100_000
 
-    def __init__(self, layer, m, views, keep_budget):
-        self.layer = layer
+    def __init__(self, tap, m, views, keep_budget):
+        self.layer = layer = tap.layer
         self.views = views
         kernel_shape = layer.kernel.shape
         self.k = math.prod(kernel_shape[:-1])
         self.o = kernel_shape[-1]
         self.is_conv = not is_dense_like(layer)
         self.transformed = callable(getattr(layer, "standardized_kernel", None))
-        positions = tensors.static_prod(layer.output.shape[1:-1])
+        positions = tensors.static_prod(tap.output_shape[1:-1])
         positions = None if positions is None else positions * views
         if (not self.transformed and positions is not None
                 and positions * (self.k + self.o) < self.k * self.o):

@@ -30,8 +30,8 @@ def handles(layer, input_shape):
 class EmbeddingClip:
     """Embedding: rows of the table; positions with the same token share one."""
 
-    def __init__(self, layer, m, views, keep_budget):
-        self.layer = layer
+    def __init__(self, tap, m, views, keep_budget):
+        self.layer = tap.layer
 
     def sq_norms(self, a, y, g, m):
         self.ids = tf.reshape(tf.cast(a, tf.int32), [m, -1])

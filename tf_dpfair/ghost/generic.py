@@ -16,8 +16,8 @@ class PerExampleClip:
     """A layer whose per-example gradients are formed: `self.grads` maps each
     weight's id to its `[m, *shape]` gradients; the clipped sum reweights them."""
 
-    def __init__(self, layer, m, views, keep_budget):
-        self.layer = layer
+    def __init__(self, tap, m, views, keep_budget):
+        self.layer = tap.layer
         self.grads = {}
 
     def clipped_sum(self, scale, keep):
