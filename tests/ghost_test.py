@@ -10,6 +10,7 @@ import ghost_fixtures
 from ghost_fixtures import assert_same_update
 import tf_dpfair as dpf
 from tf_dpfair import ghost
+from tf_dpfair.ghost import cost
 from tf_dpfair.ghost import dense_conv
 from tf_dpfair import models
 
@@ -94,13 +95,16 @@ def test_plan_covers_every_weight_and_picks_closed_forms():
                               "linear", "linear", "generic", "linear"]
 
 
-def test_norm_trick_is_picked_only_where_cheaper():
-    trick = [dense_conv.LinearClip(tap, 4, 1, [0]).norm_trick
-             for tap in ghost.plan(mixed_model()) if tap.kind == "linear"]
-    # Six convs, then two Dense. The norm trick: the conv on the 2x2 map
-    # (P=4, K=36, O=32: 4*68 < 36*32) and the Dense layers on flat inputs
-    # (P=1); direct for every larger map.
-    assert trick == [False, False, False, False, False, True, True, True]
+def test_norm_trick_is_picked_only_for_few_positions():
+    inputs = keras.Input((32, 32, 32))
+    h = keras.layers.Conv2D(32, 3, padding="same")(inputs)    # 1024 positions
+    h = keras.layers.MaxPooling2D(16)(h)
+    h = keras.layers.Conv2D(256, 3, padding="same")(h)        # 4 positions
+    h = keras.layers.Dense(512)(keras.layers.Flatten()(h))    # 1 position
+    taps = ghost.plan(keras.Model(inputs, h))
+    methods = [ghost.make_clipper(tap, 32).method for tap in taps]
+    assert methods[0] in ("patches", "per_example_conv")
+    assert methods[1:] == ["norm_trick", "norm_trick"]
 
 
 @pytest.mark.parametrize("augmult, microbatch", [(1, 4), (1, 10), (3, 4)])
@@ -129,14 +133,25 @@ def test_sequence_layers_equal_vectorized(augmult, microbatch):
     assert min(np.abs(g).max() for g in slow) > 0.1
 
 
-@pytest.mark.parametrize("max_patch_entries, keep_bytes", [
-    (10**9, 0),      # patches; sums recomputed from reweighted output gradients
-    (0, 2**28),      # every conv example by example; sums from kept gradients
-    (0, 0),          # example by example, sums recomputed
+def force_methods(monkeypatch, *methods):
+    """Makes every layer use the first of `methods` it has."""
+    real = cost.cheapest
+
+    def forced(estimates):
+        return next((m for m in methods if m in estimates), None) or real(estimates)
+
+    monkeypatch.setattr(cost, "cheapest", forced)
+
+
+@pytest.mark.parametrize("methods, keep_bytes", [
+    (("patches", "folded"), 0),  # sums recomputed from reweighted output gradients
+    (("per_example_conv", "shifted"), 2**28),  # sums from kept gradients
+    (("per_example_conv", "shifted"), 0),      # sums recomputed
+    (("norm_trick",), 2**28),                  # wherever the layer allows it
 ])
 def test_every_way_to_the_norms_and_sums_equals_vectorized(
-        monkeypatch, max_patch_entries, keep_bytes):
-    monkeypatch.setattr(dense_conv.LinearClip, "MAX_PATCH_ENTRIES", max_patch_entries)
+        monkeypatch, methods, keep_bytes):
+    force_methods(monkeypatch, *methods)
     monkeypatch.setattr(ghost, "KEEP_PER_EXAMPLE_BYTES", keep_bytes)
     x, y, weights = data(10, augmult=2)
     fast = one_update("ghost", x, y, weights, augmult=2)

@@ -54,7 +54,7 @@ _CLIPPERS = {LINEAR: dense_conv.LinearClip, DEPTHWISE: depthwise.DepthwiseClip,
              NORMALIZATION: norms.NormalizationClip, GENERIC: generic.GenericClip}
 
 __all__ = ["prepare", "clipped_gradient_sum", "plan", "plan_with_reason",
-           "layer_kind", "Probe", "Tap",
+           "layer_kind", "make_clipper", "Probe", "Tap",
            "LINEAR", "DEPTHWISE", "EMBEDDING", "NORMALIZATION", "GENERIC"]
 
 
@@ -103,6 +103,28 @@ def prepare(model, required):
     return taps, Probe(model, taps)
 
 
+def make_clipper(tap, m, views=1, keep_budget=None, method=None):
+    """The object that computes one tapped layer's share of ghost clipping.
+
+    Args:
+      tap: a `Tap` of `plan(model)`.
+      m: examples per micro-batch; views: augmented views per example.
+      keep_budget: `[bytes]` left for keeping per-example gradients, reduced
+        by what this layer keeps; default `[KEEP_PER_EXAMPLE_BYTES]`.
+      method: one of the clipper's `estimates` to use instead of the cost
+        model's choice.
+
+    Returns:
+      An object with `method`, `estimates` (`{method: cost.Estimate}`),
+      `sq_norms(a, y, g, m) -> [m]` (the layer's share of each example's
+      squared gradient norm, from its input rows a, output rows y and output
+      gradients g) and then `clipped_sum(scale, keep) -> {id(variable): sum}`.
+    """
+    if keep_budget is None:
+        keep_budget = [KEEP_PER_EXAMPLE_BYTES]
+    return _CLIPPERS[tap.kind](tap, m, views, keep_budget, method)
+
+
 def clipped_gradient_sum(taps, probe, variables, loss_fn, inputs, targets,
                          weights, l2_norm_clip, views=1):
     """Sum of per-example clipped gradients by ghost clipping.
@@ -137,7 +159,7 @@ def clipped_gradient_sum(taps, probe, variables, loss_fn, inputs, targets,
     out_grads = tape.gradient(total, layer_outputs,
                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
     keep_budget = [KEEP_PER_EXAMPLE_BYTES]
-    clippers = [_CLIPPERS[tap.kind](tap, m, views, keep_budget) for tap in taps]
+    clippers = [make_clipper(tap, m, views, keep_budget) for tap in taps]
     sq = tf.zeros([m], tf.float32)
     for clipper, a, y, g in zip(clippers, layer_inputs, layer_outputs, out_grads):
         sq += clipper.sq_norms(a, y, tf.cast(g, tf.float32), m)

@@ -25,6 +25,7 @@ import math
 import keras
 import tensorflow as tf
 
+from tf_dpfair.ghost import cost
 from tf_dpfair.ghost import tensors
 
 
@@ -95,21 +96,86 @@ def conv_kernel_grad(layer, a, g):
     return tape.gradient(out, kernel, output_gradients=g)
 
 
+NORM_TRICK = "norm_trick"
+PATCHES = "patches"
+PER_EXAMPLE_CONV = "per_example_conv"
+
+
+def estimates(tap, m, views, keep):
+    """`{method: cost.Estimate}` of the per-example norms and the clipped sum.
+
+    Args:
+      tap: the layer's `plan.Tap`.
+      m: examples in the micro-batch; views: augmented views per example.
+      keep: whether per-example kernel gradients, where a method forms them,
+        are kept for the clipped sum (else it is recomputed).
+    """
+    layer = tap.layer
+    n = m * views
+    k = math.prod(layer.kernel.shape[:-1])
+    o = layer.kernel.shape[-1]
+    rows = tensors.static_prod(tap.output_shape[1:-1])   # positions per row
+    if rows is None:
+        return {PER_EXAMPLE_CONV if not is_dense_like(layer) else PATCHES:
+                cost.UNKNOWN}
+    p = rows * views                                      # per example
+    conv = not is_dense_like(layer)
+    transformed = callable(getattr(layer, "standardized_kernel", None))
+    inputs = n * (tensors.static_prod(tap.input_shape[1:]) or 0)
+    offsets = math.prod(layer.kernel_size) if conv else 1
+    patch_entries = n * rows * k
+    if offsets == 1 and (not conv or max(layer.strides) == 1):
+        build = cost.Estimate()                           # patches = input rows
+    else:
+        strided = conv and max(layer.strides) > 1 and offsets > 1
+        build = cost.Estimate(
+            elementwise=2 * patch_entries + (2 * inputs if strided else 0),
+            calls=offsets + 2, peak_bytes=4 * patch_entries)
+    # One kernel gradient of the batch with reweighted output gradients.
+    recompute = cost.Estimate(elementwise=4 * n * rows * o + 2 * inputs, calls=4,
+                              **({"conv": n * rows * k * o} if conv
+                                 else {"blas": n * rows * k * o}))
+    per_example = m * k * o
+    reweigh = cost.Estimate(elementwise=2 * per_example, calls=3,
+                            peak_bytes=4 * per_example)
+    square = cost.Estimate(elementwise=2 * per_example, calls=2,
+                           peak_bytes=4 * per_example)
+    pull_back = (cost.Estimate(elementwise=20 * per_example, calls=20)
+                 if transformed else cost.Estimate())
+    found = {}
+    if not transformed:
+        if p == 1:
+            trick = cost.Estimate(elementwise=2 * n * (k + o), calls=6)
+        else:
+            trick = build + cost.Estimate(
+                blas=m * p * p * (k + o), elementwise=3 * m * p * p, calls=4,
+                peak_bytes=4 * 2 * m * p * p)
+        found[NORM_TRICK] = trick + recompute
+    sum_ = reweigh if keep else recompute
+    found[PATCHES] = (build + cost.Estimate(blas=n * rows * k * o, calls=2)
+                      + square + pull_back + sum_)
+    if conv:
+        found[PER_EXAMPLE_CONV] = (cost.Estimate(
+            conv=n * rows * k * o, example_calls=m, calls=2)
+            + square + pull_back + sum_)
+    return found
+
+
 class LinearClip:
     """Dense / Conv1D / Conv2D: kernel gradient `A_i^T G_i`, bias `sum_p G_i`.
 
-    Three ways to the per-example kernel norms, picked per layer from its
-    static shapes (P output positions per example, views included; K = patch
-    size; O = filters):
+    Three ways to the per-example kernel norms, picked per layer by the cost
+    model (`estimates`, `cost.cheapest`) from its static shapes (P output
+    positions per example, views included; K = patch size; O = filters):
 
-    - NORM_TRICK where `P (K + O) < K O` (always for Dense on flat inputs);
-    - PATCHES, one batched product of the input patches and output gradients,
-      for small feature maps or few input channels;
+    - NORM_TRICK: `P^2 (K + O)` multiply-adds per example (Gram matrices of
+      patches and of output gradients); for Dense on flat inputs (P = 1)
+      just two squared norms;
+    - PATCHES, one batched product of the input patches and output
+      gradients (`P K O` per example), the patches built from
+      `tensors.kernel_views`;
     - PER_EXAMPLE_CONV, the convolution's own kernel gradient example by
-      example (`tf.map_fn`), where the patches would be large or slow to
-      build: on a 2-core CPU it wins once `P K` exceeds `MAX_PATCH_ENTRIES`,
-      and for strided convs with kernels larger than 1x1 (strided slices are
-      slow there).
+      example (`tf.map_fn`), no patch tensor.
 
     Per-example kernel gradients that were formed are kept for the clipped
     sum while they fit in the keep budget; otherwise the sum is one
@@ -120,17 +186,11 @@ class LinearClip:
     respect to `T`'s output are pulled back through `T` (linear in them).
     """
 
-    NORM_TRICK = "norm_trick"
-    PATCHES = "patches"
-    PER_EXAMPLE_CONV = "per_example_conv"
-    # Measured on the 2-core CPU, 32 examples (ms, patches / per example):
-    # 64x64x3 -> 16 (110k entries) 4.5 / 2.8; 64x64x16 -> 16 (590k) 18 / 6.2;
-    # 32x32x32 -> 32 (295k) 8.6 / 6.5; 16x16x64 -> 64 (147k) 7.9 / 8.9;
-    # 16x16x32 -> 64 (74k) 2.9 / 5.3; 32x32x3 -> 32 (28k) 2.1 / 4.6;
-    # 3x3 stride 2, 64x64x16 -> 32 (147k) 25 / 6.4.
-    MAX_PATCH_ENTRIES = 100_000
+    NORM_TRICK = NORM_TRICK
+    PATCHES = PATCHES
+    PER_EXAMPLE_CONV = PER_EXAMPLE_CONV
 
-    def __init__(self, tap, m, views, keep_budget):
+    def __init__(self, tap, m, views, keep_budget, method=None):
         self.layer = layer = tap.layer
         self.views = views
         kernel_shape = layer.kernel.shape
@@ -138,19 +198,11 @@ class LinearClip:
         self.o = kernel_shape[-1]
         self.is_conv = not is_dense_like(layer)
         self.transformed = callable(getattr(layer, "standardized_kernel", None))
-        positions = tensors.static_prod(tap.output_shape[1:-1])
-        positions = None if positions is None else positions * views
-        if (not self.transformed and positions is not None
-                and positions * (self.k + self.o) < self.k * self.o):
-            self.method = self.NORM_TRICK
-        elif self.is_conv and (
-                positions is None or positions * self.k > self.MAX_PATCH_ENTRIES
-                or (max(layer.strides) > 1 and max(layer.kernel_size) > 1)):
-            self.method = self.PER_EXAMPLE_CONV
-        else:
-            self.method = self.PATCHES
         size = m * self.k * self.o * 4
-        self.keep = self.method != self.NORM_TRICK and size <= keep_budget[0]
+        fits = size <= keep_budget[0]
+        self.estimates = estimates(tap, m, views, fits)
+        self.method = method or cost.cheapest(self.estimates)
+        self.keep = self.method != NORM_TRICK and fits
         if self.keep:
             keep_budget[0] -= size
 

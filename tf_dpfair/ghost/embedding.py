@@ -10,6 +10,7 @@ reweighted output gradients into the table's rows.
 import keras
 import tensorflow as tf
 
+from tf_dpfair.ghost import cost
 from tf_dpfair.ghost import tensors
 
 # The norm trick forms [m, P, P]; above this many positions per example the
@@ -30,8 +31,15 @@ def handles(layer, input_shape):
 class EmbeddingClip:
     """Embedding: rows of the table; positions with the same token share one."""
 
-    def __init__(self, tap, m, views, keep_budget):
+    method = "norm_trick"
+
+    def __init__(self, tap, m, views, keep_budget, method=None):
         self.layer = tap.layer
+        positions = tensors.static_prod(tap.input_shape[1:]) * views
+        self.estimates = {self.method: cost.Estimate(
+            blas=m * positions ** 2 * tap.output_shape[-1],
+            elementwise=6 * m * positions ** 2, calls=6,
+            peak_bytes=8 * m * positions ** 2)}
 
     def sq_norms(self, a, y, g, m):
         self.ids = tf.reshape(tf.cast(a, tf.int32), [m, -1])

@@ -9,6 +9,7 @@ clipped sum reweights those per-example gradients.
 
 import tensorflow as tf
 
+from tf_dpfair.ghost import cost
 from tf_dpfair.ghost import tensors
 
 
@@ -16,9 +17,12 @@ class PerExampleClip:
     """A layer whose per-example gradients are formed: `self.grads` maps each
     weight's id to its `[m, *shape]` gradients; the clipped sum reweights them."""
 
-    def __init__(self, tap, m, views, keep_budget):
+    method = "per_example"
+
+    def __init__(self, tap, m, views, keep_budget, method=None):
         self.layer = tap.layer
         self.grads = {}
+        self.estimates = {self.method: cost.UNKNOWN}
 
     def clipped_sum(self, scale, keep):
         return {key: tf.reduce_sum(tensors.scale_rows(t, scale, keep), axis=0)
@@ -27,6 +31,8 @@ class PerExampleClip:
 
 class GenericClip(PerExampleClip):
     """Any layer: its own per-example gradients, vectorized over examples."""
+
+    method = "vectorized"
 
     def sq_norms(self, a, y, g, m):
         layer = self.layer

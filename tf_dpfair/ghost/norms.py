@@ -11,6 +11,7 @@ import keras
 import tensorflow as tf
 
 from tf_dpfair.ghost import generic
+from tf_dpfair.ghost import cost
 from tf_dpfair.ghost import tensors
 
 
@@ -40,6 +41,13 @@ class NormalizationClip(generic.PerExampleClip):
     # Largest |beta / gamma| for which the gamma gradient is read off the
     # output: y's rounding error, divided by gamma, stays ~1e-5 relative.
     MAX_BETA_OVER_GAMMA = 100.0
+    method = "from_output"
+
+    def __init__(self, tap, m, views, keep_budget, method=None):
+        super().__init__(tap, m, views, keep_budget)
+        rows = m * views * (tensors.static_prod(tap.output_shape[1:]) or 0)
+        self.estimates = {self.method: cost.Estimate(
+            elementwise=5 * rows, calls=8, peak_bytes=4 * rows)}
 
     def _xhat_dot(self, a, g, m, channels):
         """sum_p g * xhat, recomputing xhat from the layer input."""
