@@ -51,7 +51,11 @@ CASES = [(k, s, p, 1, 1) for k, s, p in itertools.product(
 ]
 
 
-@pytest.mark.parametrize("method", [depthwise.SHIFTED, depthwise.FOLDED])
+METHODS = [depthwise.SHIFTED, depthwise.FOLDED_KERNEL_GRAD,
+           depthwise.FOLDED_CORRELATION]
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("kernel, strides, padding, dilation, multiplier", CASES)
 def test_depthwise_norms_and_sums_equal_vectorized(
         monkeypatch, method, kernel, strides, padding, dilation, multiplier):
@@ -61,14 +65,14 @@ def test_depthwise_norms_and_sums_equal_vectorized(
     assert tap.kind == "depthwise"
     clipper = ghost.make_clipper(tap, 6)
     if dilation > 1:  # TensorFlow's depthwise kernel gradient takes no dilation
-        assert depthwise.FOLDED not in clipper.estimates
+        assert list(clipper.estimates) == [depthwise.SHIFTED]
     assert clipper.method == (method if method in clipper.estimates
                               else depthwise.SHIFTED)
     x, y, weights = data(6)
     assert_same_norms_and_sums(model, x, y, weights, l2_norm_clip=0.05)
 
 
-@pytest.mark.parametrize("method", [depthwise.SHIFTED, depthwise.FOLDED])
+@pytest.mark.parametrize("method", METHODS)
 def test_depthwise_update_equals_vectorized_with_augmult(monkeypatch, method):
     use(monkeypatch, method)
     x, y, weights = data(7, augmult=3)
@@ -92,18 +96,19 @@ def test_cost_model_picks_the_cheapest_method_that_fits(monkeypatch):
     assert cost.UNKNOWN.seconds() == float("inf")
 
 
-def test_depthwise_methods_are_chosen_by_kernel_and_map_size(monkeypatch):
+def test_depthwise_methods_are_chosen_by_kernel_size(monkeypatch):
     """With oneDNN, TensorFlow's depthwise kernel gradient is fast for 3x3
-    kernels only: folded there, shifted for 5x5; without oneDNN the native
-    op wins for 5x5 too where the map is large."""
-    def method(kernel, size):
+    kernels only: it is picked there, the correlation for 5x5; without
+    oneDNN its estimate for 5x5 is no longer penalised."""
+    def clipper(kernel, size=32):
         inputs = keras.Input((size, size, 96))
         tap = ghost.plan(keras.Model(
             inputs, keras.layers.DepthwiseConv2D(kernel, padding="same")(inputs)))[0]
-        return ghost.make_clipper(tap, 32).method
+        return ghost.make_clipper(tap, 32)
 
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")
-    assert method(3, 32) == depthwise.FOLDED
-    assert method(5, 32) == depthwise.SHIFTED
+    assert clipper(3).method == depthwise.FOLDED_KERNEL_GRAD
+    assert clipper(5).method == depthwise.FOLDED_CORRELATION
+    onednn = clipper(5).estimates[depthwise.FOLDED_KERNEL_GRAD].seconds()
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
-    assert method(5, 32) == depthwise.FOLDED
+    assert clipper(5).estimates[depthwise.FOLDED_KERNEL_GRAD].seconds() < onednn / 10

@@ -20,23 +20,26 @@ import dataclasses
 import math
 import os
 
-# Seconds per float moved through memory by elementwise ops, slices and
-# transposes (reads plus writes, ~2.5 GB/s effective).
-SECONDS_PER_ELEMENT = 1.6e-9
+# Seconds per float read or written by elementwise ops, slices and transposes
+# (0.2-0.35 ns measured on the tensors of one micro-batch, mostly in cache).
+SECONDS_PER_ELEMENT = 0.3e-9
 # Seconds per multiply-add of a batched matrix product (einsum/matmul).
-SECONDS_PER_BLAS_MAC = 1 / 25e9
+SECONDS_PER_BLAS_MAC = 1 / 40e9
 # Seconds per multiply-add of TensorFlow's conv kernel gradient op.
-SECONDS_PER_CONV_MAC = 1 / 15e9
+SECONDS_PER_CONV_MAC = 1 / 40e9
 # TensorFlow's depthwise kernel gradient op: with oneDNN (TensorFlow's
 # default on x86) fast for 3x3 kernels and orders of magnitude slower for
 # others (measured 6-65 M multiply-adds/s on 5x5 kernels over 15k-37k
-# channels, against ~6 G/s for 3x3); TensorFlow's own kernels run ~1.5 G/s
+# channels, against 2-17 G/s for 3x3); TensorFlow's own kernels run ~1.5 G/s
 # for any size.
-SECONDS_PER_DEPTHWISE_MAC = {"onednn_3x3": 1 / 6e9, "onednn_other": 1 / 20e6,
+SECONDS_PER_DEPTHWISE_MAC = {"onednn_3x3": 1 / 8e9, "onednn_other": 1 / 20e6,
                              "eigen": 1 / 1.5e9}
+# Seconds per multiply-add of a depthwise convolution (forward) whose filter is
+# a feature map and whose output is a kernel: 0.9-8.6 G/s measured.
+SECONDS_PER_CORRELATION_MAC = 1 / 4e9
 # Fixed cost of one op call, and of one iteration of a per-example loop.
 SECONDS_PER_CALL = 20e-6
-SECONDS_PER_EXAMPLE_CALL = 150e-6
+SECONDS_PER_EXAMPLE_CALL = 100e-6
 # Methods whose temporaries exceed this are avoided where another fits.
 MAX_TEMPORARY_BYTES = 1 << 30
 
@@ -57,6 +60,7 @@ class Estimate:
       conv: multiply-adds in TensorFlow's conv kernel gradient op.
       native_depthwise: multiply-adds in its depthwise kernel gradient op.
       native_kernel: that op's (kh, kw).
+      depthwise_correlation: multiply-adds in a depthwise convolution.
       calls: op calls.
       example_calls: iterations of a per-example loop.
       peak_bytes: largest temporary memory the method holds at once.
@@ -67,6 +71,7 @@ class Estimate:
     conv: float = 0
     native_depthwise: float = 0
     native_kernel: tuple = (1, 1)
+    depthwise_correlation: float = 0
     calls: int = 0
     example_calls: int = 0
     peak_bytes: float = 0
@@ -83,6 +88,7 @@ class Estimate:
                 + self.blas * SECONDS_PER_BLAS_MAC
                 + self.conv * SECONDS_PER_CONV_MAC
                 + self.native_depthwise * depthwise
+                + self.depthwise_correlation * SECONDS_PER_CORRELATION_MAC
                 + self.calls * SECONDS_PER_CALL
                 + self.example_calls * SECONDS_PER_EXAMPLE_CALL)
 
@@ -94,6 +100,7 @@ class Estimate:
             self.elementwise + other.elementwise, self.blas + other.blas,
             self.conv + other.conv,
             self.native_depthwise + other.native_depthwise, kernel,
+            self.depthwise_correlation + other.depthwise_correlation,
             self.calls + other.calls, self.example_calls + other.example_calls,
             max(self.peak_bytes, other.peak_bytes))
 

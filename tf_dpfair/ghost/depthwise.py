@@ -5,16 +5,21 @@ Closed form: per input channel c, example i's kernel gradient is
 and `G_ic` [P, M] the pre-activation output gradients of the M output
 channels that channel feeds. These per-example gradients are small
 (`kh*kw*C*M` per example), so they are formed, squared, and reweighted for the
-clipped sum. Two ways to form them, both at the cost of one convolution
+clipped sum. Three ways to form them, each at the cost of one convolution
 (`m*P*kh*kw*C*M` multiply-adds), picked per layer by `cost`:
 
 - SHIFTED: for each kernel offset, the input values it reads at every output
   position (`tensors.kernel_views`) times the output gradients, summed over
   positions: kh*kw products of [m, P, C], no patch tensor.
-- FOLDED: the examples folded into the channel axis ([n, H, W, C] ->
-  [1, H, W, n*C]) make one call of TensorFlow's depthwise kernel gradient
-  return every example's kernel gradient at once (that op sums over the
-  batch axis, which is now 1, and never mixes channels).
+- FOLDED_KERNEL_GRAD: the examples folded into the channel axis
+  ([n, H, W, C] -> [1, H, W, n*C]) make one call of TensorFlow's depthwise
+  kernel gradient return every example's kernel gradient at once (that op
+  sums over the batch axis, which is now 1, and never mixes channels).
+- FOLDED_CORRELATION: the same gradient is a correlation of the input with
+  the output gradients, `G[i, j] = sum_p a_pad[p * s + (i, j)] g[p]` per
+  channel: one depthwise convolution of the folded (padded) input with the
+  folded output gradients as its [H', W'] filter, dilated by the stride,
+  whose [kh, kw] output is every example's kernel gradient.
 """
 
 import keras
@@ -25,7 +30,8 @@ from tf_dpfair.ghost import generic
 from tf_dpfair.ghost import tensors
 
 SHIFTED = "shifted"
-FOLDED = "folded"
+FOLDED_KERNEL_GRAD = "folded_kernel_grad"
+FOLDED_CORRELATION = "folded_correlation"
 
 
 def handles(layer):
@@ -56,10 +62,13 @@ def estimates(tap, m, views):
         elementwise=offsets * 3 * outputs + (2 * inputs if strided else 0),
         calls=3 * offsets, peak_bytes=4 * (2 * outputs + (inputs if strided else 0)))}
     if max(layer.dilation_rate) == 1:
-        found[FOLDED] = cost.Estimate(
-            elementwise=2 * (inputs + outputs),  # the two transposes
-            native_depthwise=macs, native_kernel=(kh, kw), calls=3,
-            peak_bytes=4 * 2 * (inputs + outputs))
+        fold = cost.Estimate(elementwise=2 * (inputs + outputs), calls=4,
+                             peak_bytes=4 * 2 * (inputs + outputs))
+        found[FOLDED_KERNEL_GRAD] = fold + cost.Estimate(
+            native_depthwise=macs, native_kernel=(kh, kw))
+        found[FOLDED_CORRELATION] = fold + cost.Estimate(
+            depthwise_correlation=macs,
+            calls=6 if max(layer.strides) > 1 else 1)
     return found
 
 
@@ -76,10 +85,10 @@ class DepthwiseClip(generic.PerExampleClip):
         layer = self.layer
         a = tf.cast(a, tf.float32)
         g = tensors.pre_activation_grad(layer, y, g)
-        if self.method == FOLDED:
-            kernel_grads = self._folded(a, g, m)
-        else:
+        if self.method == SHIFTED:
             kernel_grads = self._shifted(a, g, m)
+        else:
+            kernel_grads = self._folded(a, g, m)
         self.grads[id(layer.kernel)] = kernel_grads
         if layer.use_bias:
             self.grads[id(layer.bias)] = tf.reduce_sum(
@@ -100,8 +109,9 @@ class DepthwiseClip(generic.PerExampleClip):
         return tf.reduce_sum(grads, axis=1)
 
     def _folded(self, a, g, m):
-        """[m, kh, kw, C, M] from one depthwise kernel gradient of the batch
-        folded into channels."""
+        """[m, kh, kw, C, M] from one depthwise op on the batch folded into
+        channels: the kernel gradient, or the correlation of the input with
+        the output gradients."""
         layer = self.layer
         kh, kw, channels, multiplier = layer.kernel.shape
         (sh, sw), n = layer.strides, a.shape[0] or m * self.views
@@ -121,8 +131,17 @@ class DepthwiseClip(generic.PerExampleClip):
             return tf.reshape(tf.transpose(t, [1, 2, 0, 3]),
                               [1, t.shape[1], t.shape[2], -1])
 
-        kernel = tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
-            input=fold(a), filter_sizes=[kh, kw, n * channels, multiplier],
-            out_backprop=fold(g), strides=[1, sh, sw, 1], padding="VALID")
+        if self.method == FOLDED_KERNEL_GRAD:
+            kernel = tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
+                input=fold(a), filter_sizes=[kh, kw, n * channels, multiplier],
+                out_backprop=fold(g), strides=[1, sh, sw, 1], padding="VALID")
+        else:
+            # Input channel c of the folded input feeds folded output
+            # channels c * M .. c * M + M - 1: one filter channel each, so the
+            # filter [H', W', n*C, M] takes the output gradients in that order.
+            filters = tf.reshape(fold(g)[0], [oh, ow, n * channels, multiplier])
+            kernel = tf.nn.depthwise_conv2d(
+                fold(a), filters, strides=[1, 1, 1, 1], padding="VALID",
+                dilations=[sh, sw])[0]                     # [kh, kw, n*C*M]
         kernel = tf.reshape(kernel, [kh, kw, m, self.views, channels, multiplier])
         return tf.transpose(tf.reduce_sum(kernel, axis=3), [2, 0, 1, 3, 4])
