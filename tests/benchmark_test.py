@@ -44,3 +44,26 @@ def test_memory_probe_reports_the_input_it_was_given():
     # 64 images of 32x32x3 float32 and 64 int64 labels.
     assert abs(got["input_mib"] - (64 * 32 * 32 * 3 * 4 + 64 * 8) / 2**20) < 1e-9
     assert got["added_mib"] >= 0 and got["before_mib"] > 0
+
+
+def test_profile_prints_the_plan_and_a_time_per_layer(monkeypatch, capsys):
+    bench = _load()
+    monkeypatch.setattr(sys, "argv", [
+        "dp_overhead.py", "--models", "cnn32", "--microbatch", "4", "--profile",
+        "--profile_all"])
+    bench.main()
+    out = capsys.readouterr().out
+    rows = [row for row in (line.split() for line in out.splitlines()
+                            if line.startswith("[cnn32 profile]"))
+            if len(row) == 8 and row[3] in ("linear", "normalization")]
+    layers = list(dict.fromkeys((row[2], row[3]) for row in rows))
+    assert [kind for _, kind in layers] == [
+        "linear", "normalization", "linear", "linear"]
+    # Every method of the first conv, the chosen one starred, with an
+    # estimate and a time in ms.
+    methods = [row[5] for row in rows if row[2] == layers[0][0]]
+    assert sorted(m.rstrip("*") for m in methods) == [
+        "norm_trick", "patches", "per_example_conv"]
+    assert sum(m.endswith("*") for m in methods) == 1
+    assert all(float(row[6]) >= 0 and float(row[7]) >= 0 for row in rows)
+    assert "whole ghost clipped sum" in out

@@ -98,6 +98,8 @@ def kernel_views(a, kernel_size, strides, dilation, padding):
     (strided slices are several times slower on CPU).
     """
     (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation
+    if (kh, kw, sh, sw) == (1, 1, 1, 1):
+        return [a]
     n, h, w, c = a.shape
     oh = conv_output_size(h, kh, sh, dh, padding)
     ow = conv_output_size(w, kw, sw, dw, padding)
