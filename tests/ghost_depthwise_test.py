@@ -85,6 +85,20 @@ def test_depthwise_update_equals_vectorized_with_augmult(monkeypatch, method):
     assert_same_update(fast, slow)
 
 
+def test_unknown_spatial_size_takes_the_shifted_method():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((None, None, 3))
+    h = keras.layers.Conv2D(4, 3, strides=2, padding="same")(inputs)
+    h = keras.layers.DepthwiseConv2D(5, strides=2, padding="same")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    model = keras.Model(inputs, keras.layers.Dense(5)(h))
+    taps = ghost.plan(model)
+    assert [ghost.make_clipper(tap, 6).method for tap in taps[:2]] == [
+        "per_example_conv", depthwise.SHIFTED]
+    x, y, weights = data(6)
+    assert_same_norms_and_sums(model, x, y, weights, l2_norm_clip=0.05)
+
+
 def test_cost_model_picks_the_cheapest_method_that_fits(monkeypatch):
     small = cost.Estimate(elementwise=1e6, peak_bytes=1e3)
     fast_but_big = cost.Estimate(blas=1e6, peak_bytes=2 * cost.MAX_TEMPORARY_BYTES)

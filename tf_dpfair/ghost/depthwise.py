@@ -99,7 +99,7 @@ class DepthwiseClip(generic.PerExampleClip):
         """[m, kh, kw, C, M] from the kernel views of `a` and `g` [n, H', W', C*M]."""
         layer = self.layer
         kh, kw, channels, multiplier = layer.kernel.shape
-        g = tf.reshape(g, [-1, g.shape[1], g.shape[2], channels, multiplier])
+        g = tf.reshape(g, tf.concat([tf.shape(g)[:3], [channels, multiplier]], 0))
         per_offset = [
             tf.reduce_sum(view[..., tf.newaxis] * g, axis=[1, 2])    # [n, C, M]
             for view in tensors.kernel_views(a, layer.kernel_size, layer.strides,

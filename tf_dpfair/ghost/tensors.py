@@ -83,7 +83,7 @@ def kernel_views(a, kernel_size, strides, dilation, padding):
     """What each kernel offset reads at every output position of a 2-D conv.
 
     Args:
-      a: [n, H, W, C] input rows with static H and W.
+      a: [n, H, W, C] input rows.
       kernel_size, strides, dilation: (rows, cols) pairs.
       padding: "same" or "valid" (Keras' meaning).
 
@@ -101,6 +101,13 @@ def kernel_views(a, kernel_size, strides, dilation, padding):
     if (kh, kw, sh, sw) == (1, 1, 1, 1):
         return [a]
     n, h, w, c = a.shape
+    if h is None or w is None:
+        patches = tf.image.extract_patches(
+            a, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1],
+            rates=[1, dh, dw, 1], padding=padding.upper())
+        patches = tf.reshape(patches, tf.concat(
+            [tf.shape(patches)[:3], [kh * kw, c]], 0))
+        return tf.unstack(patches, axis=3)
     oh = conv_output_size(h, kh, sh, dh, padding)
     ow = conv_output_size(w, kw, sw, dw, padding)
     top = left = 0
