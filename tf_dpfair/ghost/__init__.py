@@ -5,6 +5,8 @@ Instead of differentiating every example separately through the whole network
 parameterised layer's input `a` and output `y`, and one backward pass of the
 summed loss gives every example's output gradient `g = dL_i/dy_i` (example i's
 loss depends on its own rows only: BatchNorm in training mode is refused).
+`plan` finds the layers, walking into nested functional and Sequential
+models as if the graph were flat, and `Probe` runs that forward pass.
 Everything else is done layer by layer, from `a` and `g`:
 
 1. Each layer's share of every example's squared gradient norm, by the closed
@@ -13,7 +15,8 @@ Everything else is done layer by layer, from `a` and `g`:
    kernel-transforming convs such as `nfnet.WSConv2D`), `depthwise`
    (DepthwiseConv2D), `embedding`, `norms` (Layer/GroupNormalization), and
    `generic` for any other layer (its own per-example gradients, vectorized
-   over examples for that layer only). `plan` decides which applies.
+   over examples for that layer only). Where a kind has several methods,
+   `cost` picks one per layer from their work for the actual shapes.
 
 2. Each example's clip factor `s_i = weight_i * min(1, C / ||grad_i||)`.
 
@@ -22,9 +25,11 @@ Everything else is done layer by layer, from `a` and `g`:
    reweighted output gradients (or, where the per-example gradients were
    formed and fit in memory, their reweighted sum).
 
-It equals the vectorized path's sum (tested to 1e-5 relative). An example
-whose gradient is not finite gets `s_i = 0`, and its rows are zeroed before
-they are summed, so it contributes exactly nothing.
+It equals the vectorized path's sum (tested to 1e-5 relative). Whatever the
+method, each layer's share of example i in the sum is `s_i` times the very
+gradient whose norm entered `||grad_i||`, so example i contributes at most C.
+An example whose gradient is not finite gets `s_i = 0`, and its rows are
+zeroed before they are summed, so it contributes exactly nothing.
 """
 
 import logging
