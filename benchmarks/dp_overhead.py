@@ -121,8 +121,12 @@ def speed(name, args):
     Every variant is warmed up (traced) first; then rounds time one epoch of
     each variant in turn, so load from other processes hits all of them alike.
     The figure is the fastest round: on the shared 2-core machine where this
-    was written, epoch times jump between two levels (about 1.75x apart) for
-    reasons outside the process, and the minimum is the stable statistic.
+    was written, epoch times jump between levels for reasons outside the
+    process, and the minimum is the stable statistic. Beside it, the ratio of
+    the least CPU time (all threads of this process) an epoch took: when
+    other processes keep the cores busy, wall-clock time measures the share
+    of the cores this process got as much as its work, CPU time mostly its
+    work (it also counts the thread pools' spinning while they wait).
     """
     build, shape = MODELS[name]
     rng = np.random.default_rng(0)
@@ -139,18 +143,22 @@ def speed(name, args):
     for model in variants.values():
         model.fit(data, epochs=1, verbose=0)
     times = {label: [] for label in variants}
+    cpu = {label: [] for label in variants}
     for _ in range(args.epochs):
         for label, model in variants.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             model.fit(data, epochs=1, verbose=0)
             times[label].append(time.perf_counter() - start)
+            cpu[label].append(time.process_time() - start_cpu)
     plain = min(times["non-private"])
+    plain_cpu = min(cpu["non-private"])
     for label, values in times.items():
         best = min(values)
         print(f"[{name}] {label:>16}: {args.examples / best:6.0f} ex/s, "
               f"ratio to non-private {best / plain:.2f}x (median "
-              f"{statistics.median(values) / statistics.median(times['non-private']):.2f}x)",
-              flush=True)
+              f"{statistics.median(values) / statistics.median(times['non-private']):.2f}x; "
+              f"CPU time {min(cpu[label]) / plain_cpu:.2f}x, "
+              f"{min(cpu[label]):.1f} s per epoch)", flush=True)
 
 
 def _fastest_ms(fn, *args, repeats=5):
