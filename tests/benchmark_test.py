@@ -55,7 +55,7 @@ def test_profile_prints_the_plan_and_a_time_per_layer(monkeypatch, capsys):
     out = capsys.readouterr().out
     rows = [row for row in (line.split() for line in out.splitlines()
                             if line.startswith("[cnn32 profile]"))
-            if len(row) == 8 and row[3] in ("linear", "normalization")]
+            if len(row) == 9 and row[3] in ("linear", "normalization")]
     layers = list(dict.fromkeys((row[2], row[3]) for row in rows))
     assert [kind for _, kind in layers] == [
         "linear", "normalization", "linear", "linear"]
@@ -63,7 +63,7 @@ def test_profile_prints_the_plan_and_a_time_per_layer(monkeypatch, capsys):
     # estimate and a time in ms.
     methods = [row[5] for row in rows if row[2] == layers[0][0]]
     assert sorted(m.rstrip("*") for m in methods) == [
-        "norm_trick", "patches", "per_example_conv"]
+        "folded_conv", "norm_trick", "patches", "per_example_conv"]
     assert sum(m.endswith("*") for m in methods) == 1
-    assert all(float(row[6]) >= 0 and float(row[7]) >= 0 for row in rows)
+    assert all(float(value) >= 0 for row in rows for value in row[6:9])
     assert "whole ghost clipped sum" in out

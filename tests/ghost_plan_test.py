@@ -46,11 +46,11 @@ def block(shape, name, seed):
     """A conv block as its own functional model: 1x1 conv, frozen BatchNorm,
     ReLU6, depthwise conv, GroupNorm."""
     inputs = keras.Input(shape, name="image")
-    h = keras.layers.Conv2D(8, 1, use_bias=False)(inputs)
+    h = keras.layers.Conv2D(8, 1, use_bias=False, name="expand")(inputs)
     h = frozen_batchnorm(seed)(h)
     h = keras.layers.ReLU(6.0)(h)
-    h = keras.layers.DepthwiseConv2D(3, padding="same")(h)
-    h = keras.layers.GroupNormalization(groups=4)(h)
+    h = keras.layers.DepthwiseConv2D(3, padding="same", name="depthwise")(h)
+    h = keras.layers.GroupNormalization(groups=4, name="norm")(h)
     return keras.Model(inputs, h, name=name)
 
 
@@ -62,20 +62,22 @@ def two_level_model(seed=0):
     keras.utils.set_random_seed(seed)
     adapter = keras.Sequential([keras.Input((12, 12, 3)),
                                 keras.layers.Rescaling(0.5),
-                                keras.layers.Conv2D(3, 1)], name="adapter")
+                                keras.layers.Conv2D(3, 1, name="mix")],
+                               name="adapter")
     backbone_input = keras.Input((12, 12, 3), name="image")
     h = block((12, 12, 3), "inner", seed)(backbone_input)
     frozen_conv = keras.layers.Conv2D(8, 3, padding="same", name="frozen_conv")
     frozen_conv.trainable = False
     h = frozen_conv(h)
-    h = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(h)
+    h = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="down")(h)
     backbone = keras.Model(backbone_input, h, name="backbone")
     frozen_block = block((5, 5, 8), "frozen_block", seed + 1)
     frozen_block.trainable = False
     inputs = keras.Input((12, 12, 3), name="image")
     h = backbone(adapter(inputs), training=False)
     h = keras.layers.GlobalAveragePooling2D()(frozen_block(h))
-    return with_batchnorm_statistics(keras.Model(inputs, keras.layers.Dense(5)(h)), seed)
+    return with_batchnorm_statistics(
+        keras.Model(inputs, keras.layers.Dense(5, name="head")(h)), seed)
 
 
 class Subclassed(keras.Model):
@@ -109,12 +111,12 @@ def data(n, seed=1, augmult=1):
 def test_nested_layers_are_tapped_as_if_flat():
     taps = ghost.plan(two_level_model())
     assert [(tap.name, tap.kind) for tap in taps] == [
-        ("adapter/conv2d", "linear"),
-        ("backbone/inner/conv2d_1", "linear"),
-        ("backbone/inner/depthwise_conv2d", "depthwise"),
-        ("backbone/inner/group_normalization", "normalization"),
-        ("backbone/conv2d_2", "linear"),
-        ("dense", "linear")]
+        ("adapter/mix", "linear"),
+        ("backbone/inner/expand", "linear"),
+        ("backbone/inner/depthwise", "depthwise"),
+        ("backbone/inner/norm", "normalization"),
+        ("backbone/down", "linear"),
+        ("head", "linear")]
     assert [tap.output_shape for tap in taps][-2:] == [(None, 5, 5, 8), (None, 5)]
     assert [tap.kind for tap in ghost.plan(nested_model())] == ["linear", "linear"]
 

@@ -103,7 +103,7 @@ def test_norm_trick_is_picked_only_for_few_positions():
     h = keras.layers.Dense(512)(keras.layers.Flatten()(h))    # 1 position
     taps = ghost.plan(keras.Model(inputs, h))
     methods = [ghost.make_clipper(tap, 32).method for tap in taps]
-    assert methods[0] in ("patches", "per_example_conv")
+    assert methods[0] in ("patches", "per_example_conv", "folded_conv")
     assert methods[1:] == ["norm_trick", "norm_trick"]
 
 
@@ -144,9 +144,11 @@ def force_methods(monkeypatch, *methods):
 
 
 @pytest.mark.parametrize("methods, keep_bytes", [
-    (("patches", "folded"), 0),  # sums recomputed from reweighted output gradients
+    (("patches", "folded_kernel_grad"), 0),  # sums recomputed from reweighted output gradients
     (("per_example_conv", "shifted"), 2**28),  # sums from kept gradients
     (("per_example_conv", "shifted"), 0),      # sums recomputed
+    (("folded_conv", "folded_correlation"), 2**28),
+    (("folded_conv",), 0),
     (("norm_trick",), 2**28),                  # wherever the layer allows it
 ])
 def test_every_way_to_the_norms_and_sums_equals_vectorized(
@@ -164,15 +166,18 @@ def test_every_way_to_the_norms_and_sums_equals_vectorized(
     assert_same_update(fast, slow)
 
 
-def test_large_feature_maps_take_per_example_conv_gradients():
+def test_large_feature_maps_take_conv_kernel_gradients_not_patches():
     inputs = keras.Input((64, 64, 16))
     conv = keras.layers.Conv2D(16, 3, padding="same")
     small = keras.layers.Conv2D(16, 3, padding="same")
     taps = ghost.plan(keras.Model(
         inputs, small(keras.layers.MaxPooling2D(4)(conv(inputs)))))
-    # 4096 positions x 144 = 590k patch entries; 256 x 144 = 37k.
-    assert dense_conv.LinearClip(taps[0], 8, 1, [0]).method == "per_example_conv"
-    assert dense_conv.LinearClip(taps[1], 8, 1, [0]).method == "patches"
+    # 4096 positions x 144 = 590k patch entries per example; 256 x 144 = 37k.
+    large = dense_conv.LinearClip(taps[0], 8, 1, [0])
+    assert large.method in ("per_example_conv", "folded_conv")
+    assert large.estimates["patches"].peak_bytes == 4 * 8 * 4096 * 144
+    small = dense_conv.LinearClip(taps[1], 8, 1, [0])
+    assert small.estimates["patches"].peak_bytes == 4 * 8 * 256 * 144
 
 
 def test_nonfinite_example_contributes_exactly_nothing():

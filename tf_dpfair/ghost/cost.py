@@ -25,8 +25,10 @@ import os
 SECONDS_PER_ELEMENT = 0.3e-9
 # Seconds per multiply-add of a batched matrix product (einsum/matmul).
 SECONDS_PER_BLAS_MAC = 1 / 40e9
-# Seconds per multiply-add of TensorFlow's conv kernel gradient op.
+# Seconds per multiply-add of TensorFlow's conv kernel gradient op, and of
+# the same op grouped with one group per example (24-34 G/s measured).
 SECONDS_PER_CONV_MAC = 1 / 40e9
+SECONDS_PER_GROUPED_CONV_MAC = 1 / 30e9
 # TensorFlow's depthwise kernel gradient op: with oneDNN (TensorFlow's
 # default on x86) fast for 3x3 kernels and orders of magnitude slower for
 # others (measured 6-65 M multiply-adds/s on 5x5 kernels over 15k-37k
@@ -39,7 +41,7 @@ SECONDS_PER_DEPTHWISE_MAC = {"onednn_3x3": 1 / 8e9, "onednn_other": 1 / 20e6,
 SECONDS_PER_CORRELATION_MAC = 1 / 4e9
 # Fixed cost of one op call, and of one iteration of a per-example loop.
 SECONDS_PER_CALL = 20e-6
-SECONDS_PER_EXAMPLE_CALL = 100e-6
+SECONDS_PER_EXAMPLE_CALL = 200e-6
 # Methods whose temporaries exceed this are avoided where another fits.
 MAX_TEMPORARY_BYTES = 1 << 30
 
@@ -58,6 +60,7 @@ class Estimate:
       elementwise: floats read or written by memory-bound ops.
       blas: multiply-adds in batched matrix products.
       conv: multiply-adds in TensorFlow's conv kernel gradient op.
+      grouped_conv: multiply-adds in that op grouped by example.
       native_depthwise: multiply-adds in its depthwise kernel gradient op.
       native_kernel: that op's (kh, kw).
       depthwise_correlation: multiply-adds in a depthwise convolution.
@@ -69,6 +72,7 @@ class Estimate:
     elementwise: float = 0
     blas: float = 0
     conv: float = 0
+    grouped_conv: float = 0
     native_depthwise: float = 0
     native_kernel: tuple = (1, 1)
     depthwise_correlation: float = 0
@@ -87,6 +91,7 @@ class Estimate:
         return (self.elementwise * SECONDS_PER_ELEMENT
                 + self.blas * SECONDS_PER_BLAS_MAC
                 + self.conv * SECONDS_PER_CONV_MAC
+                + self.grouped_conv * SECONDS_PER_GROUPED_CONV_MAC
                 + self.native_depthwise * depthwise
                 + self.depthwise_correlation * SECONDS_PER_CORRELATION_MAC
                 + self.calls * SECONDS_PER_CALL
@@ -96,13 +101,11 @@ class Estimate:
         if self.native_depthwise and other.native_depthwise:
             raise ValueError("one native depthwise op per estimate")
         kernel = self.native_kernel if self.native_depthwise else other.native_kernel
-        return Estimate(
-            self.elementwise + other.elementwise, self.blas + other.blas,
-            self.conv + other.conv,
-            self.native_depthwise + other.native_depthwise, kernel,
-            self.depthwise_correlation + other.depthwise_correlation,
-            self.calls + other.calls, self.example_calls + other.example_calls,
-            max(self.peak_bytes, other.peak_bytes))
+        summed = {field.name: getattr(self, field.name) + getattr(other, field.name)
+                  for field in dataclasses.fields(self)
+                  if field.name not in ("native_kernel", "peak_bytes")}
+        return Estimate(**summed, native_kernel=kernel,
+                        peak_bytes=max(self.peak_bytes, other.peak_bytes))
 
 
 # A method whose work cannot be sized (a dimension unknown before tracing).

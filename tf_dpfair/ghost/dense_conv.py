@@ -5,7 +5,10 @@ holds its input patches (input rows for Dense) at its P output positions and
 `G_i` [P, O] its pre-activation output gradients; its bias gradient is
 `sum_p G_i[p]`. Two ways to the squared norm of the kernel gradient:
 
-- direct: form `A_i^T G_i` (P*K*O multiply-adds per example) and square it;
+- direct: form `A_i^T G_i` (P*K*O multiply-adds per example) and square it,
+  from the patches, from the conv's own kernel gradient example by example,
+  or from one grouped kernel gradient with the examples folded into
+  channels (see `LinearClip`);
 - norm trick: `||A_i^T G_i||^2 = sum((A_i A_i^T) * (G_i G_i^T))`
   (P^2*(K+O)), which wins when P is small: always for Dense on flat inputs
   (P = 1: `|a_i|^2 |g_i|^2`), never for large feature maps.
@@ -99,6 +102,7 @@ def conv_kernel_grad(layer, a, g):
 NORM_TRICK = "norm_trick"
 PATCHES = "patches"
 PER_EXAMPLE_CONV = "per_example_conv"
+FOLDED_CONV = "folded_conv"
 
 
 def estimates(tap, m, views, keep):
@@ -158,6 +162,13 @@ def estimates(tap, m, views, keep):
         found[PER_EXAMPLE_CONV] = (cost.Estimate(
             conv=n * rows * k * o, example_calls=m, calls=2)
             + square + pull_back + sum_)
+        if len(layer.kernel_size) == 2 and max(layer.dilation_rate) == 1:
+            outputs = n * rows * o
+            found[FOLDED_CONV] = (cost.Estimate(
+                grouped_conv=n * rows * k * o, calls=5,
+                elementwise=2 * (inputs + outputs) + 2 * per_example * views,
+                peak_bytes=4 * (inputs + outputs + per_example * views))
+                + square + pull_back + sum_)
     return found
 
 
@@ -175,7 +186,10 @@ class LinearClip:
       gradients (`P K O` per example), the patches built from
       `tensors.kernel_views`;
     - PER_EXAMPLE_CONV, the convolution's own kernel gradient example by
-      example (`tf.map_fn`), no patch tensor.
+      example (`tf.map_fn`), no patch tensor;
+    - FOLDED_CONV (Conv2D), one grouped kernel gradient with the examples
+      folded into the channel axis ([n, H, W, C] -> [1, H, W, n*C], one group
+      per example): every example's kernel gradient from one op.
 
     Per-example kernel gradients that were formed are kept for the clipped
     sum while they fit in the keep budget; otherwise the sum is one
@@ -189,6 +203,7 @@ class LinearClip:
     NORM_TRICK = NORM_TRICK
     PATCHES = PATCHES
     PER_EXAMPLE_CONV = PER_EXAMPLE_CONV
+    FOLDED_CONV = FOLDED_CONV
 
     def __init__(self, tap, m, views, keep_budget, method=None):
         self.layer = layer = tap.layer
@@ -222,6 +237,8 @@ class LinearClip:
         self.kernel_grads = None
         if self.method == self.PER_EXAMPLE_CONV:
             kernel_grads = self._per_example_conv(m)
+        elif self.method == self.FOLDED_CONV:
+            kernel_grads = self._folded_conv(m)
         else:
             a_rows = tensors.per_example(_patches(layer, self.a), m)  # [m, P, K]
             if self.method == self.NORM_TRICK:
@@ -253,6 +270,26 @@ class LinearClip:
             lambda rows: conv_kernel_grad(self.layer, rows[0], rows[1]),
             (example_rows(self.a), example_rows(self.g)),
             fn_output_signature=tf.float32, parallel_iterations=m)
+
+    def _folded_conv(self, m):
+        """[m, *kernel shape] from one grouped kernel gradient: with example
+        j's channels at j*C .. j*C+C-1 of the input and j*O .. j*O+O-1 of the
+        output gradients, group j of the kernel gradient is example j's."""
+        layer = self.layer
+        kh, kw, channels, filters = layer.kernel.shape
+
+        def fold(t):
+            """[n, H, W, D] -> [1, H, W, n * D], example-major channels."""
+            return tf.reshape(tf.transpose(t, [1, 2, 0, 3]),
+                              [1, t.shape[1], t.shape[2], -1])
+
+        n = self.a.shape[0] or m * self.views
+        grads = tf.raw_ops.Conv2DBackpropFilter(
+            input=fold(self.a), filter_sizes=[kh, kw, channels, n * filters],
+            out_backprop=fold(self.g), strides=[1, *layer.strides, 1],
+            padding=layer.padding.upper())
+        grads = tf.reshape(grads, [kh, kw, channels, m, self.views, filters])
+        return tf.transpose(tf.reduce_sum(grads, axis=4), [3, 0, 1, 2, 4])
 
     def _pull_back(self, grad_t):
         """Gradients of (kernel, gain) given the gradient of `T`'s output."""
