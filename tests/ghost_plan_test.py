@@ -201,3 +201,20 @@ def test_subclassed_part_is_generic_under_ghost_and_vectorized_under_auto(caplog
     with caplog.at_level("WARNING", logger="tf_dpfair.ghost"):
         assert model._ghost_state() is None
     assert "without a functional graph hold trainable weights" in caplog.text
+
+
+class Doubled(keras.Model):
+    """A functional model whose `call` computes something else than its graph."""
+
+    def call(self, inputs, training=None):
+        return 2.0 * super().call(inputs, training=training)
+
+
+def test_models_overriding_call_are_not_walked():
+    inputs = keras.Input((4,))
+    doubled = Doubled(inputs, keras.layers.Dense(3)(inputs))
+    taps, reason = ghost.plan_with_reason(doubled)
+    assert taps is None and reason == "it is not a functional model"
+    outer_input = keras.Input((4,))
+    outer = keras.Model(outer_input, keras.layers.Dense(2)(doubled(outer_input)))
+    assert [tap.kind for tap in ghost.plan(outer)] == ["generic", "linear"]

@@ -130,11 +130,10 @@ def _walk(graph, path, found, nested):
 
 
 def _top_graph(model):
-    """The graph of the model itself, or None."""
+    """The graph the model runs, or None (subclassed, or overriding `call`)."""
     if not (getattr(model, "inputs", None) and getattr(model, "outputs", None)):
         return None
-    return nested_graph(model) or (
-        model if getattr(model, "_nodes_by_depth", None) else None)
+    return nested_graph(model)
 
 
 def plan_with_reason(model):
