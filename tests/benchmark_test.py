@@ -66,3 +66,26 @@ def test_scaling_benchmark_runs_one_and_two_local_workers():
         speed, ratio = re.search(r"(\d+) ex/s, ratio to 1 worker\(s\) ([\d.]+)x",
                                  line).groups()
         assert int(speed) > 0 and float(ratio) > 0
+
+
+def test_profile_prints_the_plan_and_a_time_per_layer(monkeypatch, capsys):
+    bench = _load()
+    monkeypatch.setattr(sys, "argv", [
+        "dp_overhead.py", "--models", "cnn32", "--microbatch", "4", "--profile",
+        "--profile_all"])
+    bench.main()
+    out = capsys.readouterr().out
+    rows = [row for row in (line.split() for line in out.splitlines()
+                            if line.startswith("[cnn32 profile]"))
+            if len(row) == 9 and row[3] in ("linear", "normalization")]
+    layers = list(dict.fromkeys((row[2], row[3]) for row in rows))
+    assert [kind for _, kind in layers] == [
+        "linear", "normalization", "linear", "linear"]
+    # Every method of the first conv, the chosen one starred, with an
+    # estimate and a time in ms.
+    methods = [row[5] for row in rows if row[2] == layers[0][0]]
+    assert sorted(m.rstrip("*") for m in methods) == [
+        "folded_conv", "norm_trick", "patches", "per_example_conv"]
+    assert sum(m.endswith("*") for m in methods) == 1
+    assert all(float(value) >= 0 for row in rows for value in row[6:9])
+    assert "whole ghost clipped sum" in out

@@ -6,8 +6,12 @@ import pytest
 import tensorflow as tf
 
 import conftest
+import ghost_fixtures
+from ghost_fixtures import assert_same_update
 import tf_dpfair as dpf
 from tf_dpfair import ghost
+from tf_dpfair.ghost import cost
+from tf_dpfair.ghost import dense_conv
 from tf_dpfair import models
 
 
@@ -53,9 +57,6 @@ def sequence_model(seed=0):
     return keras.Model(inputs, outputs)
 
 
-LEARNING_RATE = 1000.0
-
-
 class Subclassed(keras.Model):
     """A model without a functional graph: ghost clipping cannot tap it."""
 
@@ -69,21 +70,8 @@ class Subclassed(keras.Model):
 
 def one_update(clipping, x, y, weights, augmult=1, microbatch=4, strategy=None,
                build=mixed_model):
-    scope = strategy.scope() if strategy else tf.distribute.get_strategy().scope()
-    with scope:
-        config = dpf.DPConfig(l2_norm_clip=0.3, noise_multiplier=0.0,
-                              expected_batch_size=len(y), augmult=augmult,
-                              microbatch_size=microbatch, clipping=clipping)
-        model = dpf.make_private(build(), config)
-        # A large step, so that even weights near 1 (gains) move far more
-        # than their float32 spacing and the update shows the clipped sum.
-        model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE),
-                      loss=keras.losses.SparseCategoricalCrossentropy(
-                          from_logits=True))
-    before = [v.numpy().copy() for v in model.trainable_variables]
-    model.fit(x, y, sample_weight=weights, batch_size=len(y), epochs=1,
-              shuffle=False, verbose=0)
-    return [b - v.numpy() for b, v in zip(before, model.trainable_variables)]
+    return ghost_fixtures.one_update(clipping, x, y, weights, build, augmult,
+                                     microbatch, strategy)
 
 
 def data(n, augmult=1, seed=1):
@@ -95,33 +83,28 @@ def data(n, augmult=1, seed=1):
     return x, y, weights
 
 
-def assert_same_update(a, b, rtol=1e-5):
-    """Each variable's update agrees to `rtol` relative to its L2 norm."""
-    for ga, gb in zip(a, b):
-        assert np.all(np.isfinite(ga))
-        error = np.linalg.norm(ga - gb) / max(np.linalg.norm(gb), 1e-30)
-        assert error <= rtol, (error, ga.shape)
-
-
 def test_plan_covers_every_weight_and_picks_closed_forms():
     taps = ghost.plan(mixed_model())
-    kinds = [kind for _, kind in taps]
+    kinds = [tap.kind for tap in taps]
     assert len(taps) == 12
     assert kinds == ["linear", "normalization", "linear", "depthwise", "linear",
                      "normalization", "linear", "linear", "linear", "generic",
                      "linear", "linear"]
-    sequence_kinds = [kind for _, kind in ghost.plan(sequence_model())]
+    sequence_kinds = [tap.kind for tap in ghost.plan(sequence_model())]
     assert sequence_kinds == ["embedding", "linear", "normalization", "linear",
                               "linear", "linear", "generic", "linear"]
 
 
-def test_norm_trick_is_picked_only_where_cheaper():
-    trick = [ghost._LinearClip(layer, 4, 1, [0]).norm_trick
-             for layer, kind in ghost.plan(mixed_model()) if kind == "linear"]
-    # Six convs, then two Dense. The norm trick: the conv on the 2x2 map
-    # (P=4, K=36, O=32: 4*68 < 36*32) and the Dense layers on flat inputs
-    # (P=1); direct for every larger map.
-    assert trick == [False, False, False, False, False, True, True, True]
+def test_norm_trick_is_picked_only_for_few_positions():
+    inputs = keras.Input((32, 32, 32))
+    h = keras.layers.Conv2D(32, 3, padding="same")(inputs)    # 1024 positions
+    h = keras.layers.MaxPooling2D(16)(h)
+    h = keras.layers.Conv2D(256, 3, padding="same")(h)        # 4 positions
+    h = keras.layers.Dense(512)(keras.layers.Flatten()(h))    # 1 position
+    taps = ghost.plan(keras.Model(inputs, h))
+    methods = [ghost.make_clipper(tap, 32).method for tap in taps]
+    assert methods[0] in ("patches", "per_example_conv", "folded_conv")
+    assert methods[1:] == ["norm_trick", "norm_trick"]
 
 
 @pytest.mark.parametrize("augmult, microbatch", [(1, 4), (1, 10), (3, 4)])
@@ -150,14 +133,27 @@ def test_sequence_layers_equal_vectorized(augmult, microbatch):
     assert min(np.abs(g).max() for g in slow) > 0.1
 
 
-@pytest.mark.parametrize("max_patch_entries, keep_bytes", [
-    (10**9, 0),      # patches; sums recomputed from reweighted output gradients
-    (0, 2**28),      # every conv example by example; sums from kept gradients
-    (0, 0),          # example by example, sums recomputed
+def force_methods(monkeypatch, *methods):
+    """Makes every layer use the first of `methods` it has."""
+    real = cost.cheapest
+
+    def forced(estimates):
+        return next((m for m in methods if m in estimates), None) or real(estimates)
+
+    monkeypatch.setattr(cost, "cheapest", forced)
+
+
+@pytest.mark.parametrize("methods, keep_bytes", [
+    (("patches", "folded_kernel_grad"), 0),  # sums recomputed from reweighted output gradients
+    (("per_example_conv", "shifted"), 2**28),  # sums from kept gradients
+    (("per_example_conv", "shifted"), 0),      # sums recomputed
+    (("folded_conv", "folded_correlation"), 2**28),
+    (("folded_conv",), 0),
+    (("norm_trick",), 2**28),                  # wherever the layer allows it
 ])
 def test_every_way_to_the_norms_and_sums_equals_vectorized(
-        monkeypatch, max_patch_entries, keep_bytes):
-    monkeypatch.setattr(ghost._LinearClip, "MAX_PATCH_ENTRIES", max_patch_entries)
+        monkeypatch, methods, keep_bytes):
+    force_methods(monkeypatch, *methods)
     monkeypatch.setattr(ghost, "KEEP_PER_EXAMPLE_BYTES", keep_bytes)
     x, y, weights = data(10, augmult=2)
     fast = one_update("ghost", x, y, weights, augmult=2)
@@ -170,14 +166,18 @@ def test_every_way_to_the_norms_and_sums_equals_vectorized(
     assert_same_update(fast, slow)
 
 
-def test_large_feature_maps_take_per_example_conv_gradients():
+def test_large_feature_maps_take_conv_kernel_gradients_not_patches():
     inputs = keras.Input((64, 64, 16))
     conv = keras.layers.Conv2D(16, 3, padding="same")
     small = keras.layers.Conv2D(16, 3, padding="same")
-    keras.Model(inputs, small(keras.layers.MaxPooling2D(4)(conv(inputs))))
-    # 4096 positions x 144 = 590k patch entries; 256 x 144 = 37k.
-    assert ghost._LinearClip(conv, 8, 1, [0]).method == "per_example_conv"
-    assert ghost._LinearClip(small, 8, 1, [0]).method == "patches"
+    taps = ghost.plan(keras.Model(
+        inputs, small(keras.layers.MaxPooling2D(4)(conv(inputs)))))
+    # 4096 positions x 144 = 590k patch entries per example; 256 x 144 = 37k.
+    large = dense_conv.LinearClip(taps[0], 8, 1, [0])
+    assert large.method in ("per_example_conv", "folded_conv")
+    assert large.estimates["patches"].peak_bytes == 4 * 8 * 4096 * 144
+    small = dense_conv.LinearClip(taps[1], 8, 1, [0])
+    assert small.estimates["patches"].peak_bytes == 4 * 8 * 256 * 144
 
 
 def test_nonfinite_example_contributes_exactly_nothing():
@@ -242,7 +242,7 @@ def test_embedding_and_layer_norm_match_vectorized():
                               expected_batch_size=8, microbatch_size=4,
                               clipping=clipping)
         model = dpf.make_private(keras.Model(inputs, outputs), config)
-        model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE),
+        model.compile(optimizer=keras.optimizers.SGD(ghost_fixtures.LEARNING_RATE),
                       loss=keras.losses.SparseCategoricalCrossentropy(
                           from_logits=True))
         before = [v.numpy().copy() for v in model.trainable_variables]
@@ -272,33 +272,3 @@ def test_fallbacks_are_announced_in_one_line(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "tf_dpfair: ghost clipping does not apply (it is not a functional model); "
         "the whole model uses vectorized per-example gradients."]
-
-
-def nested_model(seed=0):
-    """A backbone model inside the model, its input named like the outer one
-    (as `models.finetune` builds them)."""
-    keras.utils.set_random_seed(seed)
-    inner_input = keras.Input((12, 12, 3), name="image")
-    backbone = keras.Model(
-        inner_input, keras.layers.Conv2D(4, 3, activation="relu")(inner_input),
-        name="backbone")
-    inputs = keras.Input((12, 12, 3), name="image")
-    h = keras.layers.GlobalAveragePooling2D()(backbone(inputs))
-    return keras.Model(inputs, keras.layers.Dense(5)(h))
-
-
-def test_nested_model_is_tapped_at_its_call_and_matches_vectorized():
-    assert [kind for _, kind in ghost.plan(nested_model())] == ["generic", "linear"]
-    x, y, weights = data(8)
-    fast = one_update("ghost", x, y, weights, build=nested_model)
-    slow = one_update("vectorized", x, y, weights, build=nested_model)
-    assert_same_update(fast, slow)
-
-
-def test_auto_sends_models_with_trainable_nested_models_to_vectorized(caplog):
-    config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=0.0,
-                          expected_batch_size=4, clipping="auto")
-    model = dpf.make_private(nested_model(), config)
-    with caplog.at_level("WARNING", logger="tf_dpfair.ghost"):
-        assert model._ghost_state() is None
-    assert "model layer(s) backbone hold trainable weights" in caplog.text
