@@ -3,20 +3,26 @@
 The wheel is built from this checkout and installed into a fresh virtualenv
 (tests/wheel_fixtures.py); every command runs from a temporary working
 directory, away from the checkout, with no PYTHONPATH, as a user who ran
-`pip install tf_dpfair-*.whl` would run it.
+`pip install tf_dpfair-*.whl` would run it. The fast tests borrow the
+running environment's dependencies (so `make test` runs a tiny train and
+report through the installed commands in about a minute); the slow one
+installs the wheel with the locked versions of its dependencies alone.
 """
 
 import ast
 import configparser
 import json
 import pathlib
+import shutil
 import subprocess
 import zipfile
 
 import pandas as pd
+from packaging.utils import canonicalize_name
 import pytest
 
 from experiment_fixtures import tiny_flags
+from tf_dpfair.cli import privacy
 from tf_dpfair.experiments import configs
 from tf_dpfair.experiments import sweep_lib
 import wheel_fixtures
@@ -55,16 +61,28 @@ def test_setup_cfg_declares_the_experiment_commands():
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    """A fresh virtualenv with the built wheel; returns (wheel, bin folder)."""
-    scratch = tmp_path_factory.mktemp("wheel")
-    wheel = wheel_fixtures.build_wheel(scratch)
-    return wheel, wheel_fixtures.fresh_venv(wheel, scratch / "venv")
+def wheel(tmp_path_factory):
+    """The wheel built from this checkout."""
+    return wheel_fixtures.build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
-def command(installed, name, args, cwd):
-    """Runs an installed command from `cwd`; returns the CompletedProcess."""
-    _, bin_dir = installed
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory):
+    """A fresh virtualenv with the wheel, dependencies borrowed; (wheel, bin folder)."""
+    venv = tmp_path_factory.mktemp("borrowing") / "venv"
+    return wheel, wheel_fixtures.venv_borrowing_dependencies(wheel, venv)
+
+
+@pytest.fixture(scope="module")
+def pinned(wheel, tmp_path_factory):
+    """A fresh virtualenv with the wheel and its locked dependencies; (wheel, bin folder)."""
+    venv = tmp_path_factory.mktemp("pinned") / "venv"
+    yield wheel, wheel_fixtures.venv_with_pinned_dependencies(wheel, venv)
+    shutil.rmtree(venv)  # 2.6 GB; pytest keeps its last three temporary trees
+
+
+def command(bin_dir, name, args, cwd):
+    """Runs the command `name` of a virtualenv's bin/ from `cwd`; the CompletedProcess."""
     return subprocess.run([str(bin_dir / name), *args], cwd=cwd,
                           env=wheel_fixtures.clean_env(), capture_output=True,
                           text=True, timeout=TIMEOUT)
@@ -86,7 +104,7 @@ def test_the_wheel_holds_the_binaries_configs_and_commands(installed):
 
 
 def test_installed_train_help_shows_its_docstring_and_flags(installed, tmp_path):
-    done = command(installed, "tf-dpfair-train", ["--help"], tmp_path)
+    done = command(installed[1], "tf-dpfair-train", ["--help"], tmp_path)
     assert done.returncode == 1, done.stderr[-3000:]  # absl's --help exits 1
     lines = done.stdout.splitlines()
     assert lines[0] == ("Trains one model (private or not) and writes its reports "
@@ -103,36 +121,42 @@ def test_installed_train_help_shows_its_docstring_and_flags(installed, tmp_path)
     assert where.stdout.strip().startswith(str(installed[1].parent)), where.stderr[-3000:]
 
 
-@pytest.mark.slow
-def test_installed_train_then_report_from_outside_the_checkout(installed, tmp_path):
-    # Relative paths: they resolve against the working directory (tmp_path).
-    train = command(installed, "tf-dpfair-train",
-                    tiny_flags(epsilon=3.0, work_dir="runs/epsilon=3"), tmp_path)
+def train_then_report(bin_dir, cwd):
+    """Runs a tiny `tf-dpfair-train` then `tf-dpfair-report` from `cwd` and checks both."""
+    # Relative paths: they resolve against the working directory (cwd).
+    train = command(bin_dir, "tf-dpfair-train",
+                    tiny_flags(epsilon=3.0, work_dir="runs/epsilon=3"), cwd)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     assert "Results in runs/epsilon=3" in train.stdout
-    result = json.loads((tmp_path / "runs" / "epsilon=3" / "result.json").read_text())
+    result = json.loads((cwd / "runs" / "epsilon=3" / "result.json").read_text())
     assert result["privacy"]["private"] is True
     assert 2.5 < result["privacy"]["epsilon"] <= 3.0  # calibrated to the target
     assert result["privacy"]["steps"] == 6
     assert 0 <= result["metrics"]["ema"]["auc"] <= 1
 
-    report = command(installed, "tf-dpfair-report",
-                     ["--sweep_dir=runs", "--out_dir=report", "--bootstrap=20"], tmp_path)
+    report = command(bin_dir, "tf-dpfair-report",
+                     ["--sweep_dir=runs", "--out_dir=report", "--bootstrap=20"], cwd)
     assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
     assert report.stdout.splitlines()[0] == "Report: report/report.md"
-    text = (tmp_path / "report" / "report.md").read_text()
-    assert text.startswith(f"# Sweep report: {tmp_path / 'runs'}")
+    text = (cwd / "report" / "report.md").read_text()
+    assert text.startswith(f"# Sweep report: {cwd / 'runs'}")
     assert "1 finished runs" in text and "## Summary, EMA weights" in text
-    summary = pd.read_csv(tmp_path / "report" / "summary_ema.csv")
+    summary = pd.read_csv(cwd / "report" / "summary_ema.csv")
     assert summary["auc"].tolist() == [pytest.approx(result["metrics"]["ema"]["auc"],
                                                      abs=5e-4)]
-    assert (tmp_path / "report" / "metric_vs_epsilon.png").stat().st_size > 5000
+    assert (cwd / "report" / "metric_vs_epsilon.png").stat().st_size > 5000
+
+
+def test_installed_train_then_report_from_outside_the_checkout(installed, tmp_path):
+    # Not slow on purpose: the one run of installed commands that `make test`
+    # (and so CI) makes, about a minute here.
+    train_then_report(installed[1], tmp_path)
 
 
 @pytest.mark.slow
 def test_installed_commands_load_the_configs_by_name(installed, tmp_path):
     # The configs ship with the wheel: a sweep config's grid is listed...
-    sweep = command(installed, "tf-dpfair-sweep",
+    sweep = command(installed[1], "tf-dpfair-sweep",
                     ["--config=rotated_study", "--work_dir=study", "--dry_run"], tmp_path)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     expected = [name for name, _ in sweep_lib.expand_grid(
@@ -140,10 +164,45 @@ def test_installed_commands_load_the_configs_by_name(installed, tmp_path):
     assert len(expected) > 1 and sweep.stdout.splitlines() == expected
     assert not (tmp_path / "study").exists()  # a dry run writes nothing
     # ... and a name that is not a config is refused with the list of names.
-    bad = command(installed, "tf-dpfair-train", ["--config=nope", "--work_dir=run"],
+    bad = command(installed[1], "tf-dpfair-train", ["--config=nope", "--work_dir=run"],
                   tmp_path)
     assert bad.returncode == 1
     assert f"Unknown config 'nope'; choose from {configs.NAMES}." in bad.stderr
-    missing = command(installed, "tf-dpfair-sweep", ["--config=rotated_study"], tmp_path)
+    missing = command(installed[1], "tf-dpfair-sweep", ["--config=rotated_study"], tmp_path)
     assert missing.returncode == 1
     assert "--work_dir is required." in missing.stderr
+
+
+@pytest.mark.slow
+def test_the_wheel_with_only_its_locked_dependencies_runs_the_commands(pinned, tmp_path):
+    _, bin_dir = pinned
+    python = str(bin_dir / "python")
+    # install_requires is complete and consistent, at the locked versions.
+    check = subprocess.run([python, "-m", "pip", "check"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    listed = subprocess.run([python, "-m", "pip", "list", "--format=json"],
+                            capture_output=True, text=True, check=True).stdout
+    installed_versions = {canonicalize_name(d["name"]): d["version"]
+                          for d in json.loads(listed)}
+    pins = dict(line.split("==") for line in wheel_fixtures.LOCK.read_text().splitlines()
+                if line and not line.startswith("#"))
+    pins = {canonicalize_name(name): version for name, version in pins.items()}
+    assert installed_versions.pop("tf-dpfair") == "0.1.0"
+    for name in ("tensorflow", "keras", "dp-accounting"):
+        assert installed_versions[name] == pins[name]
+    # pip and setuptools come with the virtualenv, not from the lock.
+    off_lock = {name: version for name, version in installed_versions.items()
+                if pins.get(name) != version and name not in ("pip", "setuptools")}
+    assert not off_lock, off_lock
+    # No test extras: the report needs only install_requires.
+    assert "pytest" not in installed_versions
+
+    # The privacy calculator prints what the library computes.
+    calculator = command(bin_dir, "tf-dpfair-privacy", [
+        "--num_examples=1000", "--batch_size=300", "--epochs=10", "--noise_multiplier=1",
+        "--delta=1e-5", "--sampling=shuffle"], tmp_path)
+    assert calculator.returncode == 0, calculator.stderr[-3000:]
+    assert calculator.stdout.splitlines() == privacy.plan(
+        num_examples=1000, batch_size=300, epochs=10, noise_multiplier=1.0, delta=1e-5,
+        sampling_mode="shuffle").lines()
+    train_then_report(bin_dir, tmp_path)

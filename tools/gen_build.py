@@ -6,11 +6,12 @@ configs (`tf_dpfair/experiments/configs/`, loaded by name at run time), one
 `py_test` per `tests/*_test.py`, one `py_binary` per experiment binary
 (`tf_dpfair/experiments/*.py` not named `*_lib.py`) and per script under
 `benchmarks/`; `deps` come from each file's imports of those modules. A
-test that names a script's, tutorial notebook's or lock file's path (such
-as "benchmarks/dp_overhead.py" or "requirements/lock.txt"), or that imports
-or runs an experiment binary (by its module name, or through
-`run_binary("train", ...)` of tests/experiment_fixtures.py), gets it as
-`data` and the binary's `deps` as its own. `tests/build_test.py` fails
+test or test helper that names a script's, tutorial notebook's or lock
+file's path (such as "benchmarks/dp_overhead.py" or
+"requirements/lock.txt"), or that imports or runs an experiment binary (by
+its module name, or through `run_binary("train", ...)` of
+tests/experiment_fixtures.py), gets it as `data` and the binary's `deps` as
+its own. `tests/build_test.py` fails
 when BUILD differs from what this script writes.
 
 Usage: python tools/gen_build.py [--check]
@@ -164,7 +165,8 @@ def generate():
         deps = {known[m] for m in imported_modules(path, known)} - {target_name(path)}
         used = binaries_used_by(path, binaries)
         deps |= set().union(*(binary_deps[b] for b in used))
-        extra = ("    data = [" + ", ".join(f'"{b}"' for b in used) + "],") if used else ""
+        data = [str(b) for b in used] + scripts_named_in(path)
+        extra = ("    data = [" + ", ".join(f'"{s}"' for s in data) + "],") if data else ""
         blocks.append(rule("py_library", target_name(path), [path], deps, extra))
     config_deps = set().union(*(imported_modules(p, known) for p in config_sources()))
     blocks.append(rule("py_library", CONFIGS_TARGET, config_sources(),
