@@ -11,8 +11,8 @@ after `--warmup` updates (tracing). With W workers each computes 1/W of the
 per-example gradients and all take part in one all-reduce per update.
 
 On a machine with fewer cores than workers times TF's threads this
-measures contention, not scaling; see the README (Training on several
-machines) for what was measured where.
+measures contention, not scaling; see docs/training_and_privacy.md
+(Training on several machines) for what was measured where.
 
 Usage: python benchmarks/multi_worker_scaling.py [--workers 1 2] [--batch 256]
     [--updates 12] [--warmup 3]

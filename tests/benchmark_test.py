@@ -1,4 +1,4 @@
-"""The benchmark script runs and prints what the README quotes from it.
+"""The benchmark script runs and prints what docs/performance.md quotes from it.
 
 Timings themselves are not asserted (this machine's speed varies); what is
 checked is that every variant trains and that the memory probe measures the

@@ -1,5 +1,5 @@
 """Tests of `tf-dpfair-privacy` (tf_dpfair/cli/privacy.py): the figures the
-README quotes, the inverse, the text training prints, bad arguments, and the
+README and docs/training_and_privacy.md quote, the inverse, the text training prints, bad arguments, and the
 console command installed from a built wheel."""
 
 import configparser
@@ -62,7 +62,7 @@ def truncation_delta(num_examples, batch_size, steps, epsilon, bound=1e-12):
     return math.exp(epsilon) * (1 - (1 - tail) ** steps)
 
 
-# ------------------------------------------------------------ the README's figures
+# ------------------------------------------------------------ the documented figures
 
 
 def test_poisson_mnist_figure():
@@ -73,7 +73,7 @@ def test_poisson_mnist_figure():
     assert run.statement.epsilon == pytest.approx(2.60, abs=0.01)  # TF-Privacy
     assert run.statement.delta == pytest.approx(
         1e-5 + truncation_delta(60000, 256, MNIST_STEPS, expected), rel=1e-6)
-    # TF-Privacy counts ceil(60 * 60000 / 256) = 14063 updates: the README's 2.597.
+    # TF-Privacy counts ceil(60 * 60000 / 256) = 14063 updates: the documented 2.597.
     at_14063 = privacy.statement_for(run.spec, 14063, noise_multiplier=1.1,
                                      delta=1e-5)
     assert round(at_14063.epsilon, 3) == 2.597
@@ -319,10 +319,10 @@ def test_console_command_from_the_built_wheel(tmp_path):
     assert where.stdout.strip().startswith(str(target))
 
 
-def test_readme_example_is_what_the_command_prints(capsys):
-    text = (ROOT / "README.md").read_text()
+def test_documented_example_is_what_the_command_prints(capsys):
+    text = (ROOT / "docs/training_and_privacy.md").read_text()
     block = re.search(r"^```\n\$ (tf-dpfair-privacy .*?)^```", text, re.M | re.S)
-    assert block, "README.md has no tf-dpfair-privacy example"
+    assert block, "docs/training_and_privacy.md has no tf-dpfair-privacy example"
     command, *shown = block.group(1).replace("\\\n", " ").splitlines()
     argv = shlex.split(command)[1:]
     assert privacy.main(argv) == 0

@@ -5,8 +5,8 @@ no host ops (Python callbacks, prints) and no float64; XLA drops
 assertions; its random-number algorithm differs from the CPU's. Each test
 below checks one of these on CPU, compiling the step whole with XLA as the
 TPU would (`tf.function(..., jit_compile=True)` around `train_step`, outside
-`fit`). What only a TPU can show is listed in the README (Training on
-several machines, TPU).
+`fit`). What only a TPU can show is listed in docs/multi_worker.md (TPU
+readiness).
 """
 
 import keras

@@ -13,7 +13,8 @@ Examples (installed as `tf-dpfair-train`; from a checkout,
       --epsilon=8 --work_dir=/tmp/runs/chexpert_eps8
 
 On several machines, run the same command on each with TF_CONFIG set and
---strategy=multi_worker (see the README, "Training on several machines").
+--strategy=multi_worker (see docs/training_and_privacy.md, "Training on
+several machines").
 """
 
 import os

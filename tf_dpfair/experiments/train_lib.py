@@ -52,9 +52,9 @@ RESULT_FILE = "result.json"
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 NO_TF_CONFIG = (
     "strategy='multi_worker' needs the TF_CONFIG environment variable on every "
-    "worker (the cluster's addresses and this worker's index; see the README, "
-    "'Training on several machines'). Without it every machine would run a job "
-    "of its own. For one machine use 'mirrored'.")
+    "worker (the cluster's addresses and this worker's index; see "
+    "docs/training_and_privacy.md, 'Training on several machines'). Without it "
+    "every machine would run a job of its own. For one machine use 'mirrored'.")
 OPTIMIZERS = ("sgd", "adam")
 
 
