@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import time
@@ -279,8 +280,17 @@ def _compile(model, settings, run_data):
             run_data.group_spec.to_dict(), from_logits=True,
             threshold=evaluation_lib.THRESHOLD if multi_label else None,
             multi_class=not multi_label,
-            label_names=[str(n).replace(" ", "_") for n in run_data.class_names]))
+            label_names=[metric_name(n) for n in run_data.class_names]))
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics or None)
+
+
+def metric_name(class_name):
+    """A class name as a part of a metric's name: no spaces, no '/'.
+
+    Fashion-MNIST's "T-shirt/top" becomes "T-shirt_top": metric names are
+    '/'-separated keys, and the metrics refuse a '/' inside a part.
+    """
+    return re.sub(r"[\s/]+", "_", str(class_name))
 
 
 def updates_applied(model):
