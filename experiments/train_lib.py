@@ -158,6 +158,13 @@ def settings_from(config=None, overrides=None):
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"Unknown settings {unknown}; known: {sorted(known)}.")
+    # Whole numbers given for float fields (a sweep's "--grid=learning_rate=1,2",
+    # a JSON flag) become floats: Keras refuses an int learning rate.
+    for field in dataclasses.fields(Settings):
+        value = values.get(field.name)
+        if field.type in (float, "float") and isinstance(value, int) and not isinstance(
+                value, bool):
+            values[field.name] = float(value)
     settings = Settings(**values)
     _validate(settings)
     return settings

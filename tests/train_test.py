@@ -134,6 +134,18 @@ def test_config_values_are_overridden_by_given_settings():
     assert imagenet.delta == 8e-7 and imagenet.clip_norm == 1.0
 
 
+def test_whole_numbers_given_for_float_settings_become_floats():
+    # A sweep's --grid=learning_rate=0.5,1,2 parses 1 as an int, which Keras'
+    # optimizers refuse.
+    settings = train_lib.settings_from(None, {**TINY, "learning_rate": 1, "epsilon": 8,
+                                              "clip_norm": 2, "seed": 3})
+    assert type(settings.learning_rate) is float and settings.learning_rate == 1.0
+    assert type(settings.epsilon) is float and type(settings.clip_norm) is float
+    assert type(settings.seed) is int  # Integer fields stay integers.
+    optimizer = keras.optimizers.SGD(settings.learning_rate)
+    assert float(optimizer.learning_rate) == 1.0
+
+
 def test_bad_settings_are_refused_with_a_reason():
     with pytest.raises(ValueError, match="needs epsilon or noise_multiplier"):
         train_lib.settings_from(None, {})
