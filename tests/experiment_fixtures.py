@@ -1,7 +1,8 @@
-"""Tiny settings shared by the experiment binaries' tests, and a way to run one.
+"""Tiny settings and data shared by the experiment binaries' tests, and a way to run one.
 
 Settings small enough that a run takes seconds on synthetic CheXpert-shaped
-data; `run_binary` runs a binary of `tf_dpfair.experiments` in a subprocess
+data; `tiny_fashion` writes Fashion-MNIST-named IDX files of a learnable toy
+task; `run_binary` runs a binary of `tf_dpfair.experiments` in a subprocess
 with this checkout's code.
 """
 
@@ -9,6 +10,10 @@ import os
 import pathlib
 import subprocess
 import sys
+
+import numpy as np
+
+from tf_dpfair.datasets import fashion_mnist
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -60,3 +65,23 @@ def run_binary(name, args, timeout=300):
     done = subprocess.run([sys.executable, "-m", f"tf_dpfair.experiments.{name}", *args],
                           env=env, capture_output=True, text=True, timeout=timeout)
     return done.returncode, done.stdout + done.stderr
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    with open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def tiny_fashion(root, n_train=300, n_test=200):
+    """Class c is a bright bar in row band c: learnable, and rotation moves it."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 40, (n, 28, 28))
+        for i, c in enumerate(labels):
+            images[i, 2 * c + 3:2 * c + 5, 4:24] = 250
+        image_name, label_name = fashion_mnist.FILES[split]
+        write_idx(os.path.join(root, image_name), images)
+        write_idx(os.path.join(root, label_name), labels)

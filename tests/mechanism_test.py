@@ -4,30 +4,10 @@ import json
 import math
 import os
 
-import numpy as np
 import pytest
 
+from experiment_fixtures import tiny_fashion
 from tf_dpfair.experiments import mechanism_lib
-
-
-def write_idx(path, array):
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape)
-    with open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def tiny_fashion(root, n_train=300, n_test=200):
-    """Class c is a bright bar in row band c: learnable, and rotation moves it."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("test", n_test)):
-        labels = rng.integers(0, 10, n)
-        images = rng.integers(0, 40, (n, 28, 28))
-        for i, c in enumerate(labels):
-            images[i, 2 * c + 3:2 * c + 5, 4:24] = 250
-        image_name, label_name = mechanism_lib.fashion_mnist.FILES[split]
-        write_idx(os.path.join(root, image_name), images)
-        write_idx(os.path.join(root, label_name), labels)
 
 
 @pytest.fixture

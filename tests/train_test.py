@@ -12,7 +12,7 @@ import pytest
 from absl import app
 from absl import flags
 
-from experiment_fixtures import TINY, run_binary, tiny_flags
+from experiment_fixtures import TINY, run_binary, tiny_fashion, tiny_flags
 import tf_dpfair as dpf
 from tf_dpfair.experiments import evaluation_lib
 from tf_dpfair.experiments import train
@@ -87,6 +87,23 @@ def test_non_private_run_keeps_checkpoint_scores_and_says_epsilon_is_infinite(tm
     assert isinstance(model, dpf.NonPrivateModel)
 
 
+def test_fashion_mnist_class_names_with_a_slash_name_the_streaming_metrics(tmp_path):
+    # "T-shirt/top": a '/' inside a metric name's part is refused by the
+    # metrics, so the run names its classes without one.
+    data_dir = tmp_path / "fashion"
+    data_dir.mkdir()
+    tiny_fashion(str(data_dir), n_train=200, n_test=60)
+    settings = train_lib.settings_from(None, {
+        **TINY, "dataset": "fashion_mnist", "dataset_options": {},
+        "data_dir": str(data_dir),
+        "rotated_fraction": 0.2, "test_rotated_fraction": 0.5, "steps": 2, "epsilon": 8.0,
+        "work_dir": str(tmp_path / "run")})
+    result = train_lib.run(settings, verbose=0)
+    assert result["privacy"]["steps"] == 2
+    assert train_lib.metric_name("T-shirt/top") == "T-shirt_top"
+    assert train_lib.metric_name("Ankle boot") == "Ankle_boot"
+
+
 def test_a_finished_run_is_not_run_again(tmp_path):
     settings = train_lib.settings_from(None, {**TINY, "non_private": True, "steps": 2,
                                               "work_dir": str(tmp_path)})
@@ -116,6 +133,18 @@ def test_config_values_are_overridden_by_given_settings():
     assert settings.delta is None  # 1/N, set when N is known.
     imagenet = train_lib.settings_from("imagenet", {"epsilon": 8.0})
     assert imagenet.delta == 8e-7 and imagenet.clip_norm == 1.0
+
+
+def test_whole_numbers_given_for_float_settings_become_floats():
+    # A sweep's --grid=learning_rate=0.5,1,2 parses 1 as an int, which Keras'
+    # optimizers refuse.
+    settings = train_lib.settings_from(None, {**TINY, "learning_rate": 1, "epsilon": 8,
+                                              "clip_norm": 2, "seed": 3})
+    assert type(settings.learning_rate) is float and settings.learning_rate == 1.0
+    assert type(settings.epsilon) is float and type(settings.clip_norm) is float
+    assert type(settings.seed) is int  # Integer fields stay integers.
+    optimizer = keras.optimizers.SGD(settings.learning_rate)
+    assert float(optimizer.learning_rate) == 1.0
 
 
 def test_bad_settings_are_refused_with_a_reason():

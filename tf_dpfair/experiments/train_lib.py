@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import time
@@ -156,6 +157,13 @@ def settings_from(config=None, overrides=None):
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"Unknown settings {unknown}; known: {sorted(known)}.")
+    # Whole numbers given for float fields (a sweep's "--grid=learning_rate=1,2",
+    # a JSON flag) become floats: Keras refuses an int learning rate.
+    for field in dataclasses.fields(Settings):
+        value = values.get(field.name)
+        if field.type in (float, "float") and isinstance(value, int) and not isinstance(
+                value, bool):
+            values[field.name] = float(value)
     settings = Settings(**values)
     _validate(settings)
     return settings
@@ -278,8 +286,17 @@ def _compile(model, settings, run_data):
             run_data.group_spec.to_dict(), from_logits=True,
             threshold=evaluation_lib.THRESHOLD if multi_label else None,
             multi_class=not multi_label,
-            label_names=[str(n).replace(" ", "_") for n in run_data.class_names]))
+            label_names=[metric_name(n) for n in run_data.class_names]))
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics or None)
+
+
+def metric_name(class_name):
+    """A class name as a part of a metric's name: no spaces, no '/'.
+
+    Fashion-MNIST's "T-shirt/top" becomes "T-shirt_top": metric names are
+    '/'-separated keys, and the metrics refuse a '/' inside a part.
+    """
+    return re.sub(r"[\s/]+", "_", str(class_name))
 
 
 def updates_applied(model):

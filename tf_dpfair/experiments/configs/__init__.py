@@ -16,7 +16,7 @@ dict with "grid" (field -> list of values, crossed) for `tf-dpfair-sweep`.
 import importlib
 
 NAMES = ("chexpert", "mimic_cxr", "imagenet", "places365", "rotated_study",
-         "pretrained_study", "subgroup_heatmap", "demo")
+         "pretrained_study", "pretrained_finetune_study", "subgroup_heatmap", "demo")
 
 
 def load(name):
