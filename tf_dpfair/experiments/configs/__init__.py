@@ -8,8 +8,9 @@ dict with "grid" (field -> list of values, crossed) for `tf-dpfair-sweep`.
   `mimic_cxr`, `imagenet`, `places365`.
 - Studies that run here on real Fashion-MNIST: `rotated_study` (the PAIR
   explorable's rotated subgroup), `subgroup_heatmap` (its heatmap: size x
-  epsilon x rotated share) and `pretrained_study` (DP fine-tuning of
-  ImageNet-pretrained EfficientNet-Lite0).
+  epsilon x rotated share), `pretrained_study` (DP fine-tuning of
+  ImageNet-pretrained EfficientNet-Lite0, the head only) and
+  `pretrained_finetune_study` (the same with every layer fine-tuned).
 - `demo`: the short runs of `make demo`.
 """
 
