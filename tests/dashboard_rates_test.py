@@ -119,6 +119,23 @@ def test_binary_fit_writes_streaming_and_exact_rates(tmp_path):
     assert titles == ["AUC by sex", "error rates by sex", "privacy"]
 
 
+def test_exact_evaluation_needs_no_streaming_metric_and_says_nothing_of_one(tmp_path):
+    # With evaluation_data the dashboard computes per-group figures itself;
+    # the advice to compile GroupedAUC and pass validation_data does not apply.
+    _, _, _, dataset = _data()
+    model = _fixed_model(1, None, keras.losses.BinaryCrossentropy(from_logits=True))
+    dashboard = dashboards.FairnessDashboard(
+        str(tmp_path), evaluation_data=dataset, group_names=SEX, threshold=0.5,
+        from_logits=True, n_bootstrap=5)
+    with pytest.warns(UserWarning) as caught:
+        model.fit(dataset, epochs=1, verbose=0, callbacks=[dashboard])
+    messages = [str(w.message) for w in caught if "FairnessDashboard" in str(w.message)]
+    assert any("PrivacyLogger" in m for m in messages)  # The other checks still speak.
+    assert not any("GroupedAUC" in m for m in messages), messages
+    scalars, _, _ = _read(os.path.join(tmp_path, dashboards.FAIRNESS_RUN))
+    assert "ci/rates/tpr/sex/female" in scalars
+
+
 def test_multi_class_dashboard_writes_top1_figures(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(300, 4)).astype(np.float32)

@@ -369,8 +369,9 @@ class FairnessDashboard(keras.callbacks.Callback):
     def _write_logged_figures(self, logs, step):
         """Writes the GroupedAUC, EMA and privacy logs; returns the groups seen."""
         sources = [(FAIRNESS_RUN, VAL_PREFIX), (EMA_RUN, self.ema_prefix)]
-        if not any(key.startswith((VAL_PREFIX + "auc_gap/", VAL_PREFIX + "equalized_odds/"))
-                   for key in logs):
+        if self.evaluation_data is None and not any(
+                key.startswith((VAL_PREFIX + "auc_gap/", VAL_PREFIX + "equalized_odds/"))
+                for key in logs):
             self._warn_once("groups", "no `val_auc_gap/<attribute>` in the epoch logs: compile "
                             "the model with metrics=[GroupedAUC(...)] (or GroupedErrorRates) "
                             "and pass validation_data with groups (on epochs without "
