@@ -26,6 +26,13 @@ every method of every layer.
 
 `--xla` adds the DP modes compiled with XLA (jit_compile=True).
 
+`--diagnostics` adds three variants of clipping "auto" on batches that carry
+random group ids (`--diagnostic_groups` groups per attribute, default one
+attribute of 2): "auto+group ids" (diagnostics off: the ids travel through
+the pipeline and the step ignores them), "auto+diagnostics"
+(`diagnostics.GroupDiagnostics`) and "auto+diagnostics+alignment" (with
+`alignment=True`).
+
 The micro-batch defaults to DPConfig's (32): on this 2-core CPU, smaller
 micro-batches stay in cache and run faster per example (measured: 1.2x at
 32 against 1.3x at 64 and 1.45x at 128 for ghost clipping).
@@ -33,6 +40,7 @@ micro-batches stay in cache and run faster per example (measured: 1.2x at
 Usage: python benchmarks/dp_overhead.py [--models cnn32,nf_resnet64]
   [--clipping vectorized,ghost,auto] [--epochs 6] [--examples 2048]
   [--batch 256] [--microbatch 32] [--memory] [--profile] [--xla]
+  [--diagnostics [--diagnostic_groups 2]]
 """
 
 import argparse
@@ -51,6 +59,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_dpfair as dpf  # noqa: E402
+from tf_dpfair import diagnostics  # noqa: E402
 from tf_dpfair import ghost  # noqa: E402
 from tf_dpfair import models  # noqa: E402
 
@@ -134,31 +143,65 @@ def speed(name, args):
     y = rng.integers(0, 10, size=args.examples)
     # A cached dataset: epochs time training, not numpy-to-tensor conversion.
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch).cache()
-    variants = {"non-private": compile_model(build())}
+    # label -> (model, data, callbacks)
+    variants = {"non-private": (compile_model(build()), data, [])}
     for jit in ((False, True) if args.xla else (False,)):
         for clipping in args.clipping.split(","):
             label = f"DP {clipping}{' XLA' if jit else ''}"
-            variants[label] = compile_model(dpf.make_private(
-                build(), dp_config(args.batch, args.microbatch, clipping)), jit)
-    for model in variants.values():
-        model.fit(data, epochs=1, verbose=0)
+            variants[label] = (compile_model(dpf.make_private(
+                build(), dp_config(args.batch, args.microbatch, clipping)), jit),
+                data, [])
+    if args.diagnostics:
+        variants.update(diagnostics_variants(build, x, y, rng, args))
+    for model, variant_data, callbacks in variants.values():
+        model.fit(variant_data, epochs=1, verbose=0, callbacks=callbacks)
     times = {label: [] for label in variants}
     cpu = {label: [] for label in variants}
     for _ in range(args.epochs):
-        for label, model in variants.items():
+        for label, (model, variant_data, callbacks) in variants.items():
             start, start_cpu = time.perf_counter(), time.process_time()
-            model.fit(data, epochs=1, verbose=0)
+            model.fit(variant_data, epochs=1, verbose=0, callbacks=callbacks)
             times[label].append(time.perf_counter() - start)
             cpu[label].append(time.process_time() - start_cpu)
     plain = min(times["non-private"])
     plain_cpu = min(cpu["non-private"])
+    width = max(16, *map(len, variants))
     for label, values in times.items():
         best = min(values)
-        print(f"[{name}] {label:>16}: {args.examples / best:6.0f} ex/s, "
+        print(f"[{name}] {label:>{width}}: {args.examples / best:6.0f} ex/s, "
               f"ratio to non-private {best / plain:.2f}x (median "
               f"{statistics.median(values) / statistics.median(times['non-private']):.2f}x; "
               f"CPU time {min(cpu[label]) / plain_cpu:.2f}x, "
               f"{min(cpu[label]):.1f} s per epoch)", flush=True)
+
+
+def diagnostics_variants(build, x, y, rng, args):
+    """The `--diagnostics` variants: clipping "auto" on batches with group ids.
+
+    Random ids, uniform over each attribute's groups: the figures do not
+    matter here, only their cost. Each variant keeps one callback for all
+    its epochs, as one `fit` of several epochs would (a new callback would
+    retrace the step).
+    """
+    sizes = [int(size) for size in args.diagnostic_groups.split(",")]
+    spec = {f"attribute{a}": [f"group{g}" for g in range(size)]
+            for a, size in enumerate(sizes)}
+    ids = {attribute: rng.integers(0, len(names), size=len(y)).astype("int32")
+           for attribute, names in spec.items()}
+    data = tf.data.Dataset.from_tensor_slices(
+        (x, {"label": y, "groups": ids})).batch(args.batch).cache()
+
+    def dp_model():
+        return compile_model(dpf.make_private(
+            build(), dp_config(args.batch, args.microbatch, "auto")))
+
+    return {
+        "DP auto+group ids": (dp_model(), data, []),
+        "DP auto+diagnostics": (dp_model(), data, [
+            diagnostics.GroupDiagnostics(spec)]),
+        "DP auto+diagnostics+alignment": (dp_model(), data, [
+            diagnostics.GroupDiagnostics(spec, alignment=True)]),
+    }
 
 
 def _fastest_ms(fn, *args, repeats=5):
@@ -351,6 +394,12 @@ def main():
                         help="the two logical batches --memory compares")
     parser.add_argument("--xla", action="store_true",
                         help="also time the DP modes with jit_compile=True")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="also time clipping auto with group ids, with "
+                        "GroupDiagnostics, and with its alignment figures")
+    parser.add_argument("--diagnostic_groups", default="2",
+                        help="with --diagnostics, the number of groups of "
+                        "each attribute, comma-separated")
     parser.add_argument("--profile", action="store_true",
                         help="print each model's ghost plan and per-layer "
                         "times of one micro-batch instead of timing epochs")

@@ -40,6 +40,34 @@ def test_speed_prints_every_variant_with_its_ratio(monkeypatch, capsys):
     assert "ratio to non-private 1.00x" in lines[0]
 
 
+def test_diagnostics_variants_train_and_print_their_ratio(monkeypatch, capsys):
+    bench = _load()
+    monkeypatch.setattr(sys, "argv", [
+        "dp_overhead.py", "--models", "cnn32", "--clipping", "auto", "--examples",
+        "64", "--batch", "32", "--microbatch", "16", "--epochs", "2",
+        "--diagnostics", "--diagnostic_groups", "2,3"])
+    traces = []
+    make = bench.dpf.DPModel.make_train_function
+
+    def counted(model, force=False):
+        if model.train_function is None or force:
+            traces.append(model)
+        return make(model, force=force)
+
+    monkeypatch.setattr(bench.dpf.DPModel, "make_train_function", counted)
+    bench.main()
+    lines = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("[cnn32]")]
+    labels = [line.split("]")[1].split(":")[0].strip() for line in lines]
+    assert labels == ["non-private", "DP auto", "DP auto+group ids",
+                      "DP auto+diagnostics", "DP auto+diagnostics+alignment"]
+    for line in lines:
+        cpu = re.search(r"CPU time ([\d.]+)x", line).group(1)
+        assert float(cpu) > 0
+    # One train function per DP model: the epochs timed are not retraced.
+    assert len(traces) == len(set(map(id, traces))) == 4
+
+
 def test_memory_probe_reports_the_input_it_was_given():
     bench = _load()
     got = bench.one_update_peak_memory(64, 16, "ghost")

@@ -1,5 +1,6 @@
 """Per-group training diagnostics: exact against numpy, and no effect on the update."""
 
+import collections
 import math
 
 import keras
@@ -229,3 +230,91 @@ def test_dashboard_writes_no_training_group_figures_without_diagnostics(tmp_path
     linear_model().fit(dataset(x, y, groups, weights), steps_per_epoch=1, verbose=0,
                        callbacks=[dashboards.FairnessDashboard(str(tmp_path))])
     assert not (tmp_path / dashboards.DIAGNOSTICS_RUN).exists()
+
+
+def _recorded_steps(model):
+    """Makes `model` record each trace of its `train_step`: (graph, group ids).
+
+    `fit` traces `train_step` inside the train function it runs, so the last
+    record after a `fit` is the step that `fit` trained with.
+    """
+    records = []
+    step = model.train_step
+
+    def recording(data):
+        groups = data[1]["groups"]
+        records.append((tf.compat.v1.get_default_graph(), tf.nest.flatten(groups)))
+        return step(data)
+
+    model.train_step = recording
+    return records
+
+
+def _op_types(graph):
+    """The multiset of op types in `graph` and the functions it calls
+    (the micro-batch while loop's body among them)."""
+    definition = graph.as_graph_def()
+    types = collections.Counter(node.op for node in definition.node)
+    for function in definition.library.function:
+        types.update(node.op for node in function.node_def)
+    return types
+
+
+def _captures(graph, diag):
+    """How many of `diag`'s accumulators `graph` captures."""
+    handles = {id(v.handle) for v in diag._state.values()}
+    return sum(id(t) in handles for t in graph.external_captures)
+
+
+def _read(ids):
+    """Whether any op of the step reads the group ids."""
+    return any(t.consumers() for t in ids)
+
+
+@pytest.mark.parametrize("clipping", ["vectorized", "ghost"])
+@pytest.mark.parametrize("alignment", [False, True])
+def test_diagnostics_leave_nothing_in_the_step_when_off(clipping, alignment,
+                                                        monkeypatch):
+    # Free when off, without timing. A step traced without diagnostics calls
+    # no diagnostics code and never reads the group ids; after a fit with
+    # them, the next fit without them runs a step with exactly the ops of one
+    # never given them (nothing left behind, not even a dead branch); the
+    # step with them has more.
+    calls = collections.Counter()
+    for owner, name in ((diagnostics, "histogram_bins"),
+                        (diagnostics, "weighted_gradient_sums"),
+                        *((diagnostics.GroupDiagnostics, method) for method in (
+                            "check_groups", "update_examples", "coefficients",
+                            "update_alignment"))):
+        def counted(*args, _fn=getattr(owner, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(owner, name, counted)
+    x, y, groups, weights = image_data()
+    data = dataset(x, y, groups, weights)
+    never = dropout_cnn(clipping)
+    never_steps = _recorded_steps(never)
+    never.fit(data, steps_per_epoch=1, verbose=0)
+    assert not calls
+    model = dropout_cnn(clipping)
+    steps = _recorded_steps(model)
+    diag = diagnostics.GroupDiagnostics(GROUPS, alignment=alignment)
+    model.fit(data, steps_per_epoch=1, verbose=0, callbacks=[diag])
+    on, on_ids = steps[-1]
+    assert calls["update_examples"] and bool(calls["coefficients"]) == alignment
+    calls.clear()
+    model.fit(data, steps_per_epoch=1, verbose=0)
+    off, off_ids = steps[-1]
+    assert off is not on  # retraced without them
+    assert not calls
+    assert not _read(off_ids) and not _read(never_steps[-1][1]) and _read(on_ids)
+    baseline = _op_types(never_steps[-1][0])
+    assert _op_types(off) == baseline
+    assert _captures(off, diag) == 0
+    with_diag = _op_types(on)
+    assert not baseline - with_diag
+    assert with_diag["UnsortedSegmentSum"] > baseline["UnsortedSegmentSum"]
+    assert _captures(on, diag) == len(diag._state)
+    if alignment:
+        # The alignment sums' own inference-mode forward pass.
+        assert with_diag["Conv2D"] > baseline["Conv2D"]
