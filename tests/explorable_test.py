@@ -209,3 +209,28 @@ def test_umap_projection_of_separated_clusters():
     a, b = points[:100], points[100:]
     spread = max(a.std(0).max(), b.std(0).max())
     assert np.linalg.norm(a.mean(0) - b.mean(0)) > 3 * spread
+
+
+def test_embeddings_of_a_fine_tuning_model_come_from_its_nested_head(tmp_path):
+    # The shape of models.efficientnet_lite0_finetune: an input adapter and a
+    # nested backbone whose own input is named like the outer one, the head
+    # at the end of the nested model. Cutting the outer graph at the head's
+    # input failed in Keras ('The name "image" is used 2 times').
+    keras.utils.set_random_seed(0)
+    inner_in = keras.Input((4, 4, 1), name="image")
+    features = keras.layers.Dense(3, activation="relu", name="features")(
+        keras.layers.Flatten()(inner_in))
+    backbone = keras.Model(inner_in, keras.layers.Dense(2, name="head")(features))
+    outer_in = keras.Input((4, 4, 1), name="image")
+    adapter = keras.Sequential([keras.layers.Rescaling(2.0)], name="adapter")
+    model = keras.Model(outer_in, backbone(adapter(outer_in)))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    model.save(run_dir / "model.keras")
+    images = np.random.default_rng(1).integers(0, 256, (5, 4, 4, 1)).astype(np.uint8)
+    got = explorable_lib.penultimate_embeddings(str(run_dir), images, batch_size=2)
+    flat = (images.astype(np.float32) / 255.0 * 2.0).reshape(5, 16)
+    layer = backbone.get_layer("features")
+    kernel, bias = (np.asarray(w) for w in layer.weights)
+    np.testing.assert_allclose(got, np.maximum(flat @ kernel + bias, 0.0), rtol=1e-5, atol=1e-6)
+    assert "call" not in vars(backbone.get_layer("head"))  # The class's call again.

@@ -246,15 +246,38 @@ def penultimate_embeddings(run_dir, dataset_images, batch_size=1000):
     """Inputs of a saved model's last layer for the given images `[N, D]`.
 
     The raw weights of `model.keras` (the non-private run has no others).
+    The last layer is found inside nested models (a fine-tuning model's head
+    sits at the end of its nested backbone). The model runs whole, in inference mode, and the last layer's input is
+    recorded on its way in: a functional model cut at that tensor would be
+    rebuilt from the graph, which Keras refuses for fine-tuning models whose
+    nested backbone reuses the outer input's name.
     """
     model = keras.saving.load_model(os.path.join(run_dir, "model.keras"), compile=False)
-    features = keras.Model(model.inputs, model.layers[-1].input)
+    last = model.layers[-1]
+    while isinstance(last, keras.Model):  # A nested model ending in the head.
+        last = last.layers[-1]
+    seen = []
+    call = last.call
+
+    def recording_call(inputs, *args, **kwargs):
+        seen.append(np.asarray(inputs))
+        return call(inputs, *args, **kwargs)
+
     images = dataset_images.astype(np.float32)
     if dataset_images.dtype == np.uint8:
         images = images / 255.0
-    # A list matches the functional model's input structure (one named input).
-    return np.concatenate([np.asarray(features([images[i:i + batch_size]], training=False))
-                           for i in range(0, len(images), batch_size)])
+    last.call = recording_call
+    try:
+        for i in range(0, len(images), batch_size):
+            # A list matches the functional model's input structure.
+            model([images[i:i + batch_size]], training=False)
+    finally:
+        del last.call  # The class's own call again.
+    if len(seen) != -(-len(images) // batch_size):
+        raise ValueError(f"The last layer of {run_dir}/model.keras ran {len(seen)} times "
+                         f"for {len(images)} images in batches of {batch_size}: it is not "
+                         "called once per forward pass, so its input is no embedding.")
+    return np.concatenate(seen)
 
 
 def plot_image_grid(images, ranking, class_names, sensitivity, groups=None, count=6):
