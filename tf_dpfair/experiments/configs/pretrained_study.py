@@ -9,7 +9,7 @@ degrees. The report compares accuracy private vs non-private and the
 disparity of each private model with the non-private checkpoint of matched
 accuracy/AUC, with raw and with EMA weights. Reduced to fit about 15-20
 minutes on 2 CPU cores: 10k training and 2k test images, 3 epochs, linear
-probe only (all layers run at about 10 examples/s here).
+probe only; `pretrained_finetune_study` trains every layer.
 
   tf-dpfair-sweep --config=pretrained_study --work_dir=/tmp/pretrained_study
   tf-dpfair-report --sweep_dir=/tmp/pretrained_study
