@@ -25,13 +25,14 @@ import glob
 import importlib.util
 import math
 import os
-import time
 import warnings
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
 from torch import nn
+
+# The variants and the timing loop of the CNN comparison (this folder).
+from opacus_cnn import time_variants, variants  # noqa: E402
 
 # (repeats, kernel, first stride, expansion, output channels) per stage.
 STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
@@ -157,38 +158,6 @@ def pretrained(size, num_classes):
     return model
 
 
-def variants(loader, size):
-    """Label -> (model, optimizer, criterion, data loader) ready to train."""
-    out = {}
-    model = pretrained(size, 10)
-    out["non-private"] = (model, torch.optim.SGD(model.parameters(), lr=0.1),
-                          nn.CrossEntropyLoss(), loader)
-    for label, mode in (("Opacus hooks", "hooks"), ("Opacus ghost", "ghost")):
-        model = pretrained(size, 10)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        engine = PrivacyEngine(accountant="rdp")
-        kwargs = dict(module=model, optimizer=optimizer, data_loader=loader,
-                      noise_multiplier=1.0, max_grad_norm=1.0,
-                      poisson_sampling=False, grad_sample_mode=mode)
-        if mode == "ghost":
-            model, optimizer, criterion, dp_loader = engine.make_private(
-                criterion=nn.CrossEntropyLoss(), **kwargs)
-        else:
-            model, optimizer, dp_loader = engine.make_private(**kwargs)
-            criterion = nn.CrossEntropyLoss()
-        out[label] = (model, optimizer, criterion, dp_loader)
-    return out
-
-
-def one_epoch(model, optimizer, criterion, loader):
-    model.train()
-    for x, y in loader:
-        optimizer.zero_grad()
-        loss = criterion(model(x), y)
-        loss.backward()
-        optimizer.step()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=64)
@@ -205,25 +174,9 @@ def main():
     y = torch.tensor(rng.integers(0, 10, size=args.examples))
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x, y), batch_size=args.batch, shuffle=True)
-    runs = variants(loader, args.size)
-    for run in runs.values():
-        one_epoch(*run)  # warm-up
-    times = {label: [] for label in runs}
-    cpu = {label: [] for label in runs}
-    for _ in range(args.epochs):
-        for label, run in runs.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            one_epoch(*run)
-            times[label].append(time.perf_counter() - start)
-            cpu[label].append(time.process_time() - start_cpu)
-    plain, plain_cpu = min(times["non-private"]), min(cpu["non-private"])
-    for label, values in times.items():
-        print(f"[torch {torch.__version__}, EfficientNet-Lite0 {args.size}x{args.size}] "
-              f"{label:>14}: {args.examples / min(values):6.1f} ex/s, ratio to "
-              f"non-private {min(values) / plain:.2f}x (CPU time "
-              f"{min(cpu[label]) / plain_cpu:.2f}x, {min(cpu[label]):.1f} s per epoch)",
-              flush=True)
-
+    time_variants(variants(loader, lambda: pretrained(args.size, 10)), args.examples,
+                  args.epochs, f"torch {torch.__version__}, EfficientNet-Lite0 "
+                  f"{args.size}x{args.size}")
 
 if __name__ == "__main__":
     main()
