@@ -120,9 +120,26 @@ def test_depthwise_methods_are_chosen_by_kernel_size(monkeypatch):
             inputs, keras.layers.DepthwiseConv2D(kernel, padding="same")(inputs)))[0]
         return ghost.make_clipper(tap, 32)
 
-    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")
+    monkeypatch.setattr(cost, "onednn_enabled", lambda: True)
     assert clipper(3).method == depthwise.FOLDED_KERNEL_GRAD
     assert clipper(5).method == depthwise.FOLDED_CORRELATION
     onednn = clipper(5).estimates[depthwise.FOLDED_KERNEL_GRAD].seconds()
-    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    monkeypatch.setattr(cost, "onednn_enabled", lambda: False)
     assert clipper(5).estimates[depthwise.FOLDED_KERNEL_GRAD].seconds() < onednn / 10
+
+
+def test_onednn_enabled_is_tensorflows_own_answer():
+    """The cost model's oneDNN flag follows what TensorFlow runs, whichever
+    way TF_ENABLE_ONEDNN_OPTS sets it (unset, TensorFlow decides by CPU)."""
+    import os
+    import subprocess
+    import sys
+    code = ("from tf_dpfair.ghost import cost\n"
+            "from tensorflow.python.util import _pywrap_util_port as port\n"
+            "print(cost.onednn_enabled(), port.IsMklEnabled())")
+    for setting, expected in (("1", "True"), ("0", "False")):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                              text=True, timeout=300,
+                              env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": setting})
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == [expected, expected], done.stdout

@@ -150,9 +150,12 @@ def force_methods(monkeypatch, *methods):
     (("folded_conv", "folded_correlation"), 2**28),
     (("folded_conv",), 0),
     (("norm_trick",), 2**28),                  # wherever the layer allows it
-])
+], ids=lambda v: "+".join(v) if isinstance(v, tuple) else f"keep{v}")
 def test_every_way_to_the_norms_and_sums_equals_vectorized(
         monkeypatch, methods, keep_bytes):
+    if "folded_conv" in methods and not dense_conv.grouped_kernel_gradient_supported():
+        pytest.skip("TensorFlow's kernels here take no groups; "
+                    "test_folded_conv_where_onednn_is_forced runs this case")
     force_methods(monkeypatch, *methods)
     monkeypatch.setattr(ghost, "KEEP_PER_EXAMPLE_BYTES", keep_bytes)
     x, y, weights = data(10, augmult=2)
@@ -164,6 +167,30 @@ def test_every_way_to_the_norms_and_sums_equals_vectorized(
     fast = one_update("ghost", tokens, labels, weights, build=sequence_model)
     slow = one_update("vectorized", tokens, labels, weights, build=sequence_model)
     assert_same_update(fast, slow)
+
+
+def test_folded_conv_where_onednn_is_forced():
+    """The grouped kernel gradient exists only with oneDNN (or cuDNN): where
+    TensorFlow runs without it, the folded_conv cases above run in a process
+    that forces oneDNN on, so every machine tests that method; and here the
+    method is not offered, so "auto" never picks it."""
+    if dense_conv.grouped_kernel_gradient_supported():
+        pytest.skip("the folded_conv cases ran in this process")
+    inputs = keras.Input((16, 16, 8))
+    tap = ghost.plan(keras.Model(inputs, keras.layers.Conv2D(8, 3)(inputs)))[0]
+    assert "folded_conv" not in dense_conv.LinearClip(tap, 4, 1, [0]).estimates
+    with pytest.raises(ValueError, match="folded_conv"):
+        dense_conv.LinearClip(tap, 4, 1, [0], method="folded_conv")
+    import os
+    import subprocess
+    import sys
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         __file__, "-k", "every_way and folded_conv"],
+        env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"},
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 passed" in done.stdout, done.stdout[-3000:]
 
 
 def test_large_feature_maps_take_conv_kernel_gradients_not_patches():

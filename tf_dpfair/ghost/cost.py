@@ -47,9 +47,20 @@ MAX_TEMPORARY_BYTES = 1 << 30
 
 
 def onednn_enabled():
-    """Whether TensorFlow runs its oneDNN CPU kernels (its x86 default)."""
-    return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").lower() not in (
-        "0", "false")
+    """Whether TensorFlow runs its oneDNN CPU kernels.
+
+    TensorFlow decides at start-up: on by default only on x86 CPUs with
+    AVX-512 VNNI, BF16 or AMX (recent Intel Xeons), off elsewhere (AMD EPYC
+    without AVX-512, ARM), and `TF_ENABLE_ONEDNN_OPTS` overrides it either
+    way. The answer is TensorFlow's own; the variable is read only where that
+    is not available.
+    """
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").lower() in (
+            "1", "true")
 
 
 @dataclasses.dataclass(frozen=True)

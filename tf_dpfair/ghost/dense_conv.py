@@ -23,6 +23,7 @@ Conv1D and Conv2D (and their kernel-transforming subclasses such as
 `nfnet.WSConv2D`), with a linear, ReLU, tanh or sigmoid activation.
 """
 
+import functools
 import math
 
 import keras
@@ -99,6 +100,27 @@ def conv_kernel_grad(layer, a, g):
     return tape.gradient(out, kernel, output_gradients=g)
 
 
+@functools.lru_cache(maxsize=None)
+def grouped_kernel_gradient_supported():
+    """Whether TensorFlow's conv kernel gradient op accepts groups here.
+
+    Its oneDNN CPU kernels and cuDNN do; its own (Eigen) CPU kernel, which
+    TensorFlow uses where oneDNN is off (see `cost.onednn_enabled`), refuses
+    any kernel with fewer input channels than the input. Found out by trying
+    it once, on the default device, rather than from a list of platforms.
+    """
+    with tf.init_scope():
+        try:
+            grads = tf.raw_ops.Conv2DBackpropFilter(
+                input=tf.ones([1, 2, 2, 2]), filter_sizes=[1, 1, 1, 2],
+                out_backprop=tf.ones([1, 2, 2, 2]), strides=[1, 1, 1, 1],
+                padding="VALID")
+            return bool(tf.reduce_all(tf.equal(grads, 4.0)))
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
+                tf.errors.InternalError):
+            return False
+
+
 NORM_TRICK = "norm_trick"
 PATCHES = "patches"
 PER_EXAMPLE_CONV = "per_example_conv"
@@ -162,7 +184,8 @@ def estimates(tap, m, views, keep):
         found[PER_EXAMPLE_CONV] = (cost.Estimate(
             conv=n * rows * k * o, example_calls=m, calls=2)
             + square + pull_back + sum_)
-        if len(layer.kernel_size) == 2 and max(layer.dilation_rate) == 1:
+        if (len(layer.kernel_size) == 2 and max(layer.dilation_rate) == 1
+                and grouped_kernel_gradient_supported()):
             outputs = n * rows * o
             found[FOLDED_CONV] = (cost.Estimate(
                 grouped_conv=n * rows * k * o, calls=5,
@@ -189,7 +212,9 @@ class LinearClip:
       example (`tf.map_fn`), no patch tensor;
     - FOLDED_CONV (Conv2D), one grouped kernel gradient with the examples
       folded into the channel axis ([n, H, W, C] -> [1, H, W, n*C], one group
-      per example): every example's kernel gradient from one op.
+      per example): every example's kernel gradient from one op; offered
+      only where TensorFlow's kernels take groups
+      (`grouped_kernel_gradient_supported`).
 
     Per-example kernel gradients that were formed are kept for the clipped
     sum while they fit in the keep budget; otherwise the sum is one
@@ -216,6 +241,9 @@ class LinearClip:
         size = m * self.k * self.o * 4
         fits = size <= keep_budget[0]
         self.estimates = estimates(tap, m, views, fits)
+        if method is not None and method not in self.estimates:
+            raise ValueError(f"{layer.name}: no method {method!r} here; it has "
+                             f"{', '.join(self.estimates)}.")
         self.method = method or cost.cheapest(self.estimates)
         self.keep = self.method != NORM_TRICK and fits
         if self.keep:
