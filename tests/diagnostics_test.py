@@ -318,3 +318,16 @@ def test_diagnostics_leave_nothing_in_the_step_when_off(clipping, alignment,
     if alignment:
         # The alignment sums' own inference-mode forward pass.
         assert with_diag["Conv2D"] > baseline["Conv2D"]
+
+
+def test_weighted_gradient_sums_give_zeros_for_an_unused_weight():
+    used = keras.Variable(np.array([1.0, 2.0], np.float32))
+    unused = keras.Variable(np.ones((3, 2), np.float32))
+    x = tf.constant([[1.0, 0.0], [0.5, -1.0]])
+    coefficients = tf.constant([[1.0, 0.0], [0.5, 0.5]])
+    sums = diagnostics.weighted_gradient_sums(
+        lambda: tf.linalg.matvec(x, used.value) ** 2, [used, unused], coefficients)
+    # d/dw (x_i . w)^2 = 2 (x_i . w) x_i: example 0 gives [2, 0], example 1
+    # gives 2 * (-1.5) * [0.5, -1] = [-1.5, 3].
+    np.testing.assert_allclose(sums[0].numpy(), [[2.0, 0.0], [0.25, 1.5]], atol=1e-6)
+    assert sums[1].shape == (2, 3, 2) and not np.any(sums[1].numpy())

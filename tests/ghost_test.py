@@ -299,3 +299,57 @@ def test_fallbacks_are_announced_in_one_line(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "tf_dpfair: ghost clipping does not apply (it is not a functional model); "
         "the whole model uses vectorized per-example gradients."]
+
+
+@keras.saving.register_keras_serializable(package="ghost_test")
+class WithUnusedWeight(keras.layers.Layer):
+    """A scalar gain and a weight the output does not depend on."""
+
+    def build(self, input_shape):
+        self.gain = self.add_weight(name="gain", shape=(), initializer="ones")
+        self.unused = self.add_weight(name="unused", shape=(2,), initializer="ones")
+
+    def call(self, x):
+        return x * self.gain
+
+
+@keras.saving.register_keras_serializable(package="ghost_test")
+class ScaledTanh(keras.layers.Layer):
+    """`a * tanh(b * x) + c` with three scalar weights: nonlinear in them."""
+
+    def build(self, input_shape):
+        self.a, self.b, self.c = (
+            self.add_weight(name=n, shape=(), initializer=keras.initializers.Constant(v))
+            for n, v in (("a", 1.3), ("b", 0.7), ("c", -0.2)))
+
+    def call(self, x):
+        return self.a * keras.ops.tanh(self.b * x) + self.c
+
+
+def scalar_weight_model(seed=0):
+    """Generic layers with scalar weights: a gain at zero (SkipInit) and
+    non-zero, three nonlinear scalars, and a weight nothing depends on."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6, 6, 3))
+    h = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    h = keras.layers.Add()([h, models.nfnet.SkipGain(0.2)(h)])
+    h = models.nfnet.SkipGain(0.5, initial_value=0.8)(h)
+    h = ScaledTanh()(h)
+    h = WithUnusedWeight()(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inputs, keras.layers.Dense(3)(h))
+
+
+@pytest.mark.parametrize("augmult", [1, 2])
+def test_scalar_and_unused_weights_equal_vectorized(augmult):
+    """Both paths give an unused weight a zero gradient (they once crashed
+    on it) and agree on the scalar weights of generic layers."""
+    x, y, weights = data(10, augmult=augmult)
+    x, y = x[..., :6, :6, :], y % 3
+    fast = one_update("ghost", x, y, weights, augmult=augmult,
+                      build=scalar_weight_model)
+    slow = one_update("vectorized", x, y, weights, augmult=augmult,
+                      build=scalar_weight_model)
+    assert_same_update(fast, slow)
+    moved = [np.abs(u).max() > 1e-4 for u in slow]
+    assert sum(moved) == len(slow) - 1 and not np.any(slow[-3])  # the unused weight

@@ -35,8 +35,11 @@ def per_example_gradients(loss_fn, variables, inputs):
     def one_example(example):
         with tf.GradientTape() as tape:
             loss, output = loss_fn(example)
-        grads = tape.gradient(
-            loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads = tape.gradient(loss, variables)
+        # Not UnconnectedGradients.ZERO: it calls zeros_like on the variable,
+        # which fails for Keras variables (their dtype is a string).
+        grads = [tf.zeros(v.shape, v.dtype) if g is None else g
+                 for v, g in zip(variables, grads)]
         return grads, loss, output
 
     return tf.vectorized_map(one_example, inputs)

@@ -317,9 +317,12 @@ def weighted_gradient_sums(losses_fn, variables, coefficients):
     """
     with tf.GradientTape() as tape:
         objectives = tf.linalg.matvec(coefficients, tf.cast(losses_fn(), tf.float32))
-    sums = tape.jacobian(objectives, variables,
-                         unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return [tf.cast(g, tf.float32) for g in sums]
+    sums = tape.jacobian(objectives, variables)
+    # A weight the losses do not depend on has zero rows (ZERO would call
+    # zeros_like on the Keras variable, whose dtype is a string).
+    rows = tf.shape(coefficients)[:1]
+    return [tf.zeros(tf.concat([rows, list(v.shape)], 0), tf.float32) if g is None
+            else tf.cast(g, tf.float32) for v, g in zip(variables, sums)]
 
 
 def histogram_bins(norms, l2_norm_clip):

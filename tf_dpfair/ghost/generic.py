@@ -46,9 +46,13 @@ class GenericClip(PerExampleClip):
             with tf.GradientTape() as tape:
                 out = layer(inputs, training=True)
                 dot = tf.reduce_sum(tf.cast(out, tf.float32) * out_grad)
-            grads = tape.gradient(
-                dot, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return [tf.cast(tf.convert_to_tensor(gr), tf.float32) for gr in grads]
+            grads = tape.gradient(dot, variables)
+            # A weight the output does not depend on has gradient zero (not
+            # UnconnectedGradients.ZERO: its zeros_like fails on Keras
+            # variables, whose dtype is a string).
+            return [tf.zeros(v.shape, tf.float32) if gr is None
+                    else tf.cast(tf.convert_to_tensor(gr), tf.float32)
+                    for v, gr in zip(variables, grads)]
 
         self.grads = dict(zip([id(v) for v in variables],
                               tf.vectorized_map(one, (a, g))))
