@@ -61,6 +61,7 @@ import tensorflow as tf  # noqa: E402
 import tf_dpfair as dpf  # noqa: E402
 from tf_dpfair import diagnostics  # noqa: E402
 from tf_dpfair import ghost  # noqa: E402
+from tf_dpfair.ghost import cost as ghost_cost  # noqa: E402
 from tf_dpfair import models  # noqa: E402
 
 
@@ -173,6 +174,9 @@ def speed(name, args):
               f"{statistics.median(values) / statistics.median(times['non-private']):.2f}x; "
               f"CPU time {min(cpu[label]) / plain_cpu:.2f}x, "
               f"{min(cpu[label]):.1f} s per epoch)", flush=True)
+    for label, values in times.items():
+        print(f"[{name} epochs] {label:>{width}}: "
+              + " ".join(f"{t:.1f}" for t in values) + " s wall", flush=True)
 
 
 def diagnostics_variants(build, x, y, rng, args):
@@ -412,6 +416,11 @@ def main():
         print(json.dumps(one_update_peak_memory(int(batch), int(microbatch),
                                                 clipping, model_name)))
         return
+    print(f"[setup] TensorFlow {tf.__version__}, CPU kernels "
+          f"{'oneDNN' if ghost_cost.onednn_enabled() else 'Eigen'} "
+          f"(TF_ENABLE_ONEDNN_OPTS="
+          f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')}), "
+          f"{os.cpu_count()} cores", flush=True)
     for name in filter(None, args.models.split(",")):
         (profile if args.profile else speed)(name, args)
     if args.memory:

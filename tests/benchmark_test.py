@@ -31,10 +31,14 @@ def test_speed_prints_every_variant_with_its_ratio(monkeypatch, capsys):
         "dp_overhead.py", "--models", "cnn32", "--examples", "64",
         "--batch", "32", "--microbatch", "16", "--epochs", "1"])
     bench.main()
-    lines = [line for line in capsys.readouterr().out.splitlines()
-             if line.startswith("[cnn32]")]
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("[cnn32]")]
     labels = [line.split("]")[1].split(":")[0].strip() for line in lines]
     assert labels == ["non-private", "DP vectorized", "DP ghost", "DP auto"]
+    # Which kernels ran, and every epoch's time beside the fastest.
+    assert re.search(r"^\[setup\] TensorFlow \S+, CPU kernels (oneDNN|Eigen) ",
+                     out, re.M)
+    assert len(re.findall(r"^\[cnn32 epochs\] .*: [\d.]+ s wall$", out, re.M)) == 4
     for line in lines:
         speed, ratio = re.search(r"(\d+) ex/s, ratio to non-private ([\d.]+)x",
                                  line).groups()
