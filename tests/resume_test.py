@@ -75,7 +75,9 @@ def kill_when(process, directory, num_updates, extra_delay):
 @pytest.mark.parametrize("how, seed", [
     ("before update 7", 5),          # mid-epoch, between updates
     ("in checkpoint write 2", 5),    # the write at update 8 stops half-way
-    ("at a random moment", None),    # fresh noise seed in each process
+    # Fresh noise seed in each process; slow because the two above already
+    # cover a kill between updates and inside a checkpoint write.
+    pytest.param("at a random moment", None, marks=pytest.mark.slow),
 ])
 def test_killed_run_resumes_to_the_same_count_epsilon_and_distinct_noise(
         tmp_path, how, seed):

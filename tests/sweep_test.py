@@ -57,6 +57,7 @@ def test_parse_assignments_reads_json_inf_and_text():
         sweep_lib.parse_assignments(["epsilon"])
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_to_the_uninterrupted_result_and_skips_finished(tmp_path):
     sweep_dir = str(tmp_path / "sweep")
     # Crash the first (private) run at update 5 of 6: the last backup is at

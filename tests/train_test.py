@@ -217,6 +217,7 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_rerun_of_a_run_stopped_by_its_budget_says_it_is_finished(tmp_path, capsys):
     # The budget guard stops after update 6; the process dies before
     # result.json. The rerun used to fail (the logger had no model; with
