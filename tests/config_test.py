@@ -44,9 +44,19 @@ def good(**overrides):
     (dict(augmult=0), r"augmult must be an integer >= 1, got 0\.$"),
     (dict(ema_decay=1.0), r"ema_decay must be in \[0, 1\) or None, got 1\.0\.$"),
     (dict(ema_decay=False), r"ema_decay must be in \[0, 1\) or None, got False \(bool\)\.$"),
-    (dict(seed=-1), r"seed must be None or an integer in \[0, 2\*\*62\), got -1\.$"),
-    (dict(seed=0.5), r"seed must be None or an integer in \[0, 2\*\*62\); got 0\.5, which is "
-                     r"not a whole number\.$"),
+    # A refused seed is named by its type, never its value (it may be a secret).
+    (dict(seed=-1), r"seed must be None or an integer in \[0, 2\*\*62\); got an integer "
+                    r"outside that range \(the value is not shown: a seed is secret\)\.$"),
+    (dict(seed=2**62 + 918273645), r"^seed must be None or an integer in \[0, 2\*\*62\); got an "
+                                   r"integer outside that range \(the value is not shown: a "
+                                   r"seed is secret\)\.$"),
+    (dict(seed=0.5), r"seed must be None or an integer in \[0, 2\*\*62\); got a number that is "
+                     r"not whole \(the value is not shown: a seed is secret\)\.$"),
+    (dict(seed=np.float64("nan")), r"seed must be None or an integer in \[0, 2\*\*62\); got a "
+                                   r"number that is not whole \(the value"),
+    (dict(seed="918273645"), r"seed must be None or an integer in \[0, 2\*\*62\); got a str "
+                             r"\(the value is not shown: a seed is secret\)\.$"),
+    (dict(seed=True), r"seed must be None or an integer in \[0, 2\*\*62\); got a bool "),
 ])
 def test_bad_values_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -88,3 +98,57 @@ def test_config_is_frozen_and_keyword_only():
     with pytest.raises(TypeError):
         dpf.DPConfig(1.0, 1.1, 256)  # pylint: disable=too-many-function-args
     assert config.noise_stddev == pytest.approx(1.1)
+
+
+# Many distinct digits, so a leak of any part of it is visible.
+SECRET_SEED = 4_718_293_605_172_839
+
+
+def _digit_runs(seed, length=6):
+    """Every run of `length` consecutive digits of `seed` (a leak of part of it)."""
+    digits = str(seed)
+    return {digits[i:i + length] for i in range(len(digits) - length + 1)}
+
+
+@pytest.mark.parametrize("seed", [SECRET_SEED, None], ids=["explicit", "default"])
+def test_repr_and_str_hide_the_seed(seed):
+    config = good(seed=seed, ema_decay=0.99)
+    assert config.seed == (seed if seed is not None else config.seed) and config.seed > 0
+    shown = {"repr": repr(config), "str": str(config), "format": f"{config}",
+             "format_r": f"{config!r}", "percent": "%s %r" % (config, config),
+             "in_a_list": str([config]), "in_a_dict": repr({"config": config})}
+    for how, text in shown.items():
+        assert "seed=<secret>" in text, (how, text)
+        assert str(config.seed) not in text, (how, text)
+        leaked = [run for run in _digit_runs(config.seed) if run in text]
+        assert not leaked, (how, leaked, text)
+    # The other fields stay readable.
+    assert shown["repr"] == (
+        "DPConfig(l2_norm_clip=1.0, noise_multiplier=1.1, expected_batch_size=256, "
+        "microbatch_size=32, augmult=1, ema_decay=0.99, clipping='auto', seed=<secret>)")
+
+
+def test_pprint_and_replace_hide_the_seed():
+    import dataclasses
+    import pprint
+    config = good(seed=SECRET_SEED)
+    assert str(SECRET_SEED) not in pprint.pformat(config)
+    assert str(SECRET_SEED) not in pprint.pformat([config, {"c": config}], width=20)
+    replaced = dataclasses.replace(config, noise_multiplier=2.0)
+    assert replaced.seed == SECRET_SEED and str(SECRET_SEED) not in repr(replaced)
+
+
+def test_hash_does_not_depend_on_the_seed():
+    # hash(int) is the int mod 2**61 - 1 and a tuple's hash can be unwound
+    # given the other fields, so a hash over the seed would print it.
+    assert hash(good(seed=SECRET_SEED)) == hash(good(seed=7)) == hash(good())
+    assert good(seed=7) == good(seed=7) and good(seed=7) != good(seed=8)
+
+
+def test_a_model_repr_and_its_config_hide_the_seed():
+    keras = pytest.importorskip("keras")
+    model = dpf.make_private(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]),
+                             good(seed=SECRET_SEED))
+    assert model.dp_config.seed == SECRET_SEED
+    assert str(SECRET_SEED) not in repr(model.dp_config) + str(model.dp_config)
+    assert str(SECRET_SEED) not in json.dumps(model.get_config(), default=str)

@@ -8,7 +8,9 @@ import secrets
 CLIPPING_MODES = ("auto", "vectorized", "ghost")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+# repr=False: the class writes its own `__repr__`, which hides the seed (a
+# generated one would print it, and so would `str`, f-strings and logs).
+@dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
 class DPConfig:
     """Settings of one DP-SGD training run.
 
@@ -41,7 +43,8 @@ class DPConfig:
       seed: the secret seed of the noise stream. None (the default) draws a
         fresh secret seed. An explicit seed makes noise reproducible, so it is
         for tests only: anyone who knows it can subtract the noise. It is
-        never saved with the model.
+        never saved with the model, and `repr`/`str` show `seed=<secret>`
+        (read `config.seed` where the value is really needed).
     """
 
     l2_norm_clip: float
@@ -51,7 +54,9 @@ class DPConfig:
     augmult: int = 1
     ema_decay: float | None = None
     clipping: str = "auto"
-    seed: int | None = None
+    # Out of the repr and the hash: `hash(int)` is the int modulo 2**61 - 1
+    # and a tuple's hash can be unwound, so hashing the seed would leak it.
+    seed: int | None = dataclasses.field(default=None, repr=False, hash=False)
 
     def __post_init__(self):
         # Numpy scalars (np.int64(8), np.float32(1.0)) are converted to Python
@@ -83,12 +88,13 @@ class DPConfig:
         if self.seed is None:
             self._set("seed", secrets.randbits(62))
         else:
-            seed = _integer("seed", self.seed,
-                            "None or an integer in [0, 2**62)")
-            _require(0 <= seed < 2**62,
-                     f"seed must be None or an integer in [0, 2**62), got "
-                     f"{seed!r}.")
-            self._set("seed", seed)
+            self._set("seed", _seed(self.seed))
+
+    def __repr__(self):
+        fields = ", ".join(
+            f"{field.name}={getattr(self, field.name)!r}"
+            for field in dataclasses.fields(self) if field.repr)
+        return f"{type(self).__name__}({fields}, seed=<secret>)"
 
     def _set(self, name, value):
         object.__setattr__(self, name, value)
@@ -146,6 +152,29 @@ def _integer(name, value, wanted):
              f"{name} must be {wanted}; got {value!r}, which is not a whole "
              f"number.")
     return int(value)
+
+
+def _seed(value):
+    """`value` as a Python int in [0, 2**62).
+
+    The message of a refusal names the value's type, never the value: a
+    refused seed is often a secret one slightly off (a 64-bit draw, say).
+
+    Raises:
+      ValueError: `value` is a bool, not a whole number, or out of range.
+    """
+    wanted = "seed must be None or an integer in [0, 2**62)"
+    hidden = "(the value is not shown: a seed is secret)"
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{wanted}; got a {type(value).__name__} {hidden}.")
+    if not isinstance(value, numbers.Integral):
+        value = float(value)
+        _require(math.isfinite(value) and value.is_integer(),
+                 f"{wanted}; got a number that is not whole {hidden}.")
+    value = int(value)
+    _require(0 <= value < 2**62, f"{wanted}; got an integer outside that range "
+                                 f"{hidden}.")
+    return value
 
 
 def _require(condition, message):

@@ -20,7 +20,8 @@ Run the same code again after a crash and it continues:
 ...                  expected_batch_size=8, microbatch_size=8))
 >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(
 ...     from_logits=True))
->>> seed = 20240117  # the run's secret sampling seed, kept for a resume
+>>> import secrets
+>>> seed = secrets.randbits(62)  # keep it secret; store it with the checkpoint to resume
 >>> def make_dataset(start_step):
 ...     return data.make_train_dataset(source, expected_batch_size=8, seed=seed,
 ...                                    microbatch_size=8, start_step=start_step)
