@@ -397,6 +397,68 @@ def test_cluster_helpers_and_refusals_on_two_workers(two_workers):
         assert result["update_count_after_refusals"] == 0
 
 
+# ------------------------------------------------------- workers that disagree
+
+@pytest.fixture(scope="module")
+def disagreeing_workers(tmp_path_factory):
+    """Two workers whose fits must be refused: worker 1 builds other batches."""
+    out = tmp_path_factory.mktemp("agreement")
+    ports = free_ports(2)
+    script = ROOT / "tests" / "multiworker_worker.py"
+    logs = [open(out / f"w{i}.log", "w") for i in range(2)]
+    try:
+        codes = wait_all([start(script, [out, "agreement"],
+                                tf_config_value=tf_config(ports, i), log=logs[i])
+                          for i in range(2)], TIMEOUT)
+    finally:
+        for f in logs:
+            f.close()
+    results = {}
+    for i in range(2):
+        path = out / f"agreement_worker{i}.json"
+        assert path.exists(), f"worker {i} failed (exit codes {codes}):\n" + log_tail(
+            out / f"w{i}.log")
+        results[i] = json.loads(path.read_text())
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, named, fix", [
+    ("seed", "they differ in the sampling seed.",
+     "tf_dpfair.cluster.share_from_chief(strategy, secrets.randbits(62))"),
+    ("num_examples", "the sampling spec (num_examples, sampling_probability",
+     "the same tf_dpfair.data.make_train_dataset arguments"),
+    ("batch", "the sampling spec (expected_batch_size, sampling_probability",
+     "the same tf_dpfair.data.make_train_dataset arguments"),
+    ("resume", "they differ in the sampling seed.", "share_from_chief"),
+])
+def test_workers_that_would_draw_other_batches_both_refuse(disagreeing_workers,
+                                                          case, named, fix):
+    chief, other = disagreeing_workers[0][case], disagreeing_workers[1][case]
+    assert chief["error"] is not None and chief["error"] == other["error"]
+    message = chief["error"]
+    assert message.startswith("The 2 workers of this job do not agree on what "
+                              "decides the logical batches")
+    assert named in message and fix in message
+    assert "Refused on every worker before the first update" in message
+    for result in disagreeing_workers.values():
+        assert str(result["own_seed"]) not in message
+        assert f"{result['own_seed']:x}" not in message
+    if case == "resume":
+        # Resumed at update 2 from the chief's checkpoint, then refused:
+        # no update, and the checkpoint files are those of the first fit,
+        # untouched.
+        first = disagreeing_workers[0]["resume_first"]
+        assert first["error"] is None and first["update_count"] == 2
+        assert chief["update_count"] == other["update_count"] == 2
+        assert chief["files"] == first["files"] and first["files"]
+    else:
+        # Nothing trained, nothing written: the chief's checkpoint directory
+        # (made by restore) is empty, and worker 1 never has one.
+        assert chief["update_count"] == other["update_count"] == 0
+        assert chief["files"] == {} and other["files"] is None
+
+
 # ------------------------------------------------------- train.py on two workers
 
 TRAIN = ["-m", "tf_dpfair.experiments.train"]  # what tf-dpfair-train runs

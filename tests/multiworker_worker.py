@@ -26,11 +26,18 @@ OUT_DIR/<role>.json, role "worker<i>" or "single":
   have been lost.
 - "cluster" (workers only): `share_from_chief`, `copy_from_chief`, and the
   error messages of input that fit refuses on several workers.
+
+    python tests/multiworker_worker.py OUT_DIR agreement
+
+runs only fits that the workers must refuse (workers only), worker 1
+drawing other batches than the chief, and writes
+OUT_DIR/agreement_<role>.json (see `run_agreement`).
 """
 
 import json
 import logging
 import os
+import secrets
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -80,8 +87,8 @@ NOISE_SHAPE = (10, 10, 10)  # 1000 inputs x 20 outputs = 20,000 weights
 NOISE_MULTIPLIER, NOISE_CLIP = 1.5, 2.0
 
 
-def source(zeros=False):
-    """48 4x4 images with 2 binary labels and a group attribute."""
+def source(zeros=False, num_examples=NUM_EXAMPLES):
+    """48 4x4 images with 2 binary labels and a group attribute (or the first few)."""
     rng = np.random.default_rng(0)
     if zeros:
         images = np.zeros((NUM_EXAMPLES,) + NOISE_SHAPE, np.float32)
@@ -90,8 +97,9 @@ def source(zeros=False):
     images = rng.uniform(size=(NUM_EXAMPLES, 4, 4, 1)).astype(np.float32)
     labels = (rng.uniform(size=(NUM_EXAMPLES, 2)) < 0.4).astype(np.float32)
     sex = rng.integers(0, 2, size=NUM_EXAMPLES)
-    return data.ExampleSource.from_arrays(images, labels, groups={"sex": sex},
-                                          group_spec=GROUPS)
+    return data.ExampleSource.from_arrays(
+        images[:num_examples], labels[:num_examples],
+        groups={"sex": sex[:num_examples]}, group_spec=GROUPS)
 
 
 def train_data(examples, seed, strategy=None):
@@ -335,6 +343,65 @@ def run_cluster():
     return out
 
 
+def run_agreement(out_dir, role):
+    """`fit_resumable` where worker 1 builds other batches than the chief.
+
+    Cases: "seed" (each worker its own secret seed, no `share_from_chief`),
+    "num_examples" (worker 1 has 47 examples), "batch" (worker 1 samples
+    batches of 12, its DPConfig too), and "resume" (2 updates with a shared
+    seed, then a resumed fit to 4 where worker 1 has its own seed). Each
+    records the error, the update count after it, and the files in its
+    checkpoint directory with their modification times (None where the
+    directory does not exist).
+    """
+    index = STRATEGY.cluster_resolver.task_id
+    own_seed = secrets.randbits(62)  # what each worker would draw unshared
+    out = {"own_seed": own_seed}
+
+    def pipeline(seed=17, num_examples=NUM_EXAMPLES, batch=BATCH):
+        return lambda start: data.make_train_dataset(
+            source(num_examples=num_examples), expected_batch_size=batch,
+            seed=seed, microbatch_size=MICRO,
+            num_replicas=STRATEGY.num_replicas_in_sync, start_step=start)
+
+    def fit(name, make_dataset, batch=BATCH, model=None, total_updates=2):
+        directory = os.path.join(out_dir, f"agreement_{name}_{role}")
+        if model is None:
+            with STRATEGY.scope():
+                inputs, outputs = functional(30)
+                model = dpf.DPModel(inputs=inputs, outputs=outputs,
+                                    dp_config=dpf.DPConfig(
+                                        l2_norm_clip=1.0, noise_multiplier=NOISE,
+                                        expected_batch_size=batch,
+                                        microbatch_size=MICRO))
+                model.compile(optimizer=keras.optimizers.SGD(0.5), loss=bce())
+        try:
+            dpf.resume.fit_resumable(model, make_dataset, directory=directory,
+                                     total_updates=total_updates,
+                                     steps_per_epoch=2, every_n_updates=1,
+                                     verbose=0)
+            error = None
+        except ValueError as refused:
+            error = str(refused)
+        files = None
+        if os.path.isdir(directory):  # each file and when it was written
+            files = {f: os.stat(os.path.join(directory, f)).st_mtime_ns
+                     for f in sorted(os.listdir(directory))}
+        out[name] = {"error": error, "update_count": model.update_count,
+                     "files": files}
+        return model
+
+    fit("seed", pipeline(seed=own_seed))
+    fit("num_examples", pipeline(num_examples=NUM_EXAMPLES - index))
+    batch = BATCH + 4 * index
+    fit("batch", pipeline(batch=batch), batch=batch)
+    trained = fit("resume", pipeline())
+    out["resume_first"] = out["resume"]
+    fit("resume", pipeline(seed=17 if index == 0 else own_seed), model=trained,
+        total_updates=4)
+    return out
+
+
 def main(argv):
     make_strategies()
     # dp_accounting warns once per excluded RDP order; nothing to see here.
@@ -342,6 +409,10 @@ def main(argv):
     out_dir = argv[0]
     role = (f"worker{STRATEGY.cluster_resolver.task_id}" if MULTI_WORKER
             else "single")
+    if argv[1:] == ["agreement"]:
+        with open(os.path.join(out_dir, f"agreement_{role}.json"), "w") as f:
+            json.dump(run_agreement(out_dir, role), f)
+        return
     result = {"replicas": STRATEGY.num_replicas_in_sync,
               "dp": run_dp(out_dir, role), "private": run_private(),
               "non_private": run_non_private(), "jit": run_jit(),

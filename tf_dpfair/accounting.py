@@ -45,6 +45,12 @@ _SAMPLING_TEXT = {
 }
 
 
+_ADD_REMOVE = "add/remove-one-example neighbouring datasets"
+_ZERO_OUT = ("zero-out neighbouring datasets (one example replaced by one "
+             "that contributes nothing), since some updates were shuffled "
+             "passes")
+
+
 @dataclasses.dataclass(frozen=True)
 class PrivacyStatement:
     """An (epsilon, delta) guarantee together with the assumptions it rests on.
@@ -60,6 +66,12 @@ class PrivacyStatement:
       accountant: "rdp" or "pld".
       participations: shuffle only: the Gaussian mechanisms composed, i.e. the
         most updates any one example can have taken part in; None for Poisson.
+      segments: "mixed" only: one line per run of updates composed (see
+        `tf_dpfair.ledger`).
+      zero_out: "mixed" only: some updates were shuffled passes, so the
+        guarantee is for zero-out neighbouring datasets.
+      user_stated: lines describing updates whose sampling rests on the
+        user's word (or on nobody's), said in the statement's own sentence.
     """
 
     epsilon: float
@@ -70,10 +82,26 @@ class PrivacyStatement:
     sampling: str
     accountant: str
     participations: int | None = None
+    segments: tuple = ()
+    zero_out: bool = False
+    user_stated: tuple = ()
 
     def __str__(self):
         # An infinite epsilon is no guarantee; never let it read like one.
         prefix = "NOT private: " if math.isinf(self.epsilon) else ""
+        caveat = ""
+        if self.user_stated:
+            caveat = (" The sampling of these updates rests on the user's "
+                      "statement, not on the package's pipeline: "
+                      + "; ".join(self.user_stated) + ".")
+        if self.sampling == "mixed":
+            neighbours = (_ZERO_OUT if self.zero_out else _ADD_REMOVE)
+            return (prefix +
+                    f"(epsilon={self.epsilon:.4g}, delta={self.delta:.3g})-DP for "
+                    f"{self.steps} updates composed as they ran ("
+                    + "; ".join(self.segments) + f"); "
+                    f"{self.accountant.upper()} accountant; {neighbours}."
+                    + caveat)
         if self.sampling == "poisson":
             how = f"q={self.sampling_probability:.4g}"
         else:
@@ -84,7 +112,7 @@ class PrivacyStatement:
                 f"{self.steps} updates at noise multiplier "
                 f"{self.noise_multiplier:.4g}, {how}; "
                 f"{self.accountant.upper()} accountant; sampling: "
-                f"{_SAMPLING_TEXT[self.sampling]}")
+                f"{_SAMPLING_TEXT[self.sampling]}" + caveat)
 
 
 def epochs_started(steps, steps_per_epoch):
@@ -282,6 +310,31 @@ def privacy_statement(*, noise_multiplier, steps, delta, sampling,
         sampling_probability=float(sampling_probability) if poisson else None,
         steps=int(steps), sampling=sampling, accountant=accountant,
         participations=None if poisson else int(participations))
+
+
+def epsilon_of_event(event, delta, accountant="rdp", noise_multiplier=1.0):
+    """Epsilon at `delta` of any `dp_accounting.DpEvent` (e.g. a composition).
+
+    Args:
+      event: the `DpEvent`.
+      delta: target delta, in (0, 1).
+      accountant: "rdp" or "pld".
+      noise_multiplier: the smallest noise multiplier in the event; 0 gives
+        `math.inf` (no guarantee).
+
+    Returns:
+      A float.
+    """
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got "
+                         f"{accountant!r}.")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}.")
+    if noise_multiplier == 0:
+        return math.inf
+    acc = _make_accountant(accountant)
+    acc.compose(event)
+    return float(acc.get_epsilon(delta))
 
 
 def compute_epsilon(*, noise_multiplier, steps, delta, sampling,

@@ -7,6 +7,7 @@ import keras
 from tf_dpfair import accounting
 from tf_dpfair import cluster
 from tf_dpfair import feeding
+from tf_dpfair import ledger as ledger_lib
 from tf_dpfair import resume
 
 OUTSIDE_GUARANTEE_NOTE = (
@@ -36,11 +37,14 @@ class PrivacyLogger(keras.callbacks.Callback):
       whether it draws each example once per pass (a `.repeat()` before
       `.shuffle()` does not), so even the shuffle figure cannot be assumed.
 
-    Epsilon comes from the model's own count of applied DP updates and its
-    participation ledger (`DPModel.update_count`, `DPModel.participations`,
-    saved with the model), so it is right after a resume too, and counts
-    updates (logical batches), not replicas or workers: on several workers
-    every worker's logger states the job's epsilon. With
+    Epsilon composes the model's privacy ledger (`DPModel.privacy_ledger`,
+    see `tf_dpfair.ledger`): every update the step applied, with the
+    sampling, noise multiplier and noise index it really had, over every
+    `fit` of these weights, saved with them and never rolled back by a
+    restore. So it is right after a resume, an `EarlyStopping` restore or
+    a re-wrap too, and it counts updates (logical batches), not replicas or
+    workers: on several workers every worker's logger states the job's
+    epsilon. With
     `target_epsilon`, training stops before any update that would take
     epsilon above it, and refuses to start if not even one more update fits.
 
@@ -135,9 +139,7 @@ class PrivacyLogger(keras.callbacks.Callback):
             fed = feeding.prospective(
                 self.stated_sampling,
                 expected_batch_size=self._dp_config().expected_batch_size,
-                update_count=self.model.update_count,
-                participations=self.model.participations,
-                non_poisson_updates=self.model.non_poisson_updates)
+                update_count=self.model.update_count)
         if fed is None:
             raise ValueError(
                 "The model has not been fit yet and no sampling was stated, so "
@@ -158,40 +160,42 @@ class PrivacyLogger(keras.callbacks.Callback):
         return fed
 
     def statement(self, steps=None):
-        """The `PrivacyStatement` after `steps` updates (default: so far).
+        """The `PrivacyStatement` of the model's ledger, or of `steps` updates.
 
         Args:
-          steps: the model's total update count to account for; not before
-            the start of the latest `fit`.
+          steps: the model's total update count to account for (default: the
+            updates applied). More than applied projects the extra updates
+            as fed now (the running or latest `fit`; for a model not fit in
+            this process, as this logger states). Never fewer than applied:
+            that statement would leave updates out.
 
         Returns:
           An `accounting.PrivacyStatement` (delta includes the pipeline's
           allowance for truncated Poisson batches).
 
         Raises:
-          ValueError: no `fit` yet, or input whose sampling nobody stated.
+          ValueError: no `fit` yet and nothing stated, input whose sampling
+            nobody stated, or `steps` below the updates applied.
         """
-        config = self._dp_config()
         fed = self._feeding()
-        steps = self.model.update_count if steps is None else int(steps)
-        if fed.poisson_holds:
-            statement = accounting.privacy_statement(
-                noise_multiplier=config.noise_multiplier, steps=steps,
-                delta=self.delta, sampling="poisson",
-                sampling_probability=fed.batch_size / fed.num_examples,
-                accountant=self.accountant)
-        else:
-            statement = accounting.privacy_statement(
-                noise_multiplier=config.noise_multiplier, steps=steps,
-                delta=self.delta, sampling="shuffle",
-                participations=fed.participations_after(steps),
-                accountant=self.accountant)
-        spec = fed.spec
-        if spec is not None and statement.sampling == "poisson":
-            overhead = spec.delta_overhead(steps, statement.epsilon)
-            statement = dataclasses.replace(statement,
-                                            delta=statement.delta + overhead)
-        return statement
+        ledger = self.model.privacy_ledger
+        applied = ledger.total_updates
+        steps = applied if steps is None else int(steps)
+        if steps < applied:
+            raise ValueError(
+                f"The model's ledger holds {applied} applied updates; a "
+                f"statement for {steps} would leave some out.")
+        if steps > applied:
+            segment = (ledger.find(self.model._last_segment_id)
+                       if getattr(self.model, "feeding", None) is not None
+                       else None)
+            if segment is None:
+                fields, row_limit, _ = fed.segment(
+                    self._dp_config().noise_multiplier)
+                segment = ledger_lib.Segment(segment_id=-1, row_limit=row_limit,
+                                             **fields)
+            ledger = ledger.with_projection(steps - applied, segment)
+        return ledger.statement(self.delta, self.accountant)
 
     def _updates_per_call(self):
         return int(getattr(self.model, "steps_per_execution", 1) or 1)
@@ -221,10 +225,6 @@ class PrivacyLogger(keras.callbacks.Callback):
                   f"update independently with probability q. "
                   f"tf_dpfair.data.make_train_dataset(mode='poisson') draws "
                   f"batches that way.")
-        elif fed.sampling == feeding.POISSON and not fed.poisson_holds:
-            print(f"Note: {self.model.non_poisson_updates} earlier updates of "
-                  f"this model were not Poisson-sampled, so the whole run is "
-                  f"accounted without amplification by subsampling.")
         if self.verbose:
             print(OUTSIDE_GUARANTEE_NOTE)
         if config.noise_multiplier == 0:

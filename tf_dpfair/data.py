@@ -41,6 +41,7 @@ import tensorflow as tf
 
 from tf_dpfair import augment as augment_lib
 from tf_dpfair import batch
+from tf_dpfair import cluster
 from tf_dpfair import feeding
 from tf_dpfair import sampling
 from tf_dpfair.groups import GroupSpec, UNKNOWN  # noqa: F401 (re-exported)
@@ -386,7 +387,10 @@ def make_train_dataset(source, *, expected_batch_size, seed, mode=sampling.POISS
     dataset = _sharded_by_data(dataset.prefetch(tf.data.AUTOTUNE))
     # The tag lets `DPModel.fit` learn the spec from the dataset itself; set
     # last, on the very object returned (`with_options` makes a new one).
-    dataset = feeding.tag_pipeline(dataset, spec, start_step, num_steps)
+    # Workers compare the seed's digest, never the seed, before a multi-worker
+    # fit (`cluster.check_workers_agree`).
+    dataset = feeding.tag_pipeline(dataset, spec, start_step, num_steps,
+                                   cluster.seed_digest(seed))
     return TrainData(dataset, spec)
 
 

@@ -1,48 +1,41 @@
-"""How `fit` was fed, and how many updates any one example can have joined.
+"""How `fit` is fed, and what the ledger records for it.
 
 A privacy statement is true only if its sampling assumption is how the
-batches were really drawn. `DPTraining.fit` therefore records, for every
-call, how it is fed (`Feeding`), and keeps a ledger in two model variables
-that are saved with the model like the update count:
-
-- `participations`: an upper bound on the number of updates any one example
-  has taken part in, over every `fit` call of the model's life;
-- `non_poisson_updates`: updates whose batch was not drawn by Poisson
-  sampling.
-
-A `fit` call of u updates adds to `participations`:
+batches were really drawn. `DPTraining.fit` therefore resolves, for every
+call, how it is fed (`Feeding`), refuses input that would break the
+accounting, and opens a segment of the privacy ledger (`tf_dpfair.ledger`)
+that says how this call's updates are accounted (`Feeding.segment`):
 
 - the package's pipeline (`data.make_train_dataset`, given to `fit` as the
-  `TrainData` or its `dataset`), shuffle mode, pipeline steps s .. s+u-1 with
-  P updates per pass: the passes those steps touch, (s+u-1)//P - s//P + 1.
-  A pass entered in its middle counts as a new one, because the model cannot
-  check that a resumed pipeline uses the same secret permutation (resume at
-  a pass boundary to avoid the extra participation);
-- numpy arrays (or tensors) with `batch_size` B: Keras shuffles N examples
-  into fixed batches, B rows each (the last one partial), with a fresh
-  permutation at the start of every `fit` call and every ceil(N/B) updates:
-  `accounting.epochs_started(u, ceil(N/B))`;
+  `TrainData` or its `dataset`): Poisson with the spec's q, or shuffled
+  passes of `steps_per_epoch` updates starting `start_step` into the
+  pipeline. A pass entered in its middle by a new fit counts as a new one,
+  because the model cannot check that a resumed pipeline uses the same
+  secret permutation (resume at a pass boundary to avoid it);
+- numpy arrays (or tensors): Keras shuffles N examples into fixed batches of
+  B rows (`batch_size`; without it ceil(N / steps_per_epoch) with
+  `steps_per_epoch`, else 32, as Keras does), a fresh permutation at the
+  start of every `fit` call and every ceil(N/B) updates;
 - any other input the user states is shuffled (`PrivacyLogger(sampling=
-  "shuffle", num_examples=N)`): `epochs_started(u, N // B)`, the count of a
-  pipeline that drops the last partial batch; one that keeps it has more
-  updates per pass, so this never undercounts;
-- Poisson-sampled batches (the package's pipeline in Poisson mode, or stated
-  by the user) and input nobody described: u, since any update may hold any
-  example.
+  "shuffle", num_examples=N)`): passes of N // B updates, the count of a
+  pipeline that drops the last partial batch (one that keeps it has more
+  updates per pass, so this never undercounts); stated Poisson: q = B / N on
+  the user's word;
+- input nobody described: every update may hold any example.
 
-The Poisson statement (amplification by subsampling) is made only while
-every update of the model was Poisson-sampled; otherwise the accountant gets
-the shuffle statement with `participations`. Input whose sampling nobody
-stated (a user's own `tf.data` pipeline, a generator) still trains and still
-moves the ledger, but `PrivacyLogger` refuses to make a statement for it.
+Observed, not declared: each segment carries the most rows of weight > 0 an
+update may hold under its accounting (B for shuffled batches and arrays, the
+padded batch of the package's Poisson pipeline, a binomial tail bound for a
+stated Poisson pipeline), and the DP step refuses a batch with more before
+applying it.
 """
 
 import dataclasses
 import math
 
-import keras
+from scipy import stats
 
-from tf_dpfair import accounting
+from tf_dpfair import ledger
 
 PIPELINE = "pipeline"
 ARRAYS = "arrays"
@@ -64,17 +57,21 @@ class PipelineTag:
       spec: the `sampling.SamplingSpec` the batches were drawn with.
       start_step: the pipeline index of the dataset's first batch.
       num_steps: batches in the dataset, or None for endless.
+      seed_digest: `cluster.seed_digest` of the sampling seed (never the
+        seed), which workers compare before a multi-worker fit; None if unknown.
     """
 
     spec: object
     start_step: int
     num_steps: int | None
+    seed_digest: str | None = None
 
 
-def tag_pipeline(dataset, spec, start_step, num_steps):
+def tag_pipeline(dataset, spec, start_step, num_steps, seed_digest=None):
     """Marks `dataset` as drawn by the package's pipeline; returns it."""
     setattr(dataset, _TAG, PipelineTag(spec, int(start_step),
-                                       None if num_steps is None else int(num_steps)))
+                                       None if num_steps is None else int(num_steps),
+                                       seed_digest))
     return dataset
 
 
@@ -101,9 +98,13 @@ class StatedSampling:
     accept_shuffle_as_poisson: bool = False
 
 
+# A stated Poisson batch above this tail probability refutes the statement.
+STATED_POISSON_TAIL = 1e-9
+
+
 @dataclasses.dataclass(frozen=True)
 class Feeding:
-    """How one `fit` call is fed, and the ledger when it began.
+    """How one `fit` call is fed.
 
     Attributes:
       kind: "pipeline", "arrays" or "other".
@@ -114,8 +115,6 @@ class Feeding:
       spec: the pipeline's `SamplingSpec` (pipeline, or stated), else None.
       start_update: the model's update count when the call began.
       start_step: pipeline index of the call's first batch (pipeline only).
-      participations_before: the ledger's participations at the start.
-      non_poisson_before: the ledger's non-Poisson updates at the start.
       stated_poisson: Poisson rests on the user's word, not on the pipeline.
     """
 
@@ -126,54 +125,75 @@ class Feeding:
     spec: object = None
     start_update: int = 0
     start_step: int | None = None
-    participations_before: int = 0
-    non_poisson_before: int = 0
     stated_poisson: bool = False
 
-    def participations_after(self, updates):
-        """The ledger's participations once the model has `updates` updates.
+    def segment(self, noise_multiplier):
+        """What the ledger records for this call's updates.
 
         Args:
-          updates: the model's total update count, >= `start_update`.
+          noise_multiplier: the `DPConfig`'s sigma.
 
         Returns:
-          An int, an upper bound on the updates any one example joined.
-
-        Raises:
-          ValueError: `updates` is before the start of this call.
+          `(fields, row_limit, reason)`: `ledger.Segment` fields, the most
+          rows of weight > 0 an update may hold (None: no limit), and one
+          sentence saying what that limit rests on.
         """
-        done = int(updates) - self.start_update
-        if done < 0:
-            raise ValueError(f"The ledger of this fit starts at update "
-                             f"{self.start_update}; cannot account for "
-                             f"{updates} updates.")
-        return self.participations_before + self._passes(done)
-
-    def non_poisson_after(self, updates):
-        """The ledger's non-Poisson updates once the model has `updates`."""
-        done = int(updates) - self.start_update
-        extra = 0 if self.sampling == POISSON else done
-        return self.non_poisson_before + extra
-
-    def _passes(self, done):
-        if done == 0:
-            return 0
-        if self.sampling in (POISSON, UNKNOWN):
-            return done
+        source = {PIPELINE: ledger.PIPELINE, ARRAYS: ledger.ARRAYS}.get(
+            self.kind, ledger.STATED)
+        if self.sampling == UNKNOWN:
+            return ({"sampling": ledger.PASSES, "source": ledger.UNSTATED,
+                     "noise_multiplier": noise_multiplier, "updates_per_pass": 1,
+                     "num_examples": self.num_examples}, None,
+                    "Nobody stated how this input draws its batches.")
+        common = {"source": source, "noise_multiplier": noise_multiplier,
+                  "num_examples": self.num_examples,
+                  "stated_poisson": self.stated_poisson}
+        spec = self.spec
+        if self.sampling == POISSON:
+            q = (spec.sampling_probability if spec is not None
+                 else self.batch_size / self.num_examples)
+            overflow = (spec.overflow_probability
+                        if spec is not None and self.kind == PIPELINE else 0.0)
+            if spec is not None:
+                limit = spec.padded_batch_size
+                reason = (f"Poisson batches of this pipeline hold at most "
+                          f"{limit} rows (its padded batch size).")
+            elif self.kind == ARRAYS:
+                limit = self.batch_size
+                reason = (f"Keras batches these arrays {limit} rows at a time.")
+            else:
+                limit = poisson_row_cap(self.num_examples, q)
+                reason = (f"A Poisson sample at q={q:.4g} from N="
+                          f"{self.num_examples} holds more than {limit} "
+                          f"examples with probability below "
+                          f"{STATED_POISSON_TAIL:g}: a larger batch refutes "
+                          f"the stated Poisson sampling (check num_examples "
+                          f"and DPConfig.expected_batch_size).")
+            return ({"sampling": ledger.POISSON, "sampling_probability": q,
+                     "overflow_probability": overflow, **common}, limit, reason)
         if self.kind == PIPELINE:
-            per_pass = self.spec.steps_per_epoch
-            first, last = self.start_step, self.start_step + done - 1
-            return last // per_pass - first // per_pass + 1
-        if self.kind == ARRAYS:
-            return accounting.epochs_started(
-                done, math.ceil(self.num_examples / self.batch_size))
-        return accounting.epochs_started(done,
-                                         self.num_examples // self.batch_size)
-
-    @property
-    def poisson_holds(self):
-        """True when every update so far, and this call's, was Poisson-sampled."""
-        return self.sampling == POISSON and self.non_poisson_before == 0
+            per_pass = spec.steps_per_epoch
+            offset = self.start_step % per_pass
+            limit = spec.expected_batch_size
+            reason = f"The pipeline's shuffled batches hold {limit} rows."
+        elif self.kind == ARRAYS:
+            per_pass = math.ceil(self.num_examples / self.batch_size)
+            offset, limit = 0, self.batch_size
+            reason = (f"Keras batches these arrays {limit} rows at a time "
+                      f"(batch_size, or ceil(N / steps_per_epoch) without it), "
+                      f"so a pass over N={self.num_examples} takes {per_pass} "
+                      f"updates.")
+        else:
+            limit = spec.expected_batch_size if spec is not None else self.batch_size
+            per_pass = max(1, self.num_examples // limit)
+            offset = 0
+            reason = (f"Shuffled batches were stated for N={self.num_examples}; "
+                      f"they are accounted as passes of {per_pass} updates of "
+                      f"at most {limit} rows (DPConfig.expected_batch_size or "
+                      f"the stated spec's batch). Make the pipeline's batches "
+                      f"that size, or state its real batch size.")
+        return ({"sampling": ledger.PASSES, "updates_per_pass": per_pass,
+                 "pass_offset": offset, **common}, limit, reason)
 
     def describe(self):
         """One sentence saying how this call's batches were drawn."""
@@ -199,69 +219,65 @@ class Feeding:
         return text
 
 
-def rebase(fed, *, update_count, participations, non_poisson_updates):
-    """The `Feeding` of a call whose model was restored after fit had begun.
+def planned_ledger(spec, steps, noise_multiplier):
+    """The ledger a fit of `steps` updates of the package's pipeline would hold.
 
-    `keras.callbacks.BackupAndRestore` loads weights (the update count and
-    the ledger among them) when training begins. Keras then starts its input
-    afresh, so for arrays and other input the ledger simply continues from
-    the restored one. The package's pipeline was built for the old count; its
-    batches would no longer match the restored one.
+    For the privacy calculator: one segment, from the pipeline's first
+    update, accounted exactly as `fit` would account it.
 
     Args:
-      fed: the `Feeding` recorded when `fit` was called.
-      update_count, participations, non_poisson_updates: the restored ledger.
+      spec: the pipeline's `SamplingSpec`.
+      steps: updates, >= 0.
+      noise_multiplier: sigma.
 
     Returns:
-      A `Feeding` starting at the restored count.
-
-    Raises:
-      ValueError: `fed` is the package's pipeline.
+      A `ledger.Ledger`.
     """
-    if fed.kind == PIPELINE:
-        raise ValueError(
-            f"The model's update count moved from {fed.start_update} to "
-            f"{update_count} between the start of fit and its first step (a "
-            f"callback restored weights?), so the pipeline, built to start at "
-            f"update {fed.start_step}, would not match it. Restore before "
-            f"calling fit and build the pipeline with "
-            f"start_step=model.update_count (resume.fit_resumable does both).")
-    return dataclasses.replace(
-        fed, start_update=int(update_count),
-        participations_before=int(participations),
-        non_poisson_before=int(non_poisson_updates))
+    fed = Feeding(PIPELINE, spec.accounting_sampling, spec.num_examples,
+                  spec.expected_batch_size, spec=spec, start_step=0,
+                  stated_poisson=spec.accept_shuffle_as_poisson)
+    fields, row_limit, _ = fed.segment(noise_multiplier)
+    planned = ledger.Ledger()
+    segment = planned.append(row_limit=row_limit, **fields)
+    planned.record(segment.segment_id, int(steps))
+    return planned
 
 
-def prospective(stated, *, expected_batch_size, update_count, participations,
-                non_poisson_updates):
-    """The `Feeding` a model restored without a `fit` yet would get from `stated`.
+def poisson_row_cap(num_examples, q):
+    """Rows a Poisson sample of N+1 examples at rate q exceeds w.p. < 1e-9."""
+    cap = int(stats.binom.isf(STATED_POISSON_TAIL, num_examples + 1, q))
+    while stats.binom.sf(cap, num_examples + 1, q) > STATED_POISSON_TAIL:
+        cap += 1
+    return max(cap, 1)
+
+
+def prospective(stated, *, expected_batch_size, update_count):
+    """The `Feeding` the next `fit` would get from `stated`, before it runs.
 
     For a statement before training continues (e.g. whether a restored run
     has budget left): the next `fit` is assumed to be fed as stated, starting
-    at the model's update count, with the model's ledger.
+    at the model's update count.
 
     Args:
       stated: the `StatedSampling` of a `PrivacyLogger`.
       expected_batch_size: `DPConfig.expected_batch_size`.
-      update_count, participations, non_poisson_updates: the model's ledger.
+      update_count: the model's update count.
 
     Returns:
       A `Feeding`, or None when nothing was stated.
     """
-    common = dict(start_update=int(update_count),
-                  participations_before=int(participations),
-                  non_poisson_before=int(non_poisson_updates))
     if stated.spec is not None:
         spec = stated.spec
         return Feeding(PIPELINE, spec.accounting_sampling, spec.num_examples,
                        spec.expected_batch_size, spec=spec,
+                       start_update=int(update_count),
                        start_step=int(update_count),
-                       stated_poisson=spec.accept_shuffle_as_poisson, **common)
+                       stated_poisson=spec.accept_shuffle_as_poisson)
     if stated.sampling is None or stated.num_examples is None:
         return None
     return Feeding(OTHER, stated.sampling, stated.num_examples,
-                   expected_batch_size,
-                   stated_poisson=stated.sampling == POISSON, **common)
+                   expected_batch_size, start_update=int(update_count),
+                   stated_poisson=stated.sampling == POISSON)
 
 
 def infer_num_examples(x, validation_split=0.0):
@@ -296,6 +312,20 @@ def is_array_input(x):
         or isinstance(leaf, (list, tuple)) for leaf in leaves)
 
 
+def keras_batch_size(num_examples, batch_size, steps_per_epoch):
+    """The rows per batch Keras cuts arrays into (Keras 3.15's array adapter).
+
+    `batch_size` if given; else ceil(N / steps_per_epoch) with
+    `steps_per_epoch`; else 32. The DP step refuses a batch larger than what
+    this returns, so a change in Keras is caught, not mis-accounted.
+    """
+    if batch_size:
+        return int(batch_size)
+    if steps_per_epoch:
+        return int(math.ceil(num_examples / steps_per_epoch))
+    return 32
+
+
 def _one_statement(stated):
     """Merges the statements of several callbacks; they must agree."""
     stated = [s for s in stated
@@ -313,8 +343,7 @@ def _one_statement(stated):
 
 
 def resolve(*, x, batch_size, validation_split, epochs, initial_epoch,
-            steps_per_epoch, expected_batch_size, update_count,
-            participations, non_poisson_updates, stated=()):
+            steps_per_epoch, expected_batch_size, update_count, stated=()):
     """The `Feeding` of one `fit` call, refusing input that would break accounting.
 
     Args:
@@ -322,7 +351,7 @@ def resolve(*, x, batch_size, validation_split, epochs, initial_epoch,
       batch_size, validation_split, epochs, initial_epoch, steps_per_epoch:
         `fit`'s arguments (steps_per_epoch already defaulted for pipelines).
       expected_batch_size: `DPConfig.expected_batch_size`.
-      update_count, participations, non_poisson_updates: the model's ledger.
+      update_count: the model's update count.
       stated: `StatedSampling` of the callbacks of this call.
 
     Returns:
@@ -336,9 +365,7 @@ def resolve(*, x, batch_size, validation_split, epochs, initial_epoch,
         that disagrees with the data, or callbacks that disagree.
     """
     said = _one_statement(stated)
-    common = dict(start_update=int(update_count),
-                  participations_before=int(participations),
-                  non_poisson_before=int(non_poisson_updates))
+    common = dict(start_update=int(update_count))
     tag = pipeline_tag(x)
     if tag is not None:
         return _pipeline_feeding(tag, said, epochs, initial_epoch,
@@ -357,7 +384,7 @@ def resolve(*, x, batch_size, validation_split, epochs, initial_epoch,
                        stated_poisson=poisson, **common)
     if is_array_input(x):
         num = infer_num_examples(x, validation_split)
-        rows = int(batch_size or 32)  # Keras' default batch size
+        rows = keras_batch_size(num, batch_size, steps_per_epoch)
         if said.num_examples is not None and said.num_examples != num:
             raise ValueError(
                 f"num_examples={said.num_examples} was stated, but fit trains "
@@ -442,26 +469,3 @@ def _pipeline_feeding(tag, said, epochs, initial_epoch, steps_per_epoch,
                    spec.expected_batch_size, spec=spec,
                    start_step=tag.start_step,
                    stated_poisson=spec.accept_shuffle_as_poisson, **common)
-
-
-class LedgerCallback(keras.callbacks.Callback):
-    """Writes the accountant's ledger into the model after every step.
-
-    `DPTraining.fit` puts it first among the callbacks, so checkpoints
-    written at the end of a step (`ModelCheckpoint`, `resume.DPCheckpoint`)
-    hold that step's ledger.
-    """
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.model._sync_feeding(first_step=True)
-
-    def _write(self):
-        fed, count = self.model.feeding, self.model.update_count
-        self.model._participations.assign(fed.participations_after(count))
-        self.model._non_poisson_updates.assign(fed.non_poisson_after(count))
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._write()
-
-    def on_train_end(self, logs=None):
-        self._write()  # `feeding` follows a restore even if no step ran

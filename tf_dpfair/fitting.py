@@ -3,11 +3,11 @@
 `KerasFitting` is mixed into `model.DPTraining`. The DP step itself is in
 `tf_dpfair/model.py`; this module holds what surrounds it in `fit`:
 
-- how each `fit` call is fed (`feeding.resolve`), the accountant's
-  participation ledger (`participations`, `non_poisson_updates`, written by
-  `feeding.LedgerCallback` after every step), and refusals of input that
-  would break the accounting (a replayed pipeline; arrays or unchecked input
-  on several workers);
+- how each `fit` call is fed (`feeding.resolve`), the segment of the
+  privacy ledger its updates go to (`tf_dpfair.ledger_state`, recorded by
+  the step itself and synced by `ledger_state.LedgerCallback`), and
+  refusals of input that would break the accounting (a replayed pipeline;
+  arrays or unchecked input on several workers);
 - opt-in per-group training diagnostics (`diagnostics.GroupDiagnostics`);
 - `train_on_batch`, whose batch nobody describes;
 - Keras internals: the optimizer built before tracing, XLA limited to the
@@ -21,55 +21,22 @@ from tf_dpfair import cluster
 from tf_dpfair import data
 from tf_dpfair import diagnostics
 from tf_dpfair import feeding
+from tf_dpfair import ledger
+from tf_dpfair import ledger_state
 
 
 class KerasFitting:
     """`fit`, `train_on_batch` and the train function of a DP model (a mixin).
 
-    Expects the model to hold `_dp_config`, the ledger variables
-    `_participations` and `_non_poisson_updates`, `_feeding`,
-    `_feeding_started` and `_diagnostics` (created by
-    `DPTraining._init_dp`).
+    Expects the model to hold `_dp_config`, `_feeding` and `_diagnostics`
+    (created by `DPTraining._init_dp`) and the ledger of
+    `ledger_state.LedgerState`.
     """
-
-    @property
-    def participations(self):
-        """Most updates any one training example can have taken part in (int).
-
-        An upper bound kept over every `fit` call from how each was fed
-        (see `tf_dpfair.feeding`); the shuffle statement composes this many
-        Gaussian mechanisms. Saved with the model.
-        """
-        return int(self._participations.numpy())
-
-    @property
-    def non_poisson_updates(self):
-        """Updates so far whose batch was not drawn by Poisson sampling (int)."""
-        return int(self._non_poisson_updates.numpy())
 
     @property
     def feeding(self):
         """The `feeding.Feeding` of the latest `fit` call, or None before any."""
-        self._sync_feeding()
         return self._feeding
-
-    def _sync_feeding(self, first_step=False):
-        """Re-bases the feeding on weights restored before the first step.
-
-        A callback such as `keras.callbacks.BackupAndRestore` may load other
-        weights (update count and ledger included) after `fit` recorded how
-        it is fed; until the first step runs, the record follows them.
-        """
-        fed = self._feeding
-        if fed is None or self._feeding_started:
-            return
-        count = self.update_count
-        if count != fed.start_update:
-            self._feeding = feeding.rebase(
-                fed, update_count=count, participations=self.participations,
-                non_poisson_updates=self.non_poisson_updates)
-        self._feeding_started = first_step
-
 
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto",
             callbacks=None, validation_split=0.0, validation_data=None,
@@ -100,35 +67,51 @@ class KerasFitting:
         tag = feeding.pipeline_tag(x)
         if cluster.is_multi_worker(self.distribute_strategy):
             refuse_unsliced_input_on_workers(x, tag, self.distribute_strategy)
+            cluster.check_workers_agree(self.distribute_strategy, tag, self._dp_config, x.element_spec)
         if tag is not None and tag.num_steps is None and steps_per_epoch is None:
             steps_per_epoch = tag.spec.steps_per_epoch  # else endless epochs
         if isinstance(callbacks, keras.callbacks.CallbackList):
             callbacks = callbacks.callbacks
         callbacks = list(callbacks or [])
-        self._feeding = feeding.resolve(
+        fed = feeding.resolve(
             x=x, batch_size=batch_size, validation_split=validation_split,
             epochs=epochs, initial_epoch=initial_epoch,
             steps_per_epoch=steps_per_epoch,
             expected_batch_size=self._dp_config.expected_batch_size,
-            update_count=self.update_count, participations=self.participations,
-            non_poisson_updates=self.non_poisson_updates,
+            update_count=self.update_count,
             stated=[c.stated_sampling for c in callbacks
                     if isinstance(getattr(c, "stated_sampling", None),
                                   feeding.StatedSampling)])
-        self._feeding_started = False
         self._attach_diagnostics(callbacks)
+        if cluster.is_multi_worker(self.distribute_strategy):
+            self._share_ledger_root()
+        self._feeding = fed
+        # Every update of this call is recorded in this segment of the
+        # ledger, by the step itself; `finally` records what ran, whatever
+        # stopped the call.
+        fields, row_limit, reason = fed.segment(self._dp_config.noise_multiplier)
+        self._open_segment(fields, row_limit=row_limit, reason=reason,
+                           pipeline=fed.kind == feeding.PIPELINE)
+        self._last_segment_id = self._open.segment_id
         # First, so checkpoints written at a step's end hold the ledger of
         # that step.
-        callbacks.insert(0, feeding.LedgerCallback())
-        return super().fit(
-            x=x, y=y, batch_size=batch_size, epochs=epochs, verbose=verbose,
-            callbacks=callbacks, validation_split=validation_split,
-            validation_data=validation_data, shuffle=shuffle,
-            class_weight=class_weight, sample_weight=sample_weight,
-            initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
-            validation_steps=validation_steps,
-            validation_batch_size=validation_batch_size,
-            validation_freq=validation_freq)
+        callbacks.insert(0, ledger_state.LedgerCallback())
+        try:
+            return super().fit(
+                x=x, y=y, batch_size=batch_size, epochs=epochs, verbose=verbose,
+                callbacks=callbacks, validation_split=validation_split,
+                validation_data=validation_data, shuffle=shuffle,
+                class_weight=class_weight, sample_weight=sample_weight,
+                initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
+                validation_steps=validation_steps,
+                validation_batch_size=validation_batch_size,
+                validation_freq=validation_freq)
+        except tf.errors.InvalidArgumentError as error:
+            if ledger_state.ROW_LIMIT_MARKER in str(error):
+                raise self._row_limit_error(error) from error
+            raise
+        finally:
+            self._close_segment()
 
     def _attach_diagnostics(self, callbacks):
         """Turns `diagnostics.GroupDiagnostics` on for this fit, or off."""
@@ -147,9 +130,9 @@ class KerasFitting:
                        return_dict=False):
         """Like `keras.Model.train_on_batch`: one DP update on one batch.
 
-        Nothing says how such a batch was drawn, so the accountant's ledger
-        counts it as an update any example may have joined (one more
-        participation, not Poisson-sampled), and `feeding` is cleared.
+        Nothing says how such a batch was drawn, so the ledger records it
+        as an update any example may have joined (an unamplified Gaussian
+        mechanism), and `feeding` is cleared.
 
         Raises:
           ValueError: the model's strategy has several replicas. Keras hands
@@ -166,13 +149,18 @@ class KerasFitting:
                 f"example would count {replicas} times in the update, above "
                 f"the clip norm the noise is calibrated to. Use fit (one "
                 f"batch = one update), which splits the batch over replicas.")
-        result = super().train_on_batch(x, y, sample_weight=sample_weight,
-                                        class_weight=class_weight,
-                                        return_dict=return_dict)
-        self._participations.assign_add(1)
-        self._non_poisson_updates.assign_add(1)
         self._feeding = None
-        return result
+        self._open_segment(
+            {"sampling": ledger.PASSES, "source": ledger.SINGLE_BATCH,
+             "noise_multiplier": self._dp_config.noise_multiplier,
+             "updates_per_pass": 1}, row_limit=None, reason="")
+        self._last_segment_id = self._open.segment_id
+        try:
+            return super().train_on_batch(x, y, sample_weight=sample_weight,
+                                          class_weight=class_weight,
+                                          return_dict=return_dict)
+        finally:
+            self._close_segment()
 
     def _build_optimizer(self):
         """Creates the optimizer's slots for the trainable variables, once."""

@@ -45,6 +45,7 @@ from tf_dpfair import diagnostics
 from tf_dpfair import ema
 from tf_dpfair import fitting
 from tf_dpfair import ghost
+from tf_dpfair import ledger_state
 from tf_dpfair import multiworker
 from tf_dpfair import noise
 from tf_dpfair import separability
@@ -53,7 +54,8 @@ from tf_dpfair.grouped import GroupedEvaluation
 from tf_dpfair.models import batchnorm
 
 
-class DPTraining(fitting.KerasFitting, GroupedEvaluation):
+class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
+                 GroupedEvaluation):
     """The DP-SGD `train_step` and its bookkeeping, mixed into Keras models.
 
     `DPModel` (functional models) and `PrivateModel` (any other model) use it;
@@ -72,26 +74,18 @@ class DPTraining(fitting.KerasFitting, GroupedEvaluation):
         # Set once the separability probe passed; compile clears it.
         self._separable = False
         self._ema_shadows = None
-        self._update_count = self.add_weight(
-            shape=(), dtype="int64", initializer="zeros", trainable=False,
-            name="dp_update_count", aggregation="only_first_replica")
+        # The privacy ledger, its step counter and row limit, and its saved
+        # copy (`tf_dpfair.ledger_state`); created first, so the saved copy
+        # is the model's own weight 0.
+        self._init_ledger()
         # Examples whose gradient had a NaN or Inf (they contributed zero),
         # counted in the step itself so that no update is missed when
         # `steps_per_execution` > 1 (Keras shows the last step's logs only).
         self._nonfinite_count = self.add_weight(
             shape=(), dtype="int64", initializer="zeros", trainable=False,
             name="dp_nonfinite_examples", aggregation="only_first_replica")
-        # The accountant's ledger (see `tf_dpfair.feeding`): the most updates
-        # any one example can have joined, and the updates not drawn by
-        # Poisson sampling. Saved with the model, so a resume keeps them.
-        self._participations = self.add_weight(
-            shape=(), dtype="int64", initializer="zeros", trainable=False,
-            name="dp_participations", aggregation="only_first_replica")
-        self._non_poisson_updates = self.add_weight(
-            shape=(), dtype="int64", initializer="zeros", trainable=False,
-            name="dp_non_poisson_updates", aggregation="only_first_replica")
         self._feeding = None
-        self._feeding_started = False
+        self._last_segment_id = None  # the ledger segment of the latest fit
         self._diagnostics = None  # a diagnostics.GroupDiagnostics during fit
 
     @property
@@ -100,17 +94,12 @@ class DPTraining(fitting.KerasFitting, GroupedEvaluation):
         return self._dp_config
 
     @property
-    def update_count(self):
-        """Number of DP optimizer updates applied so far (int)."""
-        return int(self._update_count.numpy())
-
-    @property
     def nonfinite_examples(self):
         """Training examples so far whose gradient had a NaN or Inf (int).
 
         They contributed zero to their update. A diagnostic on training
         data, outside the DP guarantee; saved with the model like
-        `update_count`.
+        the weights.
         """
         return int(self._nonfinite_count.numpy())
 
@@ -188,29 +177,81 @@ class DPTraining(fitting.KerasFitting, GroupedEvaluation):
         if len(getattr(self, "outputs", None) or [None]) != 1:
             raise ValueError("DPModel supports models with a single output.")
 
-    def _check_separable(self, one_view):
+    def _check_separable(self, one_view, targets=None):
         """Refuses a model whose examples are not independent (once per compile).
 
         Both clipping paths rest on example i's loss depending on row i
         alone; `separability.check_separability` tests that on the model
         itself in training mode, whatever its layers, so that mixing the
         BatchNorm check cannot see (a custom layer's batch statistics) is
-        refused too. It runs eagerly (lifted out of the `train_step` trace),
-        on a random batch shaped like `one_view` (one view per example),
-        before anything is applied.
+        refused too. It checks the batch the step's batched pass really
+        sees: `microbatch_size` examples (at least 2) of `augmult` views,
+        as ghost clipping feeds them, with probe labels and the compiled
+        loss, so that the per-example losses and their gradient are checked
+        as well as the outputs. A layer that mixes examples only at some
+        batch sizes is seen at the one training uses. It runs eagerly
+        (lifted out of the `train_step` trace), on random data shaped like
+        `one_view` (one view per example) and the labels, before anything is
+        applied; it draws nothing from the training random streams.
 
         Args:
           one_view: the traced inputs of this step, one view per example.
+          targets: the traced targets of this step (`{"label": [n, ...]}`,
+            plus `"mask"`), whose dtypes and inner shapes the probe labels
+            take; None to derive them from the model's output and the loss.
 
         Raises:
           ValueError: from `check_separability`.
         """
         if self._separable:
             return
+        config = self._dp_config
+        examples = max(config.microbatch_size, 2)
         with tf.init_scope():
+            inputs = separability.probe_batch(
+                one_view, rows=examples * config.augmult)
+            labels = self._separability_labels(inputs, targets, examples)
             separability.check_separability(
-                self._separability_target(), separability.probe_batch(one_view))
+                self._separability_target(), inputs, targets=labels,
+                loss_fn=None if labels is None else (
+                    lambda t, p: self._per_example_losses(t["label"], p,
+                                                          t.get("mask"))),
+                views=config.augmult)
         self._separable = True
+
+    def _separability_labels(self, inputs, targets, examples):
+        """Probe targets `{"label": [examples, ...]}` for the separability check.
+
+        Shaped like `targets` where given; otherwise the first form the loss
+        accepts of: class ids (the output's shape less its last axis), then
+        floats shaped like the output (class ids first for a sparse
+        categorical loss). None, with a warning, where neither fits: the
+        check then covers the model's outputs only.
+        """
+        if targets is not None:
+            return separability.probe_batch(dict(targets), rows=examples, seed=2)
+        output = tf.nest.flatten(self.compute_output_spec(tf.nest.map_structure(
+            lambda t: keras.KerasTensor(t.shape, t.dtype), inputs)))[0]
+        forms = [tf.TensorSpec(output.shape[:-1], tf.int32),
+                 tf.TensorSpec(output.shape, tf.float32)]
+        if not _is_sparse_categorical(self.loss):
+            forms.reverse()
+        prediction = tf.zeros([examples, *output.shape[1:]], output.dtype)
+        problems = []
+        for form in forms:
+            try:
+                labels = {"label": separability.probe_batch(form, rows=examples,
+                                                            seed=2)}
+                self._per_example_losses(labels["label"], prediction)
+                return labels
+            except Exception as error:  # a loss that wants labels of another form
+                problems.append(f"{type(error).__name__}: {error}")
+        import logging  # noqa: PLC0415 (only on this rare path)
+        logging.getLogger(__name__).warning(
+            "tf_dpfair: the separability check could not build probe labels "
+            "for the loss (%s); it checks the model's outputs only.",
+            "; ".join(problems))
+        return None
 
     def _separability_target(self):
         """The model whose training-mode calls the probe checks (self)."""
@@ -411,6 +452,22 @@ class DPTraining(fitting.KerasFitting, GroupedEvaluation):
         with tf.control_dependencies(weight_checks):
             return tf.clip_by_value(tf.where(finite, weights, 0.0), 0.0, 1.0)
 
+    def _check_rows(self, weights, context):
+        """Refuses a batch with more real rows than the accounting assumes.
+
+        Counts the rows of weight > 0 over all replicas (what the update
+        really holds) and compares them with the running segment's row limit
+        (`ledger_state`). Returns the assertion the update waits for.
+        """
+        rows = tf.reduce_sum(tf.cast(weights > 0, tf.float32))
+        if context is not None:
+            rows = context.all_reduce(tf.distribute.ReduceOp.SUM, rows)
+        limit = self._step_row_limit().read_value()
+        return tf.debugging.Assert(
+            tf.cast(rows, tf.int64) <= limit,
+            [ledger_state.ROW_LIMIT_MARKER, tf.cast(rows, tf.int64), "rows >",
+             limit, "allowed"])
+
     def train_step(self, data):
         """One DP-SGD update on one logical batch (see the module docstring)."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -460,10 +517,15 @@ class DPTraining(fitting.KerasFitting, GroupedEvaluation):
         context = tf.distribute.get_replica_context()
         replica_id = context.replica_id_in_sync_group if context else 0
         on_first_replica = tf.cast(tf.equal(replica_id, 0), tf.float32)
+        # The ledger's counter: this update's noise index, never lowered by
+        # a restore, so no noise draw is ever reused (`ledger_state`).
+        counter = self._step_counter()
+        step = counter.read_value()
+        rows_checked = self._check_rows(weights, context)
         if config.noise_multiplier > 0:
             noises = noise.gaussian_noise(
                 [v.shape for v in variables], config.noise_stddev, config.seed,
-                tf.convert_to_tensor(self._update_count.value))
+                step)
             sums = [s + on_first_replica * z for s, z in zip(sums, noises)]
         grads = [s / float(config.expected_batch_size) for s in sums]
 
@@ -483,13 +545,12 @@ class DPTraining(fitting.KerasFitting, GroupedEvaluation):
         # Every write waits for the whole step (input checks included), so a
         # failing batch leaves weights, optimizer, EMA and the count as they
         # were: no update is applied without being counted, or vice versa.
-        with tf.control_dependencies(grads):
+        with tf.control_dependencies(grads + [rows_checked]):
             self.optimizer.apply(grads, variables)
-            step = tf.convert_to_tensor(self._update_count.value)
             if self._ema_shadows is not None:
                 ema.update_shadows(self._ema_shadows, variables,
                                    config.ema_decay, step)
-            self._update_count.assign_add(1)
+            counter.assign_add(1)
 
         # Diagnostics on training data: outside the DP guarantee.
         real = weights > 0
@@ -506,7 +567,7 @@ class DPTraining(fitting.KerasFitting, GroupedEvaluation):
         ])
         if context is not None:
             counts = context.all_reduce(tf.distribute.ReduceOp.SUM, counts)
-        with tf.control_dependencies([self._update_count.value]):
+        with tf.control_dependencies([counter.read_value()]):
             # After the update's checks: a refused batch adds nothing.
             self._nonfinite_count.assign_add(tf.cast(counts[2], tf.int64))
             if diagnosed is not None:

@@ -29,6 +29,7 @@ import math
 import sys
 
 from tf_dpfair import accounting
+from tf_dpfair import feeding
 from tf_dpfair import sampling
 
 PROG = "tf-dpfair-privacy"
@@ -121,14 +122,14 @@ def statement_for(spec, steps, *, noise_multiplier, delta, accountant="rdp"):
     Raises:
       ValueError: an argument is out of range.
     """
-    statement = accounting.privacy_statement(
-        noise_multiplier=noise_multiplier, delta=delta, accountant=accountant,
-        **spec.accountant_kwargs(steps))
-    if statement.sampling == sampling.POISSON:
-        overhead = spec.delta_overhead(steps, statement.epsilon)
-        statement = dataclasses.replace(statement,
-                                        delta=statement.delta + overhead)
-    return statement
+    spec.accountant_kwargs(steps)  # checks steps
+    accounting.privacy_statement(noise_multiplier=noise_multiplier, steps=0,
+                                 delta=delta, sampling="poisson",
+                                 sampling_probability=1.0, accountant=accountant)
+    # The ledger that training would hold after `steps` updates of `spec`,
+    # stated by the same code as PrivacyLogger's.
+    return feeding.planned_ledger(spec, steps, noise_multiplier).statement(
+        delta, accountant)
 
 
 def _positive_int(name, value):
