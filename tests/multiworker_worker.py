@@ -279,9 +279,15 @@ def run_checkpoint(out_dir, role):
         verbose=0)
     restored = build(21)  # other initial weights, replaced by the checkpoint's
     checkpoint = dpf.resume.DPCheckpoint(directory, verbose=0)
-    out = {"trained": flat(trained.variables + trained.optimizer.variables),
+    def state(model):
+        # The ledger's ids are random per run: compare its counts instead.
+        weights = [v for v in model.variables if "dp_ledger" not in v.path]
+        return flat(weights + model.optimizer.variables) + [
+            s.updates for s in model.privacy_ledger.segments]
+
+    out = {"trained": state(trained),
            "restored_count": checkpoint.restore(restored),
-           "restored": flat(restored.variables + restored.optimizer.variables),
+           "restored": state(restored),
            "rekeyed_after_clean_end": checkpoint.rekeyed}
     if cluster.is_chief(STRATEGY):
         # As after a crash: updates up to 5 may have been applied and lost.
