@@ -269,3 +269,22 @@ def test_an_assigned_ledger_weight_cannot_shorten_the_ledger():
     assert model.update_count == 8
     model._ledger_table.assign(np.full(model._ledger_table.shape, 7.0))
     assert model.update_count == 8
+
+
+def test_a_spec_stated_for_a_transformed_pipeline_stays_the_users_word():
+    train = dpf.data.make_train_dataset(source(40), expected_batch_size=10,
+                                        seed=4, microbatch_size=5)
+    transformed = train.dataset.map(lambda x, y, w: (x, y, w))  # loses the tag
+    model = private()
+    logger = dpf.callbacks.PrivacyLogger(delta=DELTA, sampling_spec=train.spec,
+                                         verbose=0)
+    model.fit(transformed, epochs=1, steps_per_epoch=3, verbose=0,
+              callbacks=[logger])
+    text = str(logger.statement())
+    assert "rests on the user's statement" in text
+    assert "as stated by the user" in text
+    # The package's own pipeline needs no such sentence.
+    own = private()
+    logger = dpf.callbacks.PrivacyLogger(delta=DELTA, verbose=0)
+    own.fit(train, epochs=1, steps_per_epoch=3, verbose=0, callbacks=[logger])
+    assert "user's statement" not in str(logger.statement())

@@ -48,9 +48,11 @@ class KerasFitting:
         `x` may be the `TrainData` of `data.make_train_dataset` (or its
         dataset): the model then knows the pipeline's `SamplingSpec`, and
         `steps_per_epoch` defaults to the spec's. Every call records its
-        `feeding.Feeding` (`model.feeding`) and keeps the accountant's ledger
-        (`participations`, `non_poisson_updates`) up to date after every
-        step, so `PrivacyLogger` states the sampling the batches really had.
+        `feeding.Feeding` (`model.feeding`) and opens a segment of the privacy
+        ledger (`model.privacy_ledger`) that the step itself counts every
+        applied update into, so `PrivacyLogger` composes what really ran.
+        A batch with more rows of weight > 0 than this call's accounting
+        allows is refused before it is applied (ValueError).
 
         Under `MultiWorkerMirroredStrategy` with several workers, `x` must
         be the package's pipeline (see `tf_dpfair.cluster`): every worker

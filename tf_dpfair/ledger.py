@@ -401,12 +401,15 @@ class Ledger:
     def to_table(self, rows=TABLE_ROWS):
         """The ledger as a float64 `[rows, F]` array (unused rows are 0).
 
-        A ledger longer than `rows` is first compacted conservatively
-        (`compacted`). Row 0 holds the root id in its first column and the
-        format version; segments follow.
+        Segments without updates are left out; a ledger longer than `rows`
+        is first compacted conservatively (`compacted`). Row 0 holds the
+        root id in its first column and the format version; segments follow.
         """
-        ledger = self if len(self._segments) < rows else self.compacted(rows - 1)
+        used = Ledger([s for s in self._segments if s.updates], root=self.root)
+        ledger = used if len(used._segments) < rows else used.compacted(rows - 1)
         table = np.zeros((rows, len(_FIELDS)), np.float64)
+        if not ledger._segments:
+            return table  # nothing applied: all zeros, as a new model's
         table[0, 0], table[0, 1] = ledger.root, 1.0  # format version 1
         for i, s in enumerate(ledger._segments, start=1):
             table[i] = [

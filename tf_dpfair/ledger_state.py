@@ -137,6 +137,9 @@ class LedgerState:
         """Records the open segment's updates and stops adding to it."""
         if self._open is not None:
             self._sync_ledger()
+            segment = self._ledger.find(self._open.segment_id)
+            if segment is not None and segment.updates == 0:
+                self._ledger._segments.remove(segment)  # never held an update
             self._open = None
             self._counters.row_limit.assign(_NO_LIMIT)
             self._sync_ledger()

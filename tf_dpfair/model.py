@@ -23,7 +23,7 @@ The DP step, one `train_step` call = one optimizer update = one logical batch
    optimizer, count the update, update the EMA shadows.
 
 What surrounds the step in `fit` (how the input is recorded for the
-accountant, the participation ledger, diagnostics, XLA and multi-step
+accountant, the privacy ledger, diagnostics, XLA and multi-step
 refusals) is in `tf_dpfair/fitting.py`.
 
 Before the first update after each `compile` (at the first trace of

@@ -34,23 +34,26 @@ DPCheckpoint: no checkpoint: starting at update 0.
 What is saved, and why it stays consistent:
 
 - One `.weights.h5` file from `model.save_weights`: weights, optimizer slots
-  and iteration count, EMA shadows and the DP update counter are all model
-  or optimizer variables, so they always come from the same moment. It is
+  and iteration count, EMA shadows and the privacy ledger's saved copy are
+  all model or optimizer variables, so they always come from the same moment. It is
   written to a temporary file in the same directory, flushed to disk and
   moved over the old one with `os.replace`: a kill mid-write leaves the
   previous checkpoint whole, and `restore` deletes the partial file.
-- The accountant's ledger is the update count and the participation count
-  (`tf_dpfair.feeding`), both model variables: `PrivacyLogger` computes
-  epsilon from the restored ledger, so epsilon after a resume equals that of
-  an uninterrupted run of the same length (Poisson; shuffle adds at most one
-  participation for a pass resumed in its middle). A failed step writes nothing
-  (see `DPTraining.train_step`), so no update is counted without being
-  applied or applied without being counted.
+- The privacy ledger (`tf_dpfair.ledger`) is saved with the weights and
+  merged back on restore: `PrivacyLogger` composes the restored ledger, so
+  epsilon after a resume equals that of an uninterrupted run of the same
+  length (Poisson; shuffle adds at most one participation for a pass resumed
+  in its middle). A failed step writes nothing (see `DPTraining.train_step`),
+  so no update is counted without being applied or applied without being
+  counted. Restoring a checkpoint into a live model that has run further
+  (an in-process retry) never shortens its ledger nor lowers its update
+  count: the updates that ran stay accounted, and the next noise index
+  follows the last one drawn.
 - The data position: batches are a function of (sampling seed, update
   index), so `start_step=restore(...)` continues where the checkpoint was
   taken. Poisson sampling may also resume with a fresh sampling seed (each
   update draws independently). A shuffled pass resumed in its middle counts
-  as a new pass in the model's participation ledger (`tf_dpfair.feeding`):
+  as a new pass in the model's ledger (`tf_dpfair.feeding`):
   the model cannot check that the permutation is the same.
 
 Why not `keras.callbacks.BackupAndRestore` alone (Keras 3.15): it writes the
