@@ -345,3 +345,277 @@ def test_probe_runs_once_per_compile(monkeypatch, replicas):
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=4, verbose=0)
     assert (len(calls), model.update_count) == (2, 12)
+
+
+# ------------------------------------------------------------ training shapes
+
+
+class CentresLargeBatches(keras.layers.Layer):
+    """Subtracts the batch mean only when the batch has more than `threshold` rows.
+
+    A 4-row probe sees the identity; a ghost micro-batch of more rows mixes.
+    """
+
+    def __init__(self, threshold=4, **kwargs):
+        super().__init__(**kwargs)
+        self.threshold = threshold
+
+    def call(self, x):
+        rows = tf.shape(x)[0]
+        return tf.where(rows > self.threshold,
+                        x - tf.reduce_mean(x, axis=0, keepdims=True), x)
+
+
+def case_one_model():
+    """Issue 26, case 1: Dense -> CentresLargeBatches(4) -> Dense logits."""
+    keras.utils.set_random_seed(26)
+    x = keras.Input((5,))
+    h = keras.layers.Dense(6, name="dense_in")(x)
+    h = CentresLargeBatches(4, name="centre_large")(h)
+    return keras.Model(x, keras.layers.Dense(3, name="logits")(h), name="case_one")
+
+
+@pytest.mark.parametrize("clipping", ["auto", "vectorized"])
+def test_batch_size_dependent_mixing_is_refused_at_the_training_microbatch(clipping):
+    # Issue 26, case 1: the layer mixes only in batches of more than 4 rows.
+    # Ghost clipping runs it on micro-batches of 8, where removing one
+    # example moved the clipped sum by 7.58 C; the check must run at the
+    # micro-batch size the step uses, on every clipping path.
+    rng = np.random.default_rng(26)
+    x = rng.normal(size=(8, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 8)
+    config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=0.0, expected_batch_size=8,
+                          microbatch_size=8, clipping=clipping)
+    model = dpf.make_private(case_one_model(), config)
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    with pytest.raises(ValueError, match=r"Examples are not independent in '\w+': in training "
+                       r"mode, changing only example \d of a probe batch of 8 changed the "
+                       r"output of example \d\..*mixes examples is 'centre_large' "
+                       r"\(CentresLargeBatches\)"):
+        model.fit(x, y, batch_size=8, verbose=0)
+    for old, v in zip(before, model.trainable_variables, strict=True):
+        np.testing.assert_array_equal(old, v.numpy())
+    assert model.update_count == 0
+
+
+def random_model(rng, name):
+    """A small functional classifier of random depth, widths and layer kinds.
+
+    Returns the model, its input shape and the threshold of its
+    `CentresLargeBatches` layer (None when it has none).
+    """
+    conv = bool(rng.integers(2))
+    shape = (6, 6, 2) if conv else (int(rng.integers(3, 7)),)
+    x = keras.Input(shape)
+    h = x
+    if conv:
+        for _ in range(int(rng.integers(1, 3))):
+            h = keras.layers.Conv2D(int(rng.integers(2, 5)), 3, padding="same",
+                                    activation="relu")(h)
+        h = keras.layers.Flatten()(h)
+    threshold = None
+    depth = int(rng.integers(1, 4))
+    mix_at = int(rng.integers(depth)) if rng.random() < 0.6 else None
+    for i in range(depth):
+        h = keras.layers.Dense(int(rng.integers(3, 9)), activation="tanh")(h)
+        if i == mix_at:
+            threshold = int(rng.integers(1, 12))
+            h = CentresLargeBatches(threshold, name=f"centre_{name}")(h)
+    if rng.random() < 0.3:
+        h = keras.layers.Dropout(0.2)(h)
+    return keras.Model(x, keras.layers.Dense(3)(h), name=name), shape, threshold
+
+
+def clone_under_seed(model, seed):
+    keras.utils.set_random_seed(seed)
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def one_update(model, clipping, microbatch, augmult, x, y, w):
+    """Trainable weights moved by one DP update with noise 0 (None if refused)."""
+    config = dpf.DPConfig(l2_norm_clip=0.5, noise_multiplier=0.0,
+                          expected_batch_size=len(y), microbatch_size=microbatch,
+                          clipping=clipping, augmult=augmult)
+    dp_model = dpf.make_private(model, config)
+    dp_model.compile(optimizer=keras.optimizers.SGD(1.0),
+                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = [v.numpy().copy() for v in dp_model.trainable_variables]
+    try:
+        dp_model.fit(x, y, sample_weight=w, batch_size=len(y), verbose=0)
+    except ValueError as error:
+        assert "Examples are not independent" in str(error)
+        assert dp_model.update_count == 0
+        return None
+    return [v.numpy() - b for v, b in zip(dp_model.trainable_variables, before)]
+
+
+def test_an_example_of_weight_zero_cannot_move_the_update_whatever_the_model():
+    # The invariant both clipping paths must keep: with noise 0, replacing an
+    # example of weight 0 by any other row leaves the update as it was; a
+    # model for which it cannot be kept must be refused. Random models,
+    # some with a layer that mixes examples only in batches above a random
+    # size, at random micro-batch sizes and augmult.
+    rng = np.random.default_rng(2026)
+    outcomes = []
+    for trial in range(6):
+        base, shape, threshold = random_model(rng, f"rand{trial}")
+        microbatch = int(rng.integers(2, 10))
+        augmult = int(rng.choice([1, 1, 2]))
+        n = microbatch + int(rng.integers(0, microbatch))
+        views = (n, augmult) + shape if augmult > 1 else (n,) + shape
+        x = rng.normal(size=views).astype(np.float32)
+        y = rng.integers(0, 3, n)
+        w = rng.uniform(0.2, 1.0, n).astype(np.float32)
+        j = int(rng.integers(n))
+        w[j] = 0.0
+        other = x.copy()
+        other[j] = 5.0 * rng.normal(size=x.shape[1:])
+        for clipping in ["ghost", "vectorized"]:
+            # Clones under one global seed: their dropout draws the same masks.
+            first, second = (clone_under_seed(base, trial) for _ in range(2))
+            moved = one_update(first, clipping, microbatch, augmult, x, y, w)
+            if moved is None:
+                outcomes.append("refused")
+                # Refused only where the step really would mix examples.
+                assert threshold is not None and threshold < microbatch * augmult
+                continue
+            again = one_update(second, clipping, microbatch, augmult, other, y, w)
+            assert again is not None
+            outcomes.append("kept")
+            for a, b in zip(moved, again, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert {"refused", "kept"} <= set(outcomes), outcomes
+
+
+class ScaledBatchMean(keras.layers.Layer):
+    """Adds alpha times the batch mean, alpha trainable and 0 at first: the
+    outputs do not mix yet, the gradient with respect to alpha does."""
+
+    def build(self, shape):
+        self.alpha = self.add_weight(shape=(), initializer="zeros", name="alpha")
+
+    def call(self, x):
+        return x + self.alpha * tf.reduce_mean(x, axis=0, keepdims=True)
+
+
+def batch_relative_loss(y_true, y_pred):
+    """Cross-entropy of logits centred over the batch: the loss mixes examples."""
+    centred = y_pred - tf.reduce_mean(y_pred, axis=0, keepdims=True)
+    return keras.losses.sparse_categorical_crossentropy(y_true, centred, from_logits=True)
+
+
+@pytest.mark.parametrize("clipping", ["auto", "vectorized"])
+def test_mixing_in_the_loss_or_only_in_the_gradient_is_refused(clipping):
+    x = np.random.default_rng(4).normal(size=(8, 5)).astype(np.float32)
+    y = np.arange(8) % 3
+    config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=0.0, expected_batch_size=8,
+                          microbatch_size=8, clipping=clipping)
+    model = dpf.make_private(classifier(), config)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=batch_relative_loss)
+    with pytest.raises(ValueError, match=r"changing only example \d of a probe batch of 8 "
+                       r"changed the loss of example \d, although the model's outputs for it "
+                       r"stayed the same\..*The loss mixes examples"):
+        model.fit(x, y, batch_size=8, verbose=0)
+    assert model.update_count == 0
+
+    model = private(classifier(ScaledBatchMean(name="scaled_mean")), clipping, microbatch_size=8)
+    with pytest.raises(ValueError, match=r"changing only example \d of a probe batch of 8 "
+                       r"changed the gradient of the weighted sum of the other examples' "
+                       r"losses .*The mixing is in the backward pass"):
+        model.fit(x, y, batch_size=8, verbose=0)
+    assert model.update_count == 0
+
+
+def batch_relative_binary_loss(y_true, y_pred):
+    """Binary cross-entropy of logits centred over the batch (mixes examples)."""
+    centred = y_pred - tf.reduce_mean(y_pred, axis=0, keepdims=True)
+    return keras.losses.binary_crossentropy(y_true, centred, from_logits=True)
+
+
+def test_probe_labels_take_the_shape_of_the_training_targets():
+    # Given the step's targets, the probe labels take their dtype and shape
+    # (here multi-label floats and a label mask).
+    model = dpf.make_private(classifier(), dpf.DPConfig(
+        l2_norm_clip=1.0, noise_multiplier=0.0, expected_batch_size=4, microbatch_size=16))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=batch_relative_binary_loss)
+    calls = []
+    check = separability.check_separability
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return check(*args, **kwargs)
+
+    targets = {"label": tf.TensorSpec((None, 3), tf.float32),
+               "mask": tf.TensorSpec((None, 3), tf.bool)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(separability, "check_separability", spy)
+        with pytest.raises(ValueError, match=r"probe batch of 16 changed the loss"):
+            model._check_separable(tf.TensorSpec((None, 5), tf.float32), targets)
+    labels = calls[0]["targets"]
+    assert labels["label"].dtype == tf.float32 and labels["label"].shape == (16, 3)
+    assert labels["mask"].dtype == tf.bool and labels["mask"].shape == (16, 3)
+    assert calls[0]["views"] == 1
+
+
+class RoundingNoise(keras.layers.Layer):
+    """Identity whose gradient is off by about 1e-5, differently on every run,
+    as non-deterministic accelerator reductions round (stateful TF noise in
+    the backward pass only)."""
+
+    def call(self, x):
+        @tf.custom_gradient
+        def identity(h):
+            def grad(upstream):
+                return upstream * (1.0 + 1e-5 * tf.random.uniform(tf.shape(upstream)))
+            return tf.identity(h), grad
+        return identity(x)
+
+
+def sparse_loss(targets, y_pred):
+    return keras.losses.sparse_categorical_crossentropy(targets["label"], y_pred,
+                                                        from_logits=True)
+
+
+@pytest.mark.parametrize("rows", [4, 12])
+def test_gradients_that_round_differently_each_run_are_not_mistaken_for_mixing(rows):
+    inputs = separability.probe_batch(spec(5), rows=rows)
+    labels = {"label": separability.probe_batch(spec(dtype=tf.int32), rows=rows, seed=2)}
+    separability.check_separability(classifier(RoundingNoise()), inputs,
+                                    targets=labels, loss_fn=sparse_loss)
+    # Mixing far beyond the rounding is still refused.
+    with pytest.raises(ValueError, match=r"changed the gradient of the weighted sum"):
+        separability.check_separability(
+            classifier(RoundingNoise(), ScaledBatchMean(name="scaled_mean")), inputs,
+            targets=labels, loss_fn=sparse_loss)
+
+
+def test_change_sets_separate_every_ordered_pair():
+    for n in [2, 3, 4, 6, 7, 8, 33, 64, 100]:
+        sets = separability.change_sets(n)
+        bits = (n - 1).bit_length()
+        assert len(sets) == (n if n <= 2 * bits else 2 * bits)
+        for r in range(n):
+            for j in range(n):
+                if r != j:
+                    assert any(r in s and j not in s for s in sets), (n, r, j)
+
+
+def test_check_separability_argument_errors():
+    inputs = separability.probe_batch(spec(5), rows=6)
+    labels = {"label": separability.probe_batch(spec(dtype=tf.int32), rows=3, seed=2)}
+    with pytest.raises(ValueError, match="needs targets and loss_fn together"):
+        separability.check_separability(classifier(), inputs, targets=labels)
+    with pytest.raises(ValueError, match=r"at least 2 examples of 4 view\(s\) each; got 6 rows"):
+        separability.check_separability(classifier(), inputs, views=4)
+    with pytest.raises(ValueError, match=r"one row per example \(6\); got 3"):
+        separability.check_separability(classifier(), inputs, targets=labels,
+                                        loss_fn=sparse_loss)
+    with pytest.raises(ValueError, match=r"(?s)could not compute the per-example loss of 'clf' "
+                       r"on probe targets shaped like the training targets \(int32\[6\]\)"):
+        separability.check_separability(
+            classifier(), inputs, targets={"label": tf.zeros([6], tf.int32)},
+            loss_fn=lambda t, p: t["wrong"])

@@ -28,9 +28,10 @@ refusals) is in `tf_dpfair/fitting.py`.
 
 Before the first update after each `compile` (at the first trace of
 `train_step`), the model is checked: trainable BatchNormalization anywhere in
-it is refused, and so is any model whose training-mode output for one example
-depends on another example (`separability.check_separability`), since both
-clipping paths bound one example's influence only when it does not.
+it is refused, and so is any model whose training-mode output, loss or loss
+gradient for one example depends on another example of a micro-batch
+(`separability.check_separability`, at the training micro-batch size), since
+both clipping paths bound one example's influence only when it does not.
 """
 
 import contextlib
@@ -230,14 +231,19 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
         """
         if targets is not None:
             return separability.probe_batch(dict(targets), rows=examples, seed=2)
-        output = tf.nest.flatten(self.compute_output_spec(tf.nest.map_structure(
-            lambda t: keras.KerasTensor(t.shape, t.dtype), inputs)))[0]
-        forms = [tf.TensorSpec(output.shape[:-1], tf.int32),
-                 tf.TensorSpec(output.shape, tf.float32)]
+        problems = []
+        try:
+            output = tf.nest.flatten(self.compute_output_spec(
+                tf.nest.map_structure(
+                    lambda t: keras.KerasTensor(t.shape, t.dtype), inputs)))[0]
+            forms = [tf.TensorSpec(output.shape[:-1], tf.int32),
+                     tf.TensorSpec(output.shape, tf.float32)]
+            prediction = tf.zeros([examples, *output.shape[1:]], output.dtype)
+        except Exception as error:  # an output shape Keras cannot infer
+            forms = []
+            problems.append(f"{type(error).__name__}: {error}")
         if not _is_sparse_categorical(self.loss):
             forms.reverse()
-        prediction = tf.zeros([examples, *output.shape[1:]], output.dtype)
-        problems = []
         for form in forms:
             try:
                 labels = {"label": separability.probe_batch(form, rows=examples,
