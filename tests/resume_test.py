@@ -173,16 +173,22 @@ def train(model, start, steps, data_seed=11, zero_weights=False):
 
 
 def test_same_seeds_replay_lost_updates_exactly(tmp_path):
-    # Same noise seed, same sampling seed, start_step = checkpoint: the
-    # re-applied updates are the lost ones, bit for bit (nothing new leaks).
+    # Same noise seed, same sampling seed, start_step = checkpoint: in a new
+    # process the re-applied updates are the lost ones, bit for bit (nothing
+    # new leaks).
     model = noise_model(seed=5)
     train(model, 0, 2)
     path = str(tmp_path / "at2.weights.h5")
     model.save_weights(path)
     lost = train(model, 2, 3)
-    model.load_weights(path)  # plain Keras restore: same seed, no re-key
-    assert model.update_count == 2
-    np.testing.assert_array_equal(train(model, 2, 3), lost)
+    fresh = noise_model(seed=5)  # a new process would start like this
+    fresh.load_weights(path)
+    assert fresh.update_count == 2
+    np.testing.assert_array_equal(train(fresh, 2, 3), lost)
+    # In the same process a restore never rolls the ledger back: the three
+    # lost updates stay accounted and the next noise index follows them.
+    model.load_weights(path)  # plain Keras restore
+    assert model.update_count == 5
 
 
 def test_same_noise_on_other_data_cancels_in_a_difference():
@@ -218,10 +224,12 @@ def test_restore_after_lost_updates_draws_a_fresh_noise_seed(tmp_path):
     lost = resume_worker.flat(model.trainable_variables)  # after update 2
     seed = model.dp_config.seed
 
-    assert checkpoint.restore(model) == 2  # an in-process retry
+    # An in-process retry: the weights go back to the checkpoint of update 2,
+    # but the three updates that ran stay in the ledger.
+    assert checkpoint.restore(model) == 3
     assert checkpoint.rekeyed and model.dp_config.seed != seed
     # Zero weights again, so the two versions of update 2 differ by noise only.
-    redone = train(model, 2, 1, zero_weights=True)
+    redone = train(model, 3, 1, zero_weights=True)
     assert np.abs(redone - lost).max() > 0.01  # update 2 got a new draw
 
     # A clean end releases the lease: the next restore keeps the seed.

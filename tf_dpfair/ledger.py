@@ -67,10 +67,23 @@ _ID_BITS = 52
 
 
 def noise_key_id(seed):
-    """A 32-bit id of a noise seed that does not reveal it (keyed BLAKE2b)."""
+    """A 32-bit id of a noise seed (BLAKE2b of it; the seed has 62 random bits)."""
     digest = hashlib.blake2b(str(int(seed)).encode(), digest_size=4,
                              person=b"tfdpf-noise-key").digest()
     return int.from_bytes(digest, "big")
+
+
+def root_for_seed(seed):
+    """The root id of a new ledger whose first updates draw noise with `seed`.
+
+    Derived from the secret noise seed (62 random bits, so distinct for
+    every run that does not fix it), so that two models trained alike with
+    one fixed seed, as tests do, hold the same ledger; the seed cannot be
+    read back from 52 bits of its hash.
+    """
+    digest = hashlib.blake2b(str(int(seed)).encode(), digest_size=8,
+                             person=b"tfdpf-ledger").digest()
+    return (int.from_bytes(digest, "big") >> (64 - _ID_BITS)) or 1
 
 
 def new_id():

@@ -168,7 +168,8 @@ class LedgerState:
             if found is not None and all(found is not a for a in attached):
                 attached.append(found)
         if self._ledger is None:
-            self._ledger = attached[0] if attached else ledger_lib.Ledger()
+            self._ledger = (attached[0] if attached else ledger_lib.Ledger(
+                root=ledger_lib.root_for_seed(self._dp_config.seed)))
         for other in attached:
             if other is not self._ledger:
                 self._ledger.absorb(other)
