@@ -4,6 +4,8 @@ Every expected epsilon is computed here straight from `dp_accounting` for
 what the test really ran; the old code stated less than that in each case.
 """
 
+import os
+
 import dp_accounting
 import keras
 import numpy as np
@@ -288,3 +290,33 @@ def test_a_spec_stated_for_a_transformed_pipeline_stays_the_users_word():
     logger = dpf.callbacks.PrivacyLogger(delta=DELTA, verbose=0)
     own.fit(train, epochs=1, steps_per_epoch=3, verbose=0, callbacks=[logger])
     assert "user's statement" not in str(logger.statement())
+
+
+def test_a_model_saved_before_the_ledger_loads_with_a_conservative_one():
+    # tests/fixtures/saved_before_the_ledger.keras: a DPModel (EMA on) saved
+    # by the package before the ledger, after 12 updates of arrays in
+    # batches of 10 from 40 examples: 3 passes, none Poisson.
+    path = os.path.join(os.path.dirname(__file__), "fixtures",
+                        "saved_before_the_ledger.keras")
+    model = keras.models.load_model(path)
+    assert model.update_count == 12 and model.participations >= 3
+    logger = dpf.callbacks.PrivacyLogger(delta=DELTA, verbose=0)
+    x, y = arrays(40)
+    model.fit(x, y, batch_size=10, epochs=1, verbose=0, callbacks=[logger])
+    assert model.update_count == 16
+    assert logger.statement().epsilon >= rdp_eps(gaussians(4)) - 1e-9
+    with model.ema_weights():  # the shadows loaded beside the ledger
+        assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_updates_of_a_custom_loop_calling_train_step_are_in_the_ledger():
+    x, y = arrays(10)
+    model = private()
+    model(x)  # built
+    step = tf.function(model.train_step)
+    for _ in range(3):
+        step((tf.constant(x), tf.constant(y), tf.ones(10)))
+    assert model.update_count == 3
+    (segment,) = model.privacy_ledger.segments
+    assert (segment.source, segment.updates_per_pass) == ("unstated", 1)
+    assert segment.dp_event() == gaussians(3)

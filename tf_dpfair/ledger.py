@@ -21,6 +21,9 @@ is therefore a record of applied updates, not of settings:
   what ran.
 - The ledger is attached to the trainable variables it trained, so a new
   DP wrapper of the same weights (`make_private` again) continues it.
+  Values copied into other variables (`set_weights` on another model, a
+  plain base model saved and loaded) carry no ledger: save and load the DP
+  model, whose file holds it.
 
 `statement` composes the segments as they are with `dp_accounting`:
 heterogeneous q, noise multipliers, and Poisson beside shuffled passes. A

@@ -185,6 +185,16 @@ class LedgerState:
             done = applied - self._open.start
             if done > ledger.find(self._open.segment_id).updates:
                 ledger.record(self._open.segment_id, done)
+        elif applied > ledger.total_updates:
+            # The step ran outside fit and train_on_batch (a custom loop
+            # calling train_step): nobody described those batches.
+            extra = applied - ledger.total_updates
+            segment = ledger.append(
+                sampling=ledger_lib.PASSES, source=ledger_lib.UNSTATED,
+                noise_multiplier=self._dp_config.noise_multiplier,
+                updates_per_pass=1, first_noise_index=applied - extra,
+                noise_key=ledger_lib.noise_key_id(self._dp_config.seed))
+            ledger.record(segment.segment_id, extra)
         table = self._ledger_table.numpy()
         if self._table_written is None or not np.array_equal(table, self._table_written):
             try:
