@@ -62,7 +62,10 @@ class KerasFitting:
           ValueError: the input would break the accounting (see
             `feeding.resolve`): a pipeline not started at `update_count`, a
             finite pipeline Keras would replay, arrays stated as Poisson; on
-            several workers, input other than the package's pipeline.
+            several workers, input other than the package's pipeline, or
+            workers whose pipelines would draw different logical batches
+            (`cluster.check_workers_agree`); during training, a batch with
+            more rows of weight > 0 than this call's accounting allows.
         """
         if isinstance(x, data.TrainData):
             x = x.dataset
