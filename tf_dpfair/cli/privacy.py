@@ -31,6 +31,7 @@ import sys
 from tf_dpfair import accounting
 from tf_dpfair import feeding
 from tf_dpfair import sampling
+from tf_dpfair import search_privacy
 
 PROG = "tf-dpfair-privacy"
 
@@ -60,7 +61,10 @@ class PlannedRun:
       target_epsilon: the budget sigma was calibrated for; None when sigma
         was given.
       statement: the `accounting.PrivacyStatement` that `PrivacyLogger`
-        makes after `steps` updates of this pipeline.
+        makes after `steps` updates of this pipeline (one trial's training,
+        for a search).
+      search: the `search_privacy.SearchStatement` of a private search of
+        such runs, or None.
     """
 
     spec: sampling.SamplingSpec
@@ -70,6 +74,7 @@ class PlannedRun:
     delta: float
     target_epsilon: float | None
     statement: accounting.PrivacyStatement
+    search: object = None
 
     def lines(self):
         """The command's output, one string per line.
@@ -86,7 +91,14 @@ class PlannedRun:
         else:
             rule = "N // B fixed batches, the last partial batch dropped"
         out = []
-        if self.target_epsilon is not None:
+        if self.target_epsilon is not None and self.search is not None:
+            out.append(
+                f"Noise multiplier: {self.noise_multiplier:.4f} per trial, the "
+                f"smallest (rounded up to 4 decimals) that keeps the whole "
+                f"search's epsilon <= {self.target_epsilon:g}; pass "
+                f"DPConfig(noise_multiplier={self.noise_multiplier:.4f}) to "
+                f"every trial.")
+        elif self.target_epsilon is not None:
             out.append(
                 f"Noise multiplier: {self.noise_multiplier:.4f}, the smallest "
                 f"(rounded up to 4 decimals) that keeps epsilon <= "
@@ -101,6 +113,8 @@ class PlannedRun:
                        f"weak allows releasing an example outright.")
         out.append(f"Privacy: {self.statement}")
         out.append(spec.statement())
+        if self.search is not None:
+            out.append(f"Search: {self.search}")
         return out
 
 
@@ -140,8 +154,15 @@ def _positive_int(name, value):
 def plan(*, num_examples, batch_size, epochs, delta, sampling_mode,
          noise_multiplier=None, target_epsilon=None, accountant="rdp",
          microbatch_size=1, num_replicas=1,
-         max_overflow_probability=sampling.DEFAULT_MAX_OVERFLOW_PROBABILITY):
+         max_overflow_probability=sampling.DEFAULT_MAX_OVERFLOW_PROBABILITY,
+         trials=None, score_noise_multiplier=None, public_validation=False):
     """Works out the privacy of E epochs of the package's pipeline.
+
+    With `trials`, of a private hyperparameter search of such runs
+    (`search_privacy`): K trials drawn from `trials`, each one run and the
+    private release of its selection score, only the best released. Then
+    `target_epsilon` is the budget of the whole search, and sigma the
+    per-trial noise that keeps it.
 
     Exactly one of `noise_multiplier` and `target_epsilon` is given. With
     `target_epsilon`, sigma is calibrated (`accounting.calibrate_noise_multiplier`,
@@ -166,6 +187,11 @@ def plan(*, num_examples, batch_size, epochs, delta, sampling_mode,
       microbatch_size, num_replicas, max_overflow_probability: as given to
         `make_train_dataset`; under Poisson sampling they set the padded
         batch and so delta's allowance for truncated batches.
+      trials: a `search_privacy.TrialCount`, or None for one run.
+      score_noise_multiplier: with `trials`: the Gaussian noise of each
+        trial's selection score (a count of correct validation predictions).
+      public_validation: with `trials`: the validation data is declared
+        public instead, and its score costs nothing.
 
     Returns:
       A `PlannedRun`.
@@ -197,6 +223,10 @@ def plan(*, num_examples, batch_size, epochs, delta, sampling_mode,
         microbatch_size=microbatch_size, num_replicas=num_replicas,
         max_overflow_probability=max_overflow_probability)
     steps = epochs * spec.steps_per_epoch
+    if trials is not None:
+        return _plan_search(spec, epochs, steps, delta, noise_multiplier,
+                            target_epsilon, accountant, trials,
+                            score_noise_multiplier, public_validation)
     if target_epsilon is not None:
         sigma = accounting.calibrate_noise_multiplier(
             target_epsilon=target_epsilon, delta=delta, accountant=accountant,
@@ -211,6 +241,40 @@ def plan(*, num_examples, batch_size, epochs, delta, sampling_mode,
                       noise_multiplier=float(noise_multiplier),
                       delta=float(delta), target_epsilon=target_epsilon,
                       statement=statement)
+
+
+def _plan_search(spec, epochs, steps, delta, noise_multiplier, target_epsilon,
+                 accountant, trials, score_noise_multiplier, public_validation):
+    """`plan` for a private search: per-trial sigma or the search's epsilon."""
+    if accountant != "rdp":
+        raise ValueError("A search is accounted with the RDP accountant "
+                         "(Papernot & Steinke's theorem is stated in RDP); "
+                         "use --accountant=rdp.")
+
+    def trial(sigma):
+        return search_privacy.trial_event(
+            feeding.planned_ledger(spec, steps, sigma).dp_event(),
+            score_noise_multiplier, public_validation=public_validation)
+
+    if target_epsilon is not None:
+        sigma = search_privacy.calibrate_trial_noise(
+            target_epsilon=target_epsilon, trials=trials, delta=delta,
+            make_training_event=lambda s: feeding.planned_ledger(
+                spec, steps, s).dp_event(),
+            score_noise_multiplier=score_noise_multiplier,
+            public_validation=public_validation, tolerance=1e-5)
+        noise_multiplier = math.ceil(round(sigma * 1e4, 6)) / 1e4
+    truncated = -math.expm1(steps * math.log1p(-spec.overflow_probability))
+    search = search_privacy.search_statement(
+        trial(noise_multiplier), trials, delta,
+        public_validation=public_validation, truncation_probability=truncated)
+    return PlannedRun(
+        spec=spec, epochs=epochs, steps=steps,
+        noise_multiplier=float(noise_multiplier), delta=float(delta),
+        target_epsilon=target_epsilon,
+        statement=statement_for(spec, steps, noise_multiplier=noise_multiplier,
+                                delta=delta, accountant=accountant),
+        search=search)
 
 
 def make_parser():
@@ -265,6 +329,28 @@ def make_parser():
                         default=sampling.DEFAULT_MAX_OVERFLOW_PROBABILITY,
                         help="make_train_dataset's max_overflow_probability "
                              "(likewise).")
+    search = parser.add_argument_group(
+        "private hyperparameter search",
+        "The privacy of a search of such runs (Papernot & Steinke 2022): a "
+        "random number K of trials, each run with hyperparameters drawn at "
+        "random and its selection score released with noise, only the best "
+        "released. --target_epsilon is then the whole search's budget.")
+    search.add_argument("--search_trials", choices=search_privacy.DISTRIBUTIONS,
+                        help="The distribution of K. A fixed K is not covered "
+                             "by the theorem.")
+    search.add_argument("--search_mean", type=float,
+                        help="E[K], the expected number of trials (>= 1).")
+    search.add_argument("--search_shape", type=float,
+                        help="truncated_negative_binomial's shape eta >= 0 "
+                             "(0 logarithmic, 1 geometric).")
+    score = search.add_mutually_exclusive_group()
+    score.add_argument("--score_noise", type=float,
+                       help="Noise multiplier of each trial's selection "
+                            "score (a noisy count of correct validation "
+                            "predictions, sensitivity 1).")
+    score.add_argument("--public_validation", action="store_true",
+                       help="The validation data is public: the score costs "
+                            "nothing (the statement says so).")
     return parser
 
 
@@ -287,7 +373,16 @@ def main(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
     logging.getLogger("absl").addFilter(_DropAccountantNoise())
+    trials = None
     try:
+        if args.search_trials is not None:
+            if args.search_mean is None:
+                raise ValueError("--search_trials needs --search_mean.")
+            trials = search_privacy.TrialCount(
+                args.search_trials, args.search_mean, args.search_shape)
+        elif (args.search_mean, args.search_shape, args.score_noise) != (
+                None, None, None) or args.public_validation:
+            raise ValueError("The search flags go with --search_trials.")
         run = plan(num_examples=args.num_examples, batch_size=args.batch_size,
                    epochs=args.epochs, delta=args.delta,
                    sampling_mode=args.sampling,
@@ -296,7 +391,9 @@ def main(argv=None):
                    accountant=args.accountant,
                    microbatch_size=args.microbatch_size,
                    num_replicas=args.num_replicas,
-                   max_overflow_probability=args.max_overflow_probability)
+                   max_overflow_probability=args.max_overflow_probability,
+                   trials=trials, score_noise_multiplier=args.score_noise,
+                   public_validation=args.public_validation)
     except ValueError as error:
         parser.error(str(error))
     print("\n".join(run.lines()))
