@@ -320,3 +320,23 @@ def test_updates_of_a_custom_loop_calling_train_step_are_in_the_ledger():
     (segment,) = model.privacy_ledger.segments
     assert (segment.source, segment.updates_per_pass) == ("unstated", 1)
     assert segment.dp_event() == gaussians(3)
+
+
+def test_an_oversized_batch_moves_nothing_where_xla_drops_the_refusal():
+    # On a TPU the whole step is compiled with XLA, which drops assertions:
+    # the step then multiplies the update (noise included) by 0 and still
+    # counts it, so its noise index is never drawn again.
+    x, y = arrays(8)
+    model = private()
+    model(x)
+    model._step_row_limit().assign(4)  # as a segment allowing 4 rows would
+    batch = (tf.constant(x), tf.constant(y), tf.ones(8))
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    tf.function(model.train_step, jit_compile=True)(batch)
+    after = [v.numpy() for v in model.trainable_variables]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert model.update_count == 1
+    with pytest.raises(tf.errors.InvalidArgumentError, match="8.*rows >.*4"):
+        tf.function(model.train_step)(batch)  # a plain graph refuses it
+    assert model.update_count == 1

@@ -463,16 +463,24 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
 
         Counts the rows of weight > 0 over all replicas (what the update
         really holds) and compares them with the running segment's row limit
-        (`ledger_state`). Returns the assertion the update waits for.
+        (`ledger_state`).
+
+        Returns:
+          `(check, within)`: the assertion the update waits for, and a
+          float32 1.0 / 0.0 that the update is multiplied by. Should the
+          assertion be dropped (XLA drops assertions: on TPU the whole step is
+          compiled), an oversized batch then moves nothing, noise included,
+          and is still counted, so its noise index is never drawn again.
         """
         rows = tf.reduce_sum(tf.cast(weights > 0, tf.float32))
         if context is not None:
             rows = context.all_reduce(tf.distribute.ReduceOp.SUM, rows)
         limit = self._step_row_limit().read_value()
-        return tf.debugging.Assert(
-            tf.cast(rows, tf.int64) <= limit,
-            [ledger_state.ROW_LIMIT_MARKER, tf.cast(rows, tf.int64), "rows >",
-             limit, "allowed"])
+        within = tf.cast(rows, tf.int64) <= limit
+        check = tf.debugging.Assert(
+            within, [ledger_state.ROW_LIMIT_MARKER, tf.cast(rows, tf.int64),
+                     "rows >", limit, "allowed"])
+        return check, tf.cast(within, tf.float32)
 
     def train_step(self, data):
         """One DP-SGD update on one logical batch (see the module docstring)."""
@@ -527,7 +535,7 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
         # a restore, so no noise draw is ever reused (`ledger_state`).
         counter = self._step_counter()
         step = counter.read_value()
-        rows_checked = self._check_rows(weights, context)
+        rows_checked, within_limit = self._check_rows(weights, context)
         if config.noise_multiplier > 0:
             noises = noise.gaussian_noise(
                 [v.shape for v in variables], config.noise_stddev, config.seed,
@@ -547,7 +555,7 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
             for (i, _), g in zip(regularized, reg_grads):
                 grads[i] = grads[i] + on_first_replica * tf.cast(g, tf.float32)
 
-        grads = [tf.cast(g, v.dtype) for g, v in zip(grads, variables)]
+        grads = [tf.cast(g * within_limit, v.dtype) for g, v in zip(grads, variables)]
         # Every write waits for the whole step (input checks included), so a
         # failing batch leaves weights, optimizer, EMA and the count as they
         # were: no update is applied without being counted, or vice versa.
