@@ -505,7 +505,7 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
         if not all(layer.built for layer in self._flatten_layers()):
             # Create variables outside the vectorized per-example pass.
             self(one_view, training=False)
-        self._check_separable(one_view)
+        self._check_separable(one_view, targets)
         sparse = _is_sparse_categorical(self.loss)
         if labels.dtype.is_integer or (sparse and labels.dtype.is_floating):
             output_spec = self.compute_output_spec(tf.nest.map_structure(
