@@ -64,7 +64,7 @@ class PipelineTag:
     spec: object
     start_step: int
     num_steps: int | None
-    seed_digest: str | None = None
+    seed_digest: str | None = dataclasses.field(default=None, repr=False)
 
 
 def tag_pipeline(dataset, spec, start_step, num_steps, seed_digest=None):
