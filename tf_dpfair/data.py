@@ -128,6 +128,65 @@ class ExampleSource:
         with tf.control_dependencies(checks):
             return tf.nest.map_structure(tf.identity, element)
 
+    def subset(self, indices):
+        """The examples at `indices` of this source, as a source of their own.
+
+        Reads through this source's `load`: nothing is copied, so a subset of
+        files or of a TFDS source stays lazy.
+
+        Args:
+            indices: int sequence of distinct indices in [0, N); the new
+                source's index j reads this source's `indices[j]`.
+
+        Returns:
+            An `ExampleSource` of `len(indices)` examples, same groups.
+
+        Raises:
+            ValueError: no indices, repeated ones, or one out of range.
+        """
+        indices = np.asarray(indices, np.int64).reshape(-1)
+        if not len(indices):
+            raise ValueError("A subset needs at least one index.")
+        if len(np.unique(indices)) != len(indices):
+            raise ValueError("A subset's indices must be distinct.")
+        if indices.min() < 0 or indices.max() >= self.num_examples:
+            raise ValueError(f"Subset indices must be in [0, {self.num_examples}).")
+        table = tf.constant(indices)
+        load_fn = self._load_fn
+        part = ExampleSource(len(indices), lambda i: load_fn(tf.gather(table, i)),
+                             self.group_spec, check_group_ids=self._check_group_ids)
+        if self.paths is not None:
+            part.paths = np.asarray(self.paths)[indices]
+        return part
+
+    def split(self, fraction, seed):
+        """Splits the examples in two by a seeded permutation of the indices.
+
+        The split depends on N, `fraction` and `seed` only, never on the
+        data: every example lands in exactly one part.
+
+        Args:
+            fraction: share of the examples in the second part, in (0, 1);
+                the second part gets `round(fraction * N)` examples (at least
+                1, and at least 1 left in the first).
+            seed: integer seed of the permutation.
+
+        Returns:
+            `(first, second, first_indices, second_indices)`: two sources and
+            the sorted indices of this source that each reads.
+
+        Raises:
+            ValueError: a fraction outside (0, 1), or N < 2.
+        """
+        if not 0 < fraction < 1:
+            raise ValueError(f"The split fraction must be in (0, 1); got {fraction!r}.")
+        if self.num_examples < 2:
+            raise ValueError("Splitting needs at least 2 examples.")
+        count = min(max(int(round(fraction * self.num_examples)), 1), self.num_examples - 1)
+        order = np.random.default_rng([int(seed), 0x5B117]).permutation(self.num_examples)
+        second, first = np.sort(order[:count]), np.sort(order[count:])
+        return self.subset(first), self.subset(second), first, second
+
     def zeros(self):
         """An all-zero element of this source's structure (for padding rows).
 

@@ -48,6 +48,7 @@ from tf_dpfair import data as data_lib
 from tf_dpfair.experiments import configs
 from tf_dpfair.experiments import evaluation_lib
 from tf_dpfair.experiments import inputs_lib
+from tf_dpfair.experiments import selection_lib
 
 RESULT_FILE = "result.json"
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
@@ -126,6 +127,17 @@ class Settings:
     diagnostics_alignment: bool = _field(False, "With group_diagnostics: each group's share "
                                          "of the clipped sum and the update's cosine with "
                                          "its gradient (extra backward passes).")
+    validation_fraction: float = _field(0.0, "Share of the training data held out as a "
+                                        "validation split for a selection score "
+                                        "(result.json 'selection'; 0 = none). N, q and "
+                                        "delta then count the rest only.")
+    score_noise: float = _field(0.0, "Std of the Gaussian noise on the selection score, "
+                                "a count of correct validation predictions (sensitivity "
+                                "1); needed for a private run's score unless "
+                                "public_validation.")
+    public_validation: bool = _field(False, "Declare the validation split public: its "
+                                     "exact score is released and the DP guarantee does "
+                                     "not cover it.")
 
     @property
     def private(self):
@@ -134,8 +146,21 @@ class Settings:
                                          and math.isinf(self.epsilon)))
 
     def to_json(self):
-        """The settings as a JSON-safe dict (inf becomes "inf")."""
-        return _json_safe(dataclasses.asdict(self))
+        """The settings as a JSON-safe dict (inf becomes "inf").
+
+        The selection fields are left out while no validation split is asked
+        for, so runs without one write the same files as before they existed.
+        """
+        values = dataclasses.asdict(self)
+        if not self.validation_fraction:
+            for name in _SELECTION_FIELDS:
+                if values[name] == _DEFAULTS[name]:
+                    del values[name]
+        return _json_safe(values)
+
+
+_SELECTION_FIELDS = ("validation_fraction", "score_noise", "public_validation")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}
 
 
 def settings_from(config=None, overrides=None):
@@ -184,6 +209,28 @@ def _validate(s):
             raise ValueError(f"{name} must be one of {allowed}; got {getattr(s, name)!r}.")
     if s.epochs < 1 and s.steps < 1:
         raise ValueError("epochs or steps must be >= 1.")
+    _validate_selection(s)
+
+
+def _validate_selection(s):
+    if not 0 <= s.validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1); got "
+                         f"{s.validation_fraction!r}.")
+    if not (s.score_noise >= 0 and math.isfinite(s.score_noise)):
+        raise ValueError(f"score_noise must be a finite number >= 0; got {s.score_noise!r}.")
+    if not s.validation_fraction:
+        if s.score_noise or s.public_validation:
+            raise ValueError("score_noise and public_validation describe the selection "
+                             "score; they need validation_fraction > 0.")
+        return
+    if s.score_noise and s.public_validation:
+        raise ValueError("Give score_noise or public_validation, not both: a score on "
+                         "data declared public needs no noise.")
+    if s.private and not s.score_noise and not s.public_validation:
+        raise ValueError(
+            "A private run's selection score needs score_noise > 0 (a Gaussian noisy "
+            "count) or public_validation=True: the exact count of correct predictions "
+            "on private validation data would leak it.")
 
 
 def _json_safe(value):
@@ -427,6 +474,33 @@ def _privacy(settings, model, logger, sigma, spec, delta, total_steps):
             "stopped_for_budget": statement.steps < total_steps}
 
 
+def plan_updates(settings, spec, delta):
+    """How many updates a run applies, and with which noise.
+
+    Args:
+        settings: the run's `Settings`.
+        spec: its pipeline's `sampling.SamplingSpec`.
+        delta: its target delta.
+
+    Returns:
+        `(period, epochs, total_steps, sigma)`: updates per Keras epoch,
+        epochs, total updates (whole periods) and the noise multiplier
+        (calibrated to `settings.epsilon` when given; 0 for non-private runs).
+    """
+    wanted = settings.steps or settings.epochs * spec.steps_per_epoch
+    period = min(settings.steps_per_epoch or spec.steps_per_epoch, wanted)
+    epochs = -(-wanted // period)  # Rounded up to whole periods.
+    total_steps = epochs * period
+    sigma = 0.0
+    if settings.private:
+        sigma = settings.noise_multiplier
+        if sigma is None:
+            sigma = dpf.accounting.calibrate_noise_multiplier(
+                target_epsilon=settings.epsilon, delta=delta, accountant=settings.accountant,
+                **spec.accountant_kwargs(total_steps))
+    return period, epochs, total_steps, sigma
+
+
 def _worker_result(strategy, privacy):
     """What `run` returns on a worker that is not the chief (it writes nothing)."""
     return {"finished": True, "chief": False,
@@ -477,6 +551,10 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
         write_json(os.path.join(work_dir, "settings.json"), settings.to_json())
     keras.utils.set_random_seed(settings.seed)
     run_data = inputs_lib.load_data(settings)
+    validation = None
+    if settings.validation_fraction:
+        run_data, validation = selection_lib.carve_validation(
+            run_data, settings.validation_fraction, settings.seed)
     replicas = strategy.num_replicas_in_sync
     num_train = run_data.train.num_examples
     delta = settings.delta or 1.0 / num_train
@@ -491,17 +569,7 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
             with_groups=settings.group_diagnostics and settings.private)
 
     spec = pipeline(0).spec
-    wanted = settings.steps or settings.epochs * spec.steps_per_epoch
-    period = min(settings.steps_per_epoch or spec.steps_per_epoch, wanted)
-    epochs = -(-wanted // period)  # Rounded up to whole periods.
-    total_steps = epochs * period
-    sigma = 0.0
-    if settings.private:
-        sigma = settings.noise_multiplier
-        if sigma is None:
-            sigma = dpf.accounting.calibrate_noise_multiplier(
-                target_epsilon=settings.epsilon, delta=delta, accountant=settings.accountant,
-                **spec.accountant_kwargs(total_steps))
+    period, epochs, total_steps, sigma = plan_updates(settings, spec, delta)
     print(f"{run_data.description}; {total_steps} updates of expected batch "
           f"{settings.batch_size}; "
           + (f"noise multiplier {sigma:.4g}" if settings.private else "non-private"))
@@ -583,6 +651,9 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
         "metrics": evaluation_lib.evaluate_final(model, run_data, test, work_dir,
                                                   settings.n_bootstrap),
     }
+    if validation is not None:
+        result["selection"] = selection_lib.selection_score(model, run_data, validation,
+                                                            settings)
     model.save(os.path.join(work_dir, "model.keras"))
     write_json(result_path, result)
     shutil.rmtree(backup_dir, ignore_errors=True)
