@@ -381,19 +381,37 @@ def calibrate_noise_multiplier(*, target_epsilon, steps, delta, sampling,
                                participations=participations,
                                accountant=accountant)
 
+    return smallest_noise(
+        eps, target_epsilon, tolerance,
+        f"with sampling={sampling!r}, q={sampling_probability}, "
+        f"participations={participations}, steps={steps}, delta={delta}")
+
+
+def smallest_noise(epsilon_of, target_epsilon, tolerance, what):
+    """The smallest sigma with `epsilon_of(sigma) <= target_epsilon` (bisection).
+
+    Epsilon falls as sigma grows. The result is within `tolerance` of the
+    smallest feasible sigma, and always feasible.
+
+    Args:
+      epsilon_of: `fn(sigma) -> epsilon`.
+      target_epsilon: the budget, > 0.
+      tolerance: bisection precision.
+      what: words naming the mechanism, for the error message.
+
+    Raises:
+      ValueError: no sigma up to 1e4 meets the budget.
+    """
     low, high = 0.0, 1.0
-    while eps(high) > target_epsilon:
+    while epsilon_of(high) > target_epsilon:
         low, high = high, 2 * high
         if high > 1e4:
-            raise ValueError(
-                f"No noise multiplier up to 1e4 reaches epsilon "
-                f"{target_epsilon} with sampling={sampling!r}, "
-                f"q={sampling_probability}, participations={participations}, "
-                f"steps={steps}, delta={delta}.")
+            raise ValueError(f"No noise multiplier up to 1e4 reaches epsilon "
+                             f"{target_epsilon} {what}.")
     while high - low > tolerance:
-        mid = (low + high) / 2
-        if eps(mid) > target_epsilon:
-            low = mid
+        middle = (low + high) / 2
+        if epsilon_of(middle) > target_epsilon:
+            low = middle
         else:
-            high = mid
+            high = middle
     return high

@@ -298,21 +298,10 @@ def calibrate_trial_noise(*, target_epsilon, trials, delta, make_training_event,
         return search_statement(trial, trials, delta,
                                 public_validation=public_validation).epsilon
 
-    low, high = 0.0, 1.0
-    while epsilon(high) > target_epsilon:
-        low, high = high, 2 * high
-        if high > 1e4:
-            raise ValueError(
-                f"No noise multiplier up to 1e4 keeps the search ({trials.describe()}) "
-                f"within epsilon {target_epsilon}; the score's own noise or the "
-                f"number of trials may take the whole budget.")
-    while high - low > tolerance:
-        middle = (low + high) / 2
-        if epsilon(middle) > target_epsilon:
-            low = middle
-        else:
-            high = middle
-    return high
+    return accounting.smallest_noise(
+        epsilon, target_epsilon, tolerance,
+        f"for the whole search ({trials.describe()}): the score's own noise "
+        f"or the number of trials may take the whole budget")
 
 
 def _rdp_epsilon(event, delta):
