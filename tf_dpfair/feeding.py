@@ -33,9 +33,8 @@ applying it.
 import dataclasses
 import math
 
-from scipy import stats
-
 from tf_dpfair import ledger
+from tf_dpfair import sampling
 
 PIPELINE = "pipeline"
 ARRAYS = "arrays"
@@ -245,10 +244,7 @@ def planned_ledger(spec, steps, noise_multiplier):
 
 def poisson_row_cap(num_examples, q):
     """Rows a Poisson sample of N+1 examples at rate q exceeds w.p. < 1e-9."""
-    cap = int(stats.binom.isf(STATED_POISSON_TAIL, num_examples + 1, q))
-    while stats.binom.sf(cap, num_examples + 1, q) > STATED_POISSON_TAIL:
-        cap += 1
-    return max(cap, 1)
+    return sampling.poisson_cap(num_examples, q, 1, STATED_POISSON_TAIL)[0]
 
 
 def prospective(stated, *, expected_batch_size, update_count):

@@ -58,6 +58,7 @@ class _Open:
     segment_id: int
     start: int           # the counter when it opened
     fields: dict         # to open its continuation
+    row_limit: int | None
     reason: str          # why its row limit is what it is
     pipeline: bool       # the package's pipeline: a jump in the count refuses
 
@@ -129,7 +130,7 @@ class LedgerState:
         segment = ledger.append(
             first_noise_index=start, noise_key=ledger_lib.noise_key_id(config.seed),
             row_limit=row_limit, **fields)
-        self._open = _Open(segment.segment_id, start, dict(fields, row_limit=row_limit),
+        self._open = _Open(segment.segment_id, start, dict(fields), row_limit,
                            reason, pipeline)
         self._sync_ledger()
 
@@ -174,7 +175,8 @@ class LedgerState:
             if other is not self._ledger:
                 self._ledger.absorb(other)
         for variable in variables:
-            setattr(variable, _ATTRIBUTE, self._ledger)
+            if getattr(variable, _ATTRIBUTE, None) is not self._ledger:
+                setattr(variable, _ATTRIBUTE, self._ledger)
         return self._ledger
 
     def _sync_ledger(self):
@@ -237,14 +239,13 @@ class LedgerState:
         open_ = self._open
         segment = self._ledger.find(open_.segment_id)
         fields = dict(open_.fields)
-        row_limit = fields.pop("row_limit")
         if segment.updates and fields.get("updates_per_pass"):
             fields["pass_offset"] = ((segment.pass_offset + segment.updates)
                                      % fields["updates_per_pass"])
         if segment.updates == 0:
             self._ledger._segments.remove(segment)  # never held an update
         self._open = None
-        self._open_segment(fields, row_limit=row_limit, reason=open_.reason,
+        self._open_segment(fields, row_limit=open_.row_limit, reason=open_.reason,
                            pipeline=open_.pipeline)
 
     def _share_ledger_root(self):

@@ -458,12 +458,13 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
         with tf.control_dependencies(weight_checks):
             return tf.clip_by_value(tf.where(finite, weights, 0.0), 0.0, 1.0)
 
-    def _check_rows(self, weights, context):
+    def _check_rows(self, rows):
         """Refuses a batch with more real rows than the accounting assumes.
 
-        Counts the rows of weight > 0 over all replicas (what the update
-        really holds) and compares them with the running segment's row limit
-        (`ledger_state`).
+        Args:
+          rows: float32 scalar, the rows of weight > 0 over all replicas
+            (what the update really holds), compared with the running
+            segment's row limit (`ledger_state`).
 
         Returns:
           `(check, within)`: the assertion the update waits for, and a
@@ -472,9 +473,6 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
           compiled), an oversized batch then moves nothing, noise included,
           and is still counted, so its noise index is never drawn again.
         """
-        rows = tf.reduce_sum(tf.cast(weights > 0, tf.float32))
-        if context is not None:
-            rows = context.all_reduce(tf.distribute.ReduceOp.SUM, rows)
         limit = self._step_row_limit().read_value()
         within = tf.cast(rows, tf.int64) <= limit
         check = tf.debugging.Assert(
@@ -535,7 +533,19 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
         # a restore, so no noise draw is ever reused (`ledger_state`).
         counter = self._step_counter()
         step = counter.read_value()
-        rows_checked, within_limit = self._check_rows(weights, context)
+        # Clipped, real (weight > 0) and non-finite rows over all replicas, in
+        # one all-reduce: the real rows are checked against the accounting
+        # before the update; the others are training-set diagnostics.
+        real = weights > 0
+        counts = tf.stack([
+            tf.reduce_sum(tf.cast(tf.logical_and(
+                real, norms > config.l2_norm_clip), tf.float32)),
+            tf.reduce_sum(tf.cast(real, tf.float32)),
+            tf.reduce_sum(tf.cast(tf.logical_and(real, nonfinite), tf.float32)),
+        ])
+        if context is not None:
+            counts = context.all_reduce(tf.distribute.ReduceOp.SUM, counts)
+        rows_checked, within_limit = self._check_rows(counts[1])
         if config.noise_multiplier > 0:
             noises = noise.gaussian_noise(
                 [v.shape for v in variables], config.noise_stddev, config.seed,
@@ -567,20 +577,11 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
             counter.assign_add(1)
 
         # Diagnostics on training data: outside the DP guarantee.
-        real = weights > 0
         count = tf.reduce_sum(weights)
         mean_loss = tf.math.divide_no_nan(tf.reduce_sum(weights * losses), count)
         if self._loss_tracker is not None:
             self._loss_tracker.update_state(mean_loss + reg_loss,
                                             sample_weight=count)
-        clipped = tf.logical_and(real, norms > config.l2_norm_clip)
-        counts = tf.stack([
-            tf.reduce_sum(tf.cast(clipped, tf.float32)),
-            tf.reduce_sum(tf.cast(real, tf.float32)),
-            tf.reduce_sum(tf.cast(tf.logical_and(real, nonfinite), tf.float32)),
-        ])
-        if context is not None:
-            counts = context.all_reduce(tf.distribute.ReduceOp.SUM, counts)
         with tf.control_dependencies([counter.read_value()]):
             # After the update's checks: a refused batch adds nothing.
             self._nonfinite_count.assign_add(tf.cast(counts[2], tf.int64))

@@ -247,7 +247,7 @@ def make_sampling_spec(mode, num_examples, expected_batch_size, *, microbatch_si
     granule = microbatch_size * num_replicas
     q = expected_batch_size / num_examples
     if mode == POISSON:
-        cap, overflow = _poisson_cap(num_examples, q, granule, max_overflow_probability)
+        cap, overflow = poisson_cap(num_examples, q, granule, max_overflow_probability)
         steps_per_epoch = max(1, round(num_examples / expected_batch_size))
     else:
         cap, overflow = _round_up(expected_batch_size, granule), 0.0
@@ -265,7 +265,14 @@ def _round_up(value, multiple):
     return -(-int(value) // multiple) * multiple
 
 
-def _poisson_cap(num_examples, q, granule, max_overflow_probability):
+def poisson_cap(num_examples, q, granule, max_overflow_probability):
+    """The smallest multiple of `granule` that a Poisson sample exceeds rarely.
+
+    Returns:
+        `(cap, probability)`: the cap, and the probability that Poisson
+        sampling at rate q from N + 1 examples draws more than it (at most
+        `max_overflow_probability`).
+    """
     # N + 1 trials: the neighbouring dataset with one more example has the
     # larger tail, and the DP bound needs it for both datasets.
     trials = num_examples + 1

@@ -258,13 +258,13 @@ def search_statement(trial, trials, delta, *, public_validation=False,
     search = dp_accounting.dp_event.RepeatAndSelectDpEvent(trial, float(trials.mean),
                                                   trials.dp_shape)
     naive = dp_accounting.SelfComposedDpEvent(trial, math.ceil(trials.mean))
-    epsilon = _rdp_epsilon(search, delta)
+    epsilon = accounting.epsilon_of_event(search, delta, "rdp")
     overhead = (0.0 if truncation_probability <= 0 or math.isinf(epsilon) else
                 math.exp(epsilon) * min(1.0, trials.mean * truncation_probability))
     return SearchStatement(
         epsilon=epsilon, delta=delta + overhead, trials=trials,
-        trial_epsilon=_rdp_epsilon(trial, delta),
-        naive_epsilon=_rdp_epsilon(naive, delta),
+        trial_epsilon=accounting.epsilon_of_event(trial, delta, "rdp"),
+        naive_epsilon=accounting.epsilon_of_event(naive, delta, "rdp"),
         public_validation=bool(public_validation))
 
 
@@ -302,9 +302,3 @@ def calibrate_trial_noise(*, target_epsilon, trials, delta, make_training_event,
         epsilon, target_epsilon, tolerance,
         f"for the whole search ({trials.describe()}): the score's own noise "
         f"or the number of trials may take the whole budget")
-
-
-def _rdp_epsilon(event, delta):
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}.")
-    return accounting.epsilon_of_event(event, delta, "rdp")

@@ -136,10 +136,7 @@ def statement_for(spec, steps, *, noise_multiplier, delta, accountant="rdp"):
     Raises:
       ValueError: an argument is out of range.
     """
-    spec.accountant_kwargs(steps)  # checks steps
-    accounting.privacy_statement(noise_multiplier=noise_multiplier, steps=0,
-                                 delta=delta, sampling="poisson",
-                                 sampling_probability=1.0, accountant=accountant)
+    spec.accountant_kwargs(steps)  # refuses a negative or fractional count
     # The ledger that training would hold after `steps` updates of `spec`,
     # stated by the same code as PrivacyLogger's.
     return feeding.planned_ledger(spec, steps, noise_multiplier).statement(
