@@ -59,9 +59,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_dpfair as dpf  # noqa: E402
-from tf_dpfair import diagnostics  # noqa: E402
-from tf_dpfair import ghost  # noqa: E402
-from tf_dpfair.ghost import cost as ghost_cost  # noqa: E402
+from tf_dpfair.training import diagnostics  # noqa: E402
+from tf_dpfair.dpsgd import ghost  # noqa: E402
+from tf_dpfair.dpsgd.ghost import cost as ghost_cost  # noqa: E402
 from tf_dpfair import models  # noqa: E402
 
 

@@ -55,14 +55,14 @@ def worker(args):
     import numpy as np
 
     import tf_dpfair as dpf
-    from tf_dpfair import data
+    from tf_dpfair.data import pipeline as data
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(args.examples, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, size=args.examples)
     source = data.ExampleSource.from_arrays(images, labels)
     train = data.make_train_dataset(
-        source, expected_batch_size=args.batch, seed=dpf.cluster.share_from_chief(strategy, 7),
+        source, expected_batch_size=args.batch, seed=dpf.workers.share_from_chief(strategy, 7),
         microbatch_size=args.microbatch, num_replicas=strategy.num_replicas_in_sync)
     with strategy.scope():
         keras.utils.set_random_seed(0)
@@ -93,8 +93,8 @@ def worker(args):
               callbacks=[clock], verbose=0)
     durations = np.diff(clock.ends[args.warmup - 1:])
     print(RESULT + json.dumps({
-        "chief": dpf.cluster.is_chief(strategy),
-        "workers": dpf.cluster.num_workers(strategy),
+        "chief": dpf.workers.is_chief(strategy),
+        "workers": dpf.workers.num_workers(strategy),
         "replicas": strategy.num_replicas_in_sync,
         "update_seconds": durations.tolist(),
         "update_count": model.update_count}), flush=True)

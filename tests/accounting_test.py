@@ -5,8 +5,8 @@ import math
 import dp_accounting
 import pytest
 
-from tf_dpfair import accounting
-from tf_dpfair import sampling
+from tf_dpfair.privacy import accounting
+from tf_dpfair.privacy import sampling
 
 # TF-Privacy's published MNIST figures: N=60000, batch 256, 60 epochs,
 # sigma=1.1, delta=1e-5: Poisson 2.60, shuffled fixed batches 56.95.

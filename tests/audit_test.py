@@ -139,7 +139,7 @@ def test_run_without_noise_or_clipping_is_caught():
     assert result.claimed_epsilon == math.inf
     assert result.epsilon_lower_bound > 2.0
     q = BATCH / (NUM_REAL + result.num_included)
-    false_claim = dpf.accounting.compute_epsilon(
+    false_claim = dpf.privacy.accounting.compute_epsilon(
         noise_multiplier=3.0, sampling_probability=q, steps=UPDATES,
         delta=1e-5, sampling="poisson")
     assert result.epsilon_lower_bound > false_claim

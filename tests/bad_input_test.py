@@ -10,10 +10,10 @@ import pytest
 import tensorflow as tf
 
 import tf_dpfair as dpf
-from tf_dpfair import data
-from tf_dpfair import sampling
+from tf_dpfair.data import pipeline as data
+from tf_dpfair.privacy import sampling
 from tf_dpfair.datasets import fashion_mnist
-from tf_dpfair.metrics import GroupedAUC
+from tf_dpfair.fairness.streaming_auc import GroupedAUC
 
 LR = 0.5
 
@@ -322,7 +322,7 @@ def test_missing_data_path(tmp_path):
 
 
 def test_a_run_without_noise_cannot_be_reported_as_private(capsys):
-    statement = dpf.accounting.privacy_statement(
+    statement = dpf.privacy.accounting.privacy_statement(
         noise_multiplier=0.0, sampling_probability=0.5, steps=2, delta=1e-3,
         sampling="poisson")
     assert statement.epsilon == float("inf")

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tf_dpfair.ghost import dense_conv
+from tf_dpfair.dpsgd.ghost import dense_conv
 
 _PATH = os.path.join(os.path.dirname(__file__), os.pardir,
                      "benchmarks/dp_overhead.py")

@@ -72,7 +72,7 @@ def test_guard_on_a_shuffled_pipeline_never_passes_the_target(tmp_path, passes_t
     assert guard.statement().epsilon <= target
     assert guard.statement(model.update_count + 1).epsilon > target
     # Poisson accounting of the same updates would have claimed much less.
-    poisson = dpf.accounting.compute_epsilon(
+    poisson = dpf.privacy.accounting.compute_epsilon(
         noise_multiplier=1.0, sampling_probability=10 / n,
         steps=model.update_count, delta=1e-3, sampling="poisson")
     assert poisson < guard.statement().epsilon

@@ -1,11 +1,11 @@
-"""Tests for tf_dpfair.calibration: bins and expected calibration error."""
+"""Tests for tf_dpfair.fairness.calibration: bins and expected calibration error."""
 
 import math
 
 import numpy as np
 import pytest
 
-from tf_dpfair import calibration
+from tf_dpfair.fairness import calibration
 
 
 def test_bins_follow_scikit_learn_edges():

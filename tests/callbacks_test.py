@@ -32,7 +32,7 @@ def shuffle_eps(passes, noise=1.0, delta=1e-3):
 
 
 def poisson_eps(steps, q, noise=1.0, delta=1e-3):
-    return dpf.accounting.compute_epsilon(noise_multiplier=noise,
+    return dpf.privacy.accounting.compute_epsilon(noise_multiplier=noise,
                                           sampling_probability=q, steps=steps,
                                           delta=delta, sampling="poisson")
 
@@ -275,7 +275,7 @@ def test_restored_model_without_a_fit_is_stated_as_its_logger_says(tmp_path):
 
 def saved_ledger_table(*segments):
     """The `dp_ledger` weight of a model whose ledger holds these segments."""
-    from tf_dpfair import ledger
+    from tf_dpfair.privacy import ledger
 
     history = ledger.Ledger()
     for fields, updates in segments:
@@ -288,7 +288,7 @@ def test_statement_before_fit_with_a_spec_reads_the_restored_ledger():
     # A run restored from a backup asks for its epsilon before fit (is its
     # budget spent?): a logger given the pipeline's spec answers from the
     # model's ledger. N = 50, B = 10: q = 0.2 for Poisson.
-    from tf_dpfair import sampling
+    from tf_dpfair.privacy import sampling
 
     model = make_model()
     poisson = {"sampling": "poisson", "source": "pipeline",
@@ -302,7 +302,7 @@ def test_statement_before_fit_with_a_spec_reads_the_restored_ledger():
     logger.set_model(model)
     for steps in (7, 8):
         assert logger.statement(steps).epsilon == pytest.approx(
-            dpf.accounting.compute_epsilon(noise_multiplier=1.0, delta=1e-3,
+            dpf.privacy.accounting.compute_epsilon(noise_multiplier=1.0, delta=1e-3,
                                            sampling="poisson", steps=steps,
                                            sampling_probability=0.2), rel=1e-9)
     with pytest.raises(ValueError, match="would leave some out"):

@@ -13,9 +13,11 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 import tf_dpfair as dpf
-from tf_dpfair import dashboard_rates, dashboards, error_rates
-from tf_dpfair.metrics import GroupedAUC
-from tf_dpfair.rate_metrics import GroupedErrorRates
+from tf_dpfair.dashboards import rates as dashboard_rates
+from tf_dpfair.dashboards import callback as dashboards
+from tf_dpfair.fairness import rates as error_rates
+from tf_dpfair.fairness.streaming_auc import GroupedAUC
+from tf_dpfair.fairness.streaming_rates import GroupedErrorRates
 
 SEX = {"sex": ["male", "female"]}
 
@@ -174,7 +176,7 @@ def test_bad_rate_settings_are_refused(tmp_path):
         rates = error_rates.evaluate([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8],
                                      {"sex": [0, 0, 1, 1]}, threshold=0.5, n_bootstrap=0,
                                      split="train")
-    evaluation = dpf.fairness.evaluate([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8],
+    evaluation = dpf.fairness.auc.evaluate([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8],
                                        {"sex": [0, 0, 1, 1]}, n_bootstrap=0)
     with pytest.raises(ValueError, match="held-out data only"):
         dashboards.FairnessDashboard(str(tmp_path)).write_evaluation(evaluation, step=0,

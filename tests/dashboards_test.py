@@ -9,9 +9,9 @@ import pytest
 import tensorflow as tf
 
 import tf_dpfair as dpf
-from tf_dpfair import dashboard_sweep
-from tf_dpfair import dashboards
-from tf_dpfair import fairness
+from tf_dpfair.dashboards import sweep as dashboard_sweep
+from tf_dpfair.dashboards import callback as dashboards
+from tf_dpfair.fairness import auc as fairness
 from tf_dpfair.datasets import synthetic
 
 from tf_dpfair.experiments import dashboard_lib

@@ -1,4 +1,4 @@
-"""Tests of sampling, padding, augmult and the element structure (tf_dpfair.data)."""
+"""Tests of sampling, padding, augmult and the element structure (tf_dpfair.data.pipeline)."""
 
 import math
 
@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_dpfair import augment
-from tf_dpfair import data
-from tf_dpfair import sampling
+from tf_dpfair.data import augment
+from tf_dpfair.data import pipeline as data
+from tf_dpfair.privacy import sampling
+from tf_dpfair.data import sampler
 
 N, B = 500, 50  # q = 0.1
 Q = B / N
@@ -32,7 +33,7 @@ def _source(num=N, size=8, with_groups=True):
 def poisson_draws():
     """Indices and masks of STEPS Poisson updates (computed once, ~2 s)."""
     spec = sampling.make_sampling_spec("poisson", N, B)
-    steps = sampling.index_dataset(spec, SEED, num_steps=STEPS).batch(STEPS)
+    steps = sampler.index_dataset(spec, SEED, num_steps=STEPS).batch(STEPS)
     _, indices, valid = next(iter(steps))
     return spec, indices.numpy(), valid.numpy()
 
@@ -47,7 +48,7 @@ def test_poisson_batch_sizes_match_binomial(poisson_draws):
     assert abs(sizes.mean() - N * Q) < 0.6
     assert abs(sizes.var(ddof=1) - N * Q * (1 - Q)) < 5.7
     # No overflow at this cap: the realised size is the drawn size.
-    drawn = sampling.drawn_batch_sizes(spec, SEED, num_steps=STEPS)
+    drawn = sampler.drawn_batch_sizes(spec, SEED, num_steps=STEPS)
     np.testing.assert_array_equal(sizes, drawn)
 
 
@@ -74,7 +75,7 @@ def test_poisson_rows_are_distinct_and_real_rows_come_first(poisson_draws):
 def test_padding_rows_have_weight_zero_and_hold_zeros():
     dataset, spec = data.make_train_dataset(_source(), expected_batch_size=B, seed=SEED,
                                             microbatch_size=8, num_steps=3)
-    drawn = sampling.drawn_batch_sizes(spec, SEED, num_steps=3)
+    drawn = sampler.drawn_batch_sizes(spec, SEED, num_steps=3)
     for (x, y, w), size in zip(dataset, drawn):
         assert x.shape == (spec.padded_batch_size, 8, 8, 1)
         assert y.shape == (spec.padded_batch_size,)
@@ -111,10 +112,10 @@ def test_pipeline_is_reproducible_and_resumable():
 def test_overflow_drop_keeps_a_random_subset_of_the_drawn_examples():
     small = sampling.make_sampling_spec("poisson", 100, 10, max_overflow_probability=0.6)
     large = sampling.make_sampling_spec("poisson", 100, 10)
-    drawn = sampling.drawn_batch_sizes(small, SEED, num_steps=20)
+    drawn = sampler.drawn_batch_sizes(small, SEED, num_steps=20)
     assert (drawn > small.padded_batch_size).any()
-    kept = list(sampling.index_dataset(small, SEED, num_steps=20))
-    full = list(sampling.index_dataset(large, SEED, num_steps=20))
+    kept = list(sampler.index_dataset(small, SEED, num_steps=20))
+    full = list(sampler.index_dataset(large, SEED, num_steps=20))
     for (_, idx_small, valid_small), (_, idx_large, valid_large), n in zip(kept, full, drawn):
         kept_set = set(idx_small.numpy()[valid_small.numpy()])
         drawn_set = set(idx_large.numpy()[valid_large.numpy()])
@@ -127,14 +128,14 @@ def test_overflow_raise_names_the_update():
     spec = sampling.make_sampling_spec("poisson", 100, 10, max_overflow_probability=0.6,
                                        on_overflow="raise")
     with pytest.raises(tf.errors.InvalidArgumentError, match="Poisson sampling drew"):
-        for _ in sampling.index_dataset(spec, SEED, num_steps=20):
+        for _ in sampler.index_dataset(spec, SEED, num_steps=20):
             pass
 
 
 def test_replicas_get_equal_shares_of_real_rows():
     spec = sampling.make_sampling_spec("poisson", N, B, microbatch_size=4, num_replicas=2)
     share = spec.padded_batch_size // 2
-    for _, _, valid in sampling.index_dataset(spec, SEED, num_steps=5):
+    for _, _, valid in sampler.index_dataset(spec, SEED, num_steps=5):
         valid = valid.numpy()
         first, second = valid[:share], valid[share:]
         assert abs(int(first.sum()) - int(second.sum())) <= 1
@@ -181,7 +182,7 @@ def test_shuffle_mode_covers_each_example_once_per_epoch():
     spec = sampling.make_sampling_spec("shuffle", 100, 30, microbatch_size=4)
     assert (spec.steps_per_epoch, spec.padded_batch_size) == (3, 32)
     epochs = []
-    for _, indices, valid in sampling.index_dataset(spec, SEED, num_steps=6):
+    for _, indices, valid in sampler.index_dataset(spec, SEED, num_steps=6):
         assert valid.numpy().sum() == 30
         epochs.append(indices.numpy()[valid.numpy()])
     for epoch in (np.concatenate(epochs[:3]), np.concatenate(epochs[3:])):
@@ -208,11 +209,11 @@ def test_sampling_spec_errors(kwargs, message):
 def test_pipeline_argument_errors():
     spec = sampling.make_sampling_spec("poisson", N, B)
     with pytest.raises(ValueError, match="seed must be an integer"):
-        sampling.index_dataset(spec, -1)
+        sampler.index_dataset(spec, -1)
     with pytest.raises(ValueError, match="start_step must be an integer >= 0"):
-        sampling.index_dataset(spec, 0, start_step=-1)
+        sampler.index_dataset(spec, 0, start_step=-1)
     with pytest.raises(ValueError, match="num_steps must be None or an integer"):
-        sampling.index_dataset(spec, 0, num_steps=-2)
+        sampler.index_dataset(spec, 0, num_steps=-2)
     with pytest.raises(ValueError, match="steps must be >= 0"):
         spec.accountant_kwargs(-1)
     with pytest.raises(ValueError, match="source must be an ExampleSource"):
@@ -235,7 +236,7 @@ def test_augmult_shape_views_differ_and_k1_is_plain():
     differs = [not np.array_equal(views[0], views[k]) for views in real for k in (1, 2, 3)]
     assert np.mean(differs) > 0.8
     plain, _ = data.make_train_dataset(source, expected_batch_size=B, seed=SEED, num_steps=1)
-    indices = next(iter(sampling.index_dataset(spec, SEED, num_steps=1)))[1].numpy()
+    indices = next(iter(sampler.index_dataset(spec, SEED, num_steps=1)))[1].numpy()
     x1, _, w1 = next(iter(plain))
     assert x1.shape == (spec.padded_batch_size, 16, 16, 1)
     images = _images(N, 16)[indices] / 255.0
@@ -247,10 +248,10 @@ def test_views_are_seeded_per_step_and_example():
     dataset, spec = data.make_train_dataset(source, expected_batch_size=B, seed=SEED,
                                             augmult=2, start_step=7, num_steps=1)
     x, _, _ = next(iter(dataset))
-    _, indices, _ = next(iter(sampling.index_dataset(spec, SEED, start_step=7, num_steps=1)))
+    _, indices, _ = next(iter(sampler.index_dataset(spec, SEED, start_step=7, num_steps=1)))
     index = indices[0]
-    seed = sampling.fold_in(sampling.fold_in(
-            sampling.stream_seed(SEED, sampling.AUGMENT_STREAM), 7), index)
+    seed = sampler.fold_in(sampler.fold_in(
+            sampler.stream_seed(SEED, sampler.AUGMENT_STREAM), 7), index)
     image = tf.constant(_images(N, 16)[index.numpy()] / 255.0, tf.float32)
     expected = augment.augment_views(image, seed, 2, augment.random_crop_flip)
     np.testing.assert_allclose(x[0].numpy(), expected.numpy(), rtol=1e-6)

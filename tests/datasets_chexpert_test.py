@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import dataset_fixtures as fx
-from tf_dpfair import data
+from tf_dpfair.data import pipeline as data
 from tf_dpfair.datasets import chexpert
 
 SEX = {name: i for i, name in enumerate(chexpert.SEX_NAMES)}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import dataset_fixtures as fx
-from tf_dpfair import data
+from tf_dpfair.data import pipeline as data
 from tf_dpfair.datasets import chexpert
 from tf_dpfair.datasets import tfds as tfds_loader
 

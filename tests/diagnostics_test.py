@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import tf_dpfair as dpf
-from tf_dpfair import diagnostics
+from tf_dpfair.training import diagnostics
 
 from conftest import mirrored_strategy
 
@@ -199,7 +199,7 @@ def test_histogram_quantiles_by_hand():
 def test_dashboard_writes_diagnostics_to_their_own_run_with_a_category(tmp_path):
     from tensorboard.backend.event_processing import event_accumulator
     from tensorboard.plugins.custom_scalar import layout_pb2
-    from tf_dpfair import dashboards
+    from tf_dpfair.dashboards import callback as dashboards
 
     x, y, groups, weights = batch_data()
     history = linear_model().fit(
@@ -224,7 +224,7 @@ def test_dashboard_writes_diagnostics_to_their_own_run_with_a_category(tmp_path)
 
 
 def test_dashboard_writes_no_training_group_figures_without_diagnostics(tmp_path):
-    from tf_dpfair import dashboards
+    from tf_dpfair.dashboards import callback as dashboards
 
     x, y, groups, weights = batch_data()
     linear_model().fit(dataset(x, y, groups, weights), steps_per_epoch=1, verbose=0,

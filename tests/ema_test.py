@@ -7,7 +7,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 import tf_dpfair as dpf
-from tf_dpfair import ema
+from tf_dpfair.training import ema
 
 
 def linear_model(ema_decay):

@@ -1,4 +1,4 @@
-"""Tests for tf_dpfair.error_rates: per-group error rates, calibration, intervals."""
+"""Tests for tf_dpfair.fairness.rates: per-group error rates, calibration, intervals."""
 
 import math
 
@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tf_dpfair import error_rates
-from tf_dpfair import thresholds
+from tf_dpfair.fairness import rates as error_rates
+from tf_dpfair.fairness import thresholds
 
 # Two groups of four; threshold 0.5. No score sits on a calibration bin edge.
 # Group a: y 1 1 0 0, decisions 1 0 1 0: TPR 1/2, FPR 1/2, error 1/2.

@@ -1,4 +1,4 @@
-"""Tests for tf_dpfair.fairness: exact grouped AUC, disparities, bootstrap."""
+"""Tests for tf_dpfair.fairness.auc: exact grouped AUC, disparities, bootstrap."""
 
 import math
 
@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from tf_dpfair import fairness
+from tf_dpfair.fairness import auc as fairness
 
 NAMES = {"sex": ["female", "male"], "age": ["young", "mid", "old"]}
 

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 import tf_dpfair as dpf
-from tf_dpfair import accounting
+from tf_dpfair.privacy import accounting
 
 N = 20
 SEEN = []  # one int array of example ids per update

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from ghost_fixtures import assert_same_norms_and_sums, assert_same_update, one_update
-from tf_dpfair import ghost
-from tf_dpfair.ghost import cost
-from tf_dpfair.ghost import depthwise
+from tf_dpfair.dpsgd import ghost
+from tf_dpfair.dpsgd.ghost import cost
+from tf_dpfair.dpsgd.ghost import depthwise
 
 
 def depthwise_model(kernel, strides, padding, dilation=1, multiplier=1,
@@ -134,7 +134,7 @@ def test_onednn_enabled_is_tensorflows_own_answer():
     import os
     import subprocess
     import sys
-    code = ("from tf_dpfair.ghost import cost\n"
+    code = ("from tf_dpfair.dpsgd.ghost import cost\n"
             "from tensorflow.python.util import _pywrap_util_port as port\n"
             "print(cost.onednn_enabled(), port.IsMklEnabled())")
     for setting, expected in (("1", "True"), ("0", "False")):

@@ -6,8 +6,8 @@ import numpy as np
 import tensorflow as tf
 
 import tf_dpfair as dpf
-from tf_dpfair import clipping
-from tf_dpfair import ghost
+from tf_dpfair.dpsgd import clipping
+from tf_dpfair.dpsgd import ghost
 
 LEARNING_RATE = 1000.0
 

@@ -6,7 +6,7 @@ import pytest
 
 import tf_dpfair as dpf
 from ghost_fixtures import assert_same_norms_and_sums, assert_same_update, one_update
-from tf_dpfair import ghost
+from tf_dpfair.dpsgd import ghost
 from tf_dpfair import models
 
 
@@ -198,7 +198,7 @@ def test_subclassed_part_is_generic_under_ghost_and_vectorized_under_auto(caplog
     config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=0.0,
                           expected_batch_size=4, clipping="auto")
     model = dpf.make_private(with_subclassed_part(), config)
-    with caplog.at_level("WARNING", logger="tf_dpfair.ghost"):
+    with caplog.at_level("WARNING", logger="tf_dpfair.dpsgd.ghost"):
         assert model._ghost_state() is None
     assert "without a functional graph hold trainable weights" in caplog.text
 

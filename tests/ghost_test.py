@@ -9,9 +9,9 @@ import conftest
 import ghost_fixtures
 from ghost_fixtures import assert_same_update
 import tf_dpfair as dpf
-from tf_dpfair import ghost
-from tf_dpfair.ghost import cost
-from tf_dpfair.ghost import dense_conv
+from tf_dpfair.dpsgd import ghost
+from tf_dpfair.dpsgd.ghost import cost
+from tf_dpfair.dpsgd.ghost import dense_conv
 from tf_dpfair import models
 
 
@@ -281,7 +281,7 @@ def test_embedding_and_layer_norm_match_vectorized():
 
 def test_fallbacks_are_announced_in_one_line(caplog):
     x, y, weights = data(4)
-    with caplog.at_level("WARNING", logger="tf_dpfair.ghost"):
+    with caplog.at_level("WARNING", logger="tf_dpfair.dpsgd.ghost"):
         one_update("auto", x, y, weights)
     notices = [r.getMessage() for r in caplog.records if "closed form" in r.getMessage()]
     assert len(notices) == 1 and "\n" not in notices[0]
@@ -293,7 +293,7 @@ def test_fallbacks_are_announced_in_one_line(caplog):
     model = dpf.make_private(Subclassed(), config)
     model.compile(optimizer="sgd",
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    with caplog.at_level("WARNING", logger="tf_dpfair.ghost"):
+    with caplog.at_level("WARNING", logger="tf_dpfair.dpsgd.ghost"):
         model.fit(np.ones((4, 3), np.float32), np.zeros(4, np.int32), batch_size=4,
                   verbose=0)
     assert [r.getMessage() for r in caplog.records] == [

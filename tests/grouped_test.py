@@ -29,7 +29,7 @@ def test_trains_exactly_like_plain_keras_and_evaluates_groups(tmp_path):
     for m in (model, plain):
         m.compile(optimizer=keras.optimizers.SGD(0.1),
                   loss=keras.losses.BinaryCrossentropy(from_logits=True),
-                  metrics=[dpf.metrics.GroupedAUC({"sex": ["m", "f"]},
+                  metrics=[dpf.fairness.streaming_auc.GroupedAUC({"sex": ["m", "f"]},
                                                   from_logits=True)]
                   if m is model else None)
     grouped = tf.data.Dataset.from_tensor_slices(

@@ -55,7 +55,7 @@ LOG = None
 @pytest.fixture
 def traced(monkeypatch):
     global LOG
-    original = dpf.model.DPTraining.train_step
+    original = dpf.training.model.DPTraining.train_step
     LOG = _Log()
 
     def train_step(self, data):
@@ -77,7 +77,7 @@ def traced(monkeypatch):
             LOG.position.assign_add(1)
         return logs
 
-    monkeypatch.setattr(dpf.model.DPTraining, "train_step", train_step)
+    monkeypatch.setattr(dpf.training.model.DPTraining, "train_step", train_step)
     APPLIED.clear()
     yield
     APPLIED.clear()

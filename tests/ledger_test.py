@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 import tf_dpfair as dpf
-from tf_dpfair import ledger
+from tf_dpfair.privacy import ledger
 
 DELTA = 1e-5
 

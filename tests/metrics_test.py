@@ -1,4 +1,4 @@
-"""Tests for tf_dpfair.metrics.GroupedAUC."""
+"""Tests for tf_dpfair.fairness.streaming_auc.GroupedAUC."""
 
 import math
 
@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 
-from tf_dpfair.metrics import GroupedAUC
+from tf_dpfair.fairness.streaming_auc import GroupedAUC
 
 GROUPS = {"sex": ["female", "male"], "age": ["young", "mid", "old"]}
 NUM_THRESHOLDS = 2000

@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 
 import tf_dpfair as dpf
-from tf_dpfair import augment
-from tf_dpfair import data
+from tf_dpfair.data import augment
+from tf_dpfair.data import pipeline as data
 
 LR = 0.5
 
@@ -108,7 +108,7 @@ def test_privacy_logger_takes_sampling_mode_from_the_pipeline(capsys):
         out = capsys.readouterr().out
         assert phrase in out and f"Sampling: {mode}" in out
         statement = logger.statement()
-        want = dpf.accounting.compute_epsilon(
+        want = dpf.privacy.accounting.compute_epsilon(
             noise_multiplier=1.0, delta=1e-3, **train.spec.accountant_kwargs(5))
         assert statement.epsilon == pytest.approx(want)
         assert statement.delta >= 1e-3  # plus the truncation allowance

@@ -32,7 +32,7 @@ def grouped_model(strategy=None):
         model = dpf.DPModel(inputs=inputs, outputs=outputs, dp_config=config)
         model.compile(optimizer=keras.optimizers.SGD(0.0),
                       loss=keras.losses.BinaryCrossentropy(from_logits=True),
-                      metrics=[dpf.metrics.GroupedAUC({"sex": ["male", "female"]},
+                      metrics=[dpf.fairness.streaming_auc.GroupedAUC({"sex": ["male", "female"]},
                                                       from_logits=True)])
     return model
 

@@ -16,9 +16,9 @@ import pytest
 
 import conftest
 import tf_dpfair as dpf
-from tf_dpfair import cluster
-from tf_dpfair import data
-from tf_dpfair import feeding
+from tf_dpfair import workers as cluster
+from tf_dpfair.data import pipeline as data
+from tf_dpfair.privacy import input_sampling as feeding
 
 SEED = 2**61 + 123_456_789  # a secret-looking seed that must never be shown
 OTHER_SEED = 987_654_321_987
@@ -103,7 +103,7 @@ def test_a_different_sampling_seed_is_refused_with_share_from_chief():
     assert message.startswith(
         "The 2 workers of this job do not agree on what decides the logical "
         "batches: they differ in the sampling seed.")
-    assert "tf_dpfair.cluster.share_from_chief(strategy, secrets.randbits(62))" in message
+    assert "tf_dpfair.workers.share_from_chief(strategy, secrets.randbits(62))" in message
     assert "sensitivity up to 2C" in message
     assert "Refused on every worker before the first update" in message
     assert "sampling spec" not in message and "DPConfig" not in message
@@ -122,7 +122,7 @@ def test_a_different_number_of_examples_names_the_spec():
     assert "the sampling spec (num_examples, sampling_probability" in message
     assert "the training data (N and the shapes and dtypes of its batches)" in message
     assert "the sampling seed" not in message
-    assert ("the same tf_dpfair.data.make_train_dataset arguments (the same "
+    assert ("the same tf_dpfair.data.pipeline.make_train_dataset arguments (the same "
             "ExampleSource, expected_batch_size") in message
     assert "share_from_chief" not in message
     assert_no_secret(message)

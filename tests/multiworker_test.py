@@ -27,10 +27,10 @@ import tensorflow as tf
 import conftest
 import multiworker_worker as job
 import tf_dpfair as dpf
-from tf_dpfair import cluster
-from tf_dpfair import data
-from tf_dpfair import feeding
-from tf_dpfair import multiworker
+from tf_dpfair import workers as cluster
+from tf_dpfair.data import pipeline as data
+from tf_dpfair.privacy import input_sampling as feeding
+from tf_dpfair.training import keras_multiworker as multiworker
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT = 600  # seconds for the whole job (two workers and the reference)
@@ -287,10 +287,10 @@ def test_epsilon_counts_updates_not_workers(two_workers):
     spec = data.make_train_dataset(job.source(), expected_batch_size=job.BATCH,
                                    seed=0, microbatch_size=job.MICRO).spec
     # Worked out from the accountant directly: 3 Poisson updates, q = 8/48.
-    three = dpf.accounting.compute_epsilon(
+    three = dpf.privacy.accounting.compute_epsilon(
         noise_multiplier=job.NOISE, delta=job.DELTA, sampling="poisson",
         steps=3, sampling_probability=8 / 48)
-    six = dpf.accounting.compute_epsilon(
+    six = dpf.privacy.accounting.compute_epsilon(
         noise_multiplier=job.NOISE, delta=job.DELTA, sampling="poisson",
         steps=6, sampling_probability=8 / 48)
     assert spec.sampling_probability == 8 / 48
@@ -389,7 +389,7 @@ def test_cluster_helpers_and_refusals_on_two_workers(two_workers):
     assert one["after_copy"] == two["after_copy"] == [[5.0, 5.0, 5.0], 40]
     for result in (one, two):
         refused = result["refused"]
-        assert "needs the TrainData of tf_dpfair.data.make_train_dataset" in refused["arrays"]
+        assert "needs the TrainData of tf_dpfair.data.pipeline.make_train_dataset" in refused["arrays"]
         assert "count it twice" in refused["own_pipeline"]
         assert "must be sharded by data" in refused["sharding_off"]
         assert "AutoShardPolicy.OFF" in refused["sharding_off"]
@@ -425,11 +425,11 @@ def disagreeing_workers(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("case, named, fix", [
     ("seed", "they differ in the sampling seed.",
-     "tf_dpfair.cluster.share_from_chief(strategy, secrets.randbits(62))"),
+     "tf_dpfair.workers.share_from_chief(strategy, secrets.randbits(62))"),
     ("num_examples", "the sampling spec (num_examples, sampling_probability",
-     "the same tf_dpfair.data.make_train_dataset arguments"),
+     "the same tf_dpfair.data.pipeline.make_train_dataset arguments"),
     ("batch", "the sampling spec (expected_batch_size, sampling_probability",
-     "the same tf_dpfair.data.make_train_dataset arguments"),
+     "the same tf_dpfair.data.pipeline.make_train_dataset arguments"),
     ("resume", "they differ in the sampling seed.", "share_from_chief"),
 ])
 def test_workers_that_would_draw_other_batches_both_refuse(disagreeing_workers,
@@ -533,7 +533,7 @@ def test_resumed_two_worker_job_equals_the_uninterrupted_one_process_run(
     assert got["privacy"]["steps"] == want["privacy"]["steps"] == 6
     # Poisson, q = 50/200, sigma = 1, delta = 1/N, 6 updates: from the
     # accountant directly.
-    epsilon = dpf.accounting.compute_epsilon(
+    epsilon = dpf.privacy.accounting.compute_epsilon(
         noise_multiplier=1.0, delta=1 / 200, sampling="poisson", steps=6,
         sampling_probability=0.25)
     assert got["privacy"]["epsilon"] == pytest.approx(epsilon, rel=1e-9)

@@ -72,9 +72,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tf_dpfair as dpf  # noqa: E402
-from tf_dpfair import cluster  # noqa: E402
-from tf_dpfair import data  # noqa: E402
-from tf_dpfair import feeding  # noqa: E402
+from tf_dpfair import workers as cluster  # noqa: E402
+from tf_dpfair.data import pipeline as data  # noqa: E402
+from tf_dpfair.privacy import input_sampling as feeding  # noqa: E402
 
 NUM_EXAMPLES = 48
 BATCH = 8
@@ -137,7 +137,7 @@ def functional(seed, conv=False):
 
 def budget_between_3_and_4_updates(spec):
     """A target epsilon that 3 updates meet and 4 exceed."""
-    three, four = (dpf.accounting.compute_epsilon(
+    three, four = (dpf.privacy.accounting.compute_epsilon(
         noise_multiplier=NOISE, delta=DELTA, **spec.accountant_kwargs(steps))
         for steps in (3, 4))
     return (three + four) / 2
@@ -153,7 +153,7 @@ def run_dp(out_dir, role):
             l2_norm_clip=1.0, noise_multiplier=NOISE, expected_batch_size=BATCH,
             microbatch_size=MICRO, ema_decay=0.9, seed=7, clipping="ghost"))
         model.compile(optimizer=keras.optimizers.Adam(0.05), loss=bce(),
-                      metrics=[dpf.metrics.GroupedAUC(GROUPS, label_names=LABELS,
+                      metrics=[dpf.fairness.streaming_auc.GroupedAUC(GROUPS, label_names=LABELS,
                                                       from_logits=True)])
     guard = dpf.callbacks.BudgetGuard(
         budget_between_3_and_4_updates(train.spec),
@@ -217,7 +217,7 @@ def run_non_private():
         model.compile(optimizer=keras.optimizers.SGD(0.5),
                       loss=keras.losses.BinaryCrossentropy(
                           from_logits=True, reduction="mean_with_sample_weight"),
-                      metrics=[dpf.metrics.GroupedAUC(GROUPS, label_names=LABELS,
+                      metrics=[dpf.fairness.streaming_auc.GroupedAUC(GROUPS, label_names=LABELS,
                                                       from_logits=True)])
     model.fit(train.dataset, epochs=1, steps_per_epoch=2, verbose=0)
     return {"iterations": int(model.optimizer.iterations.numpy()),
@@ -271,14 +271,14 @@ def run_checkpoint(out_dir, role):
         return model
 
     trained = build(20)
-    dpf.resume.fit_resumable(
+    dpf.training.checkpoints.fit_resumable(
         trained, lambda start: data.make_train_dataset(
             examples, expected_batch_size=BATCH, seed=17, microbatch_size=MICRO,
             num_replicas=STRATEGY.num_replicas_in_sync, start_step=start),
         directory=directory, total_updates=2, steps_per_epoch=2, every_n_updates=1,
         verbose=0)
     restored = build(21)  # other initial weights, replaced by the checkpoint's
-    checkpoint = dpf.resume.DPCheckpoint(directory, verbose=0)
+    checkpoint = dpf.training.checkpoints.DPCheckpoint(directory, verbose=0)
     def state(model):
         # The ledger's ids are random per run: compare its counts instead.
         weights = [v for v in model.variables if "dp_ledger" not in v.path]
@@ -294,7 +294,7 @@ def run_checkpoint(out_dir, role):
         with open(checkpoint.lease_path, "w") as f:
             json.dump({"reserved_through": 5}, f)
     seed_before = restored.dp_config.seed
-    again = dpf.resume.DPCheckpoint(directory, verbose=0)
+    again = dpf.training.checkpoints.DPCheckpoint(directory, verbose=0)
     out["count_after_lost_updates"] = again.restore(restored)
     out["rekeyed_after_lost_updates"] = again.rekeyed
     out["noise_seed_changed"] = restored.dp_config.seed != seed_before
@@ -382,7 +382,7 @@ def run_agreement(out_dir, role):
                                         microbatch_size=MICRO))
                 model.compile(optimizer=keras.optimizers.SGD(0.5), loss=bce())
         try:
-            dpf.resume.fit_resumable(model, make_dataset, directory=directory,
+            dpf.training.checkpoints.fit_resumable(model, make_dataset, directory=directory,
                                      total_updates=total_updates,
                                      steps_per_epoch=2, every_n_updates=1,
                                      verbose=0)

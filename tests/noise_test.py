@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from tf_dpfair import noise
+from tf_dpfair.dpsgd import noise
 
 
 def draw(seed, step):

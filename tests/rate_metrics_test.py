@@ -1,4 +1,4 @@
-"""Tests for tf_dpfair.rate_metrics.GroupedErrorRates."""
+"""Tests for tf_dpfair.fairness.streaming_rates.GroupedErrorRates."""
 
 import math
 
@@ -10,8 +10,8 @@ import tensorflow as tf
 
 import conftest
 import tf_dpfair as dpf
-from tf_dpfair import error_rates
-from tf_dpfair.rate_metrics import GroupedErrorRates
+from tf_dpfair.fairness import rates as error_rates
+from tf_dpfair.fairness.streaming_rates import GroupedErrorRates
 
 GROUPS = {"sex": ["female", "male"], "age": ["young", "mid", "old"]}
 

@@ -1,4 +1,4 @@
-"""Tests for tf_dpfair.rate_reports: matched on accuracy, Markdown, CSV, figures."""
+"""Tests for tf_dpfair.fairness.rates_report: matched on accuracy, Markdown, CSV, figures."""
 
 import os
 
@@ -6,7 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tf_dpfair import error_rates, fairness, rate_reports
+from tf_dpfair.fairness import rates as error_rates
+from tf_dpfair.fairness import auc as fairness
+from tf_dpfair.fairness import rates_report as rate_reports
 
 
 def _data(n=2000, seed=0):

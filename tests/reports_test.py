@@ -1,4 +1,4 @@
-"""Tests for tf_dpfair.reports: matched comparison, Markdown, CSV, figures."""
+"""Tests for tf_dpfair.fairness.auc_report: matched comparison, Markdown, CSV, figures."""
 
 import math
 import os
@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from tf_dpfair import fairness, reports
+from tf_dpfair.fairness import auc as fairness
+from tf_dpfair.fairness import auc_report as reports
 
 PATHOLOGIES = ["atelectasis", "cardiomegaly", "consolidation", "edema", "effusion"]
 AGES = ["<40", "40-60", "60-80", ">80"]

@@ -3,7 +3,7 @@
 The subprocess tests run tests/resume_worker.py, kill it (SIGKILL) at a
 chosen or random point, run the same command again and compare with an
 uninterrupted run. The in-process tests pin down the noise argument of
-`tf_dpfair.resume`: a same-seed replay on the same data is exact, the same
+`tf_dpfair.training.checkpoints`: a same-seed replay on the same data is exact, the same
 draw on other data cancels in a difference, and `DPCheckpoint.restore`
 re-keys the noise after lost updates.
 """
@@ -22,8 +22,8 @@ import pytest
 
 import resume_worker
 import tf_dpfair as dpf
-from tf_dpfair import data
-from tf_dpfair import resume
+from tf_dpfair.data import pipeline as data
+from tf_dpfair.training import checkpoints as resume
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT = 120  # seconds per subprocess
@@ -53,7 +53,7 @@ def uninterrupted_epsilon():
     spec = data.make_train_dataset(
         resume_worker.source(), expected_batch_size=resume_worker.BATCH,
         seed=0, microbatch_size=4).spec
-    return dpf.accounting.compute_epsilon(
+    return dpf.privacy.accounting.compute_epsilon(
         noise_multiplier=resume_worker.NOISE, delta=resume_worker.DELTA,
         **spec.accountant_kwargs(resume_worker.TOTAL))
 

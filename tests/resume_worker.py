@@ -34,8 +34,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_dpfair as dpf  # noqa: E402
-from tf_dpfair import data  # noqa: E402
-from tf_dpfair import resume  # noqa: E402
+from tf_dpfair.data import pipeline as data  # noqa: E402
+from tf_dpfair.training import checkpoints as resume  # noqa: E402
 
 NUM_EXAMPLES = 48
 BATCH = 8

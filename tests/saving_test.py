@@ -106,7 +106,7 @@ def test_backup_and_restore_resumes_update_count_and_epsilon(tmp_path):
     # Keras' shuffled batches of 8 from 32 examples: passes of 4 updates; the
     # restored run starts its third pass afresh, so 3 participations.
     assert resumed.participations == 3
-    want = dpf.accounting.compute_epsilon(
+    want = dpf.privacy.accounting.compute_epsilon(
         noise_multiplier=0.5, participations=3, steps=12, delta=1e-3,
         sampling="shuffle")
     assert history.history["epsilon"][-1] == pytest.approx(want)

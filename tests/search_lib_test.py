@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from experiment_fixtures import TINY, run_binary
-from tf_dpfair import data as data_lib
-from tf_dpfair import search_privacy
+from tf_dpfair.data import pipeline as data_lib
+from tf_dpfair.privacy import search as search_privacy
 from tf_dpfair.experiments import search_lib
 from tf_dpfair.experiments import selection_lib
 from tf_dpfair.experiments import train_lib

@@ -11,8 +11,8 @@ import dp_accounting
 import numpy as np
 import pytest
 
-from tf_dpfair import accounting
-from tf_dpfair import search_privacy
+from tf_dpfair.privacy import accounting
+from tf_dpfair.privacy import search as search_privacy
 
 DELTA = 1e-5
 
@@ -140,8 +140,8 @@ def test_bad_input_is_refused_with_a_reason(make, message):
 
 
 def test_the_calculator_states_a_search_as_dp_accounting_does(capsys):
-    from tf_dpfair import feeding
-    from tf_dpfair import sampling
+    from tf_dpfair.privacy import input_sampling as feeding
+    from tf_dpfair.privacy import sampling
     from tf_dpfair.cli import privacy
 
     args = ["--num_examples=6000", "--batch_size=60", "--epochs=5", "--delta=1e-5",

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import tf_dpfair as dpf
 from tf_dpfair import models
-from tf_dpfair import separability
+from tf_dpfair.dpsgd import separability
 
 MIXES = r"Examples are not independent in '[\w]+': in training mode, changing only example 0 of a probe batch of 4 changed the output of example 1\."
 

@@ -1,9 +1,9 @@
-"""Tests for tf_dpfair.thresholds.choose_threshold."""
+"""Tests for tf_dpfair.fairness.thresholds.choose_threshold."""
 
 import numpy as np
 import pytest
 
-from tf_dpfair import thresholds
+from tf_dpfair.fairness import thresholds
 
 
 def test_youden_and_max_fpr_by_hand():

@@ -15,8 +15,8 @@ import pytest
 import tensorflow as tf
 
 import tf_dpfair as dpf
-from tf_dpfair import data
-from tf_dpfair import noise
+from tf_dpfair.data import pipeline as data
+from tf_dpfair.dpsgd import noise
 
 HOST_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc", "PrintV2", "Print",
             "StringFormat", "WriteFile", "ReadFile"}
@@ -116,7 +116,7 @@ def test_the_evaluation_step_with_grouped_auc_compiles_with_xla():
                         dp_config=dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=0.0,
                                                expected_batch_size=4))
     model.compile(optimizer="sgd", loss=keras.losses.BinaryCrossentropy(from_logits=True),
-                  metrics=[dpf.metrics.GroupedAUC({"sex": ["f", "m"]}, label_names=["a", "b"],
+                  metrics=[dpf.fairness.streaming_auc.GroupedAUC({"sex": ["f", "m"]}, label_names=["a", "b"],
                                                   from_logits=True)])
     rng = np.random.default_rng(1)
     x = tf.constant(rng.normal(size=(8, 4)).astype(np.float32))

@@ -17,7 +17,7 @@ import tf_dpfair as dpf
 from tf_dpfair.experiments import evaluation_lib
 from tf_dpfair.experiments import train
 from tf_dpfair.experiments import train_lib
-from tf_dpfair.groups import GroupSpec
+from tf_dpfair.data.groups import GroupSpec
 
 FLAGS = flags.FLAGS
 
@@ -242,7 +242,7 @@ def test_rerun_of_a_run_stopped_by_its_budget_says_it_is_finished(tmp_path, caps
     sigma = result["privacy"]["noise_multiplier"]
 
     def epsilon(steps):  # Poisson, q = 50 / 200, delta = 1/N
-        return dpf.accounting.compute_epsilon(noise_multiplier=sigma, sampling="poisson",
+        return dpf.privacy.accounting.compute_epsilon(noise_multiplier=sigma, sampling="poisson",
                                               sampling_probability=0.25, steps=steps,
                                               delta=1 / 200)
 
@@ -270,7 +270,7 @@ def test_budget_reached_before_the_planned_updates_leaves_nothing_to_train():
     def epsilon(steps):
         # fit below gets 70 array rows in batches of 10, which Keras shuffles
         # into fixed batches: accounted as shuffled, one pass per 7 updates.
-        return dpf.accounting.compute_epsilon(noise_multiplier=1.0, sampling="shuffle",
+        return dpf.privacy.accounting.compute_epsilon(noise_multiplier=1.0, sampling="shuffle",
                                               participations=math.ceil(steps / 7),
                                               steps=steps, delta=1e-3)
 

@@ -33,7 +33,7 @@ import numpy as np
 from scipy import stats
 
 from tf_dpfair import callbacks
-from tf_dpfair import data
+from tf_dpfair.data import pipeline as data
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,7 @@ class DPConfig:
         (every example differentiated through the whole model with
         `tf.vectorized_map`), "ghost" (per-example norms and the clipped sum
         layer by layer from activations and output gradients; functional
-        models only, see `tf_dpfair.ghost`) or "auto" (ghost where the model
+        models only, see `tf_dpfair.dpsgd.ghost`) or "auto" (ghost where the model
         allows, else vectorized with a one-line notice; ghost is the faster
         in benchmarks/dp_overhead.py). All give the same sum.
       seed: the secret seed of the noise stream. None (the default) draws a

@@ -22,9 +22,9 @@ import re
 import numpy as np
 import pandas as pd
 
-from tf_dpfair import data
+from tf_dpfair.data import pipeline as data
 from tf_dpfair.datasets import common
-from tf_dpfair.groups import GroupSpec, UNKNOWN
+from tf_dpfair.data.groups import GroupSpec, UNKNOWN
 
 OBSERVATIONS = (
         "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",

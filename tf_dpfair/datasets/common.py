@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from tf_dpfair.groups import UNKNOWN
+from tf_dpfair.data.groups import UNKNOWN
 
 AGE_BANDS = ("0-39", "40-59", "60-79", "80+")
 AGE_GROUP_NAMES = AGE_BANDS + (UNKNOWN,)

@@ -10,9 +10,9 @@ import gzip
 
 import numpy as np
 
-from tf_dpfair import data
+from tf_dpfair.data import pipeline as data
 from tf_dpfair.datasets import common
-from tf_dpfair.groups import GroupSpec
+from tf_dpfair.data.groups import GroupSpec
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",

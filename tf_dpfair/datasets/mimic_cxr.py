@@ -27,10 +27,10 @@ import os
 import numpy as np
 import pandas as pd
 
-from tf_dpfair import data
+from tf_dpfair.data import pipeline as data
 from tf_dpfair.datasets import common
 from tf_dpfair.datasets.chexpert import EVAL_PATHOLOGIES, OBSERVATIONS
-from tf_dpfair.groups import GroupSpec, UNKNOWN
+from tf_dpfair.data.groups import GroupSpec, UNKNOWN
 
 LABELS_FILE = "mimic-cxr-2.0.0-chexpert.csv"
 SPLIT_FILE = "mimic-cxr-2.0.0-split.csv"

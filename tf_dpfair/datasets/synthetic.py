@@ -21,10 +21,10 @@ shows up even without training; a small CNN learns it from 32x32 images.
 
 import numpy as np
 
-from tf_dpfair import data
+from tf_dpfair.data import pipeline as data
 from tf_dpfair.datasets import common
 from tf_dpfair.datasets.chexpert import EVAL_PATHOLOGIES
-from tf_dpfair.groups import GroupSpec
+from tf_dpfair.data.groups import GroupSpec
 
 SEX_PROPORTIONS = {"male": 0.594, "female": 0.406}
 # CheXpert's published figures sum to 0.999 (rounding); they are renormalised.

@@ -19,7 +19,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from tf_dpfair import data
+from tf_dpfair.data import pipeline as data
 from tf_dpfair.datasets import chexpert
 from tf_dpfair.datasets import common
 

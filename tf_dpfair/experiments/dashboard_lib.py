@@ -29,8 +29,8 @@ import keras
 from PIL import Image
 
 import tf_dpfair as dpf
-from tf_dpfair import dashboards
-from tf_dpfair import data
+from tf_dpfair.dashboards import callback as dashboards
+from tf_dpfair.data import pipeline as data
 from tf_dpfair.datasets import synthetic
 
 # Female examples carry a weaker signal: a gap the dashboard must show.
@@ -83,7 +83,7 @@ def train_demo_run(log_dir, *, noise_multiplier=1.0, epochs=2, steps_per_epoch=2
     label_names = [name.replace(" ", "_") for name in synthetic.LABELS]
     model.compile(optimizer=keras.optimizers.SGD(learning_rate),
                   loss=keras.losses.BinaryCrossentropy(from_logits=True),
-                  metrics=[dpf.metrics.GroupedAUC(groups.to_dict(), label_names=label_names,
+                  metrics=[dpf.fairness.streaming_auc.GroupedAUC(groups.to_dict(), label_names=label_names,
                                                   from_logits=True, num_thresholds=500)])
     # A non-private run has no finite epsilon, so no budget to hold it to.
     budget = target_epsilon if noise_multiplier > 0 else None

@@ -19,7 +19,7 @@ from absl import flags  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
-from tf_dpfair import reports  # noqa: E402
+from tf_dpfair.fairness import auc_report as reports  # noqa: E402
 from tf_dpfair.datasets import fashion_mnist  # noqa: E402
 from tf_dpfair.experiments import demo_lib  # noqa: E402
 from tf_dpfair.experiments import flags_lib  # noqa: E402

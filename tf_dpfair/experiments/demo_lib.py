@@ -5,7 +5,7 @@ privacy (through `sweep_lib`, so a rerun resumes or skips finished runs) and
 writes the sweep report (`report_lib`). `run` is the older single private
 run, kept for scripts that call it.
 
-Logical batches are drawn by true Poisson sampling (`tf_dpfair.data`), so the
+Logical batches are drawn by true Poisson sampling (`tf_dpfair.data.pipeline`), so the
 privacy statement uses the Poisson accountant, and the pipeline's sampling
 spec is handed to the accountant so the two cannot disagree.
 """
@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 import tf_dpfair as dpf
-from tf_dpfair import data
+from tf_dpfair.data import pipeline as data
 from tf_dpfair.datasets import common
 from tf_dpfair.datasets import fashion_mnist
 from tf_dpfair.experiments import report_lib
@@ -82,7 +82,7 @@ def run(target_epsilon=3.0, delta=1e-5, epochs=3, batch_size=1000,
         mode="poisson", microbatch_size=microbatch_size)
     spec = train.spec
     steps = epochs * spec.steps_per_epoch
-    sigma = dpf.accounting.calibrate_noise_multiplier(
+    sigma = dpf.privacy.accounting.calibrate_noise_multiplier(
         target_epsilon=target_epsilon, delta=delta,
         **spec.accountant_kwargs(steps))
     print(f"Data: {description}, {spec.num_examples} training examples. Noise "

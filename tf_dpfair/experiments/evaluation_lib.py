@@ -2,7 +2,7 @@
 
 Figures reported for every run (raw weights, and EMA weights where kept):
 
-- AUC: `tf_dpfair.fairness.evaluate` with bootstrap intervals. For
+- AUC: `tf_dpfair.fairness.auc.evaluate` with bootstrap intervals. For
   multi-label data (chest X-rays) the mean AUC over labels, as in the paper.
   For multi-class data (Fashion-MNIST, ImageNet) the macro mean of the
   one-vs-rest AUCs of the classes (each class's AUC in a group is defined
@@ -11,7 +11,7 @@ Figures reported for every run (raw weights, and EMA weights where kept):
   with bootstrap intervals resampled within each group (the figure of the
   PAIR explorable's rotated-digit study, where the rare group's accuracy
   collapses while its AUC can stay far above chance).
-- Error rates and calibration (`tf_dpfair.error_rates.evaluate`): per group
+- Error rates and calibration (`tf_dpfair.fairness.rates.evaluate`): per group
   TPR, FPR, selection rate, error, ECE (10 equal-width bins) and Brier
   score, equal-opportunity and equalized-odds differences. Multi-class data:
   the top-1 decision (classes one-vs-rest, and top-1 error and confidence
@@ -28,10 +28,10 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tf_dpfair import error_rates
-from tf_dpfair import fairness
-from tf_dpfair import rate_reports
-from tf_dpfair import reports
+from tf_dpfair.fairness import rates as error_rates
+from tf_dpfair.fairness import auc as fairness
+from tf_dpfair.fairness import rates_report as rate_reports
+from tf_dpfair.fairness import auc_report as reports
 
 NO_GROUPS = "all"
 # Decision threshold of multi-label runs, given (stated in every report).
@@ -49,7 +49,7 @@ def predict(forward, dataset, num_examples, multi_label):
     Args:
         forward: `forward_fn(model)`, a model producing logits; EMA weights
             swapped into the model's variables are seen by the same function.
-        dataset: from `tf_dpfair.data.make_eval_dataset` (with groups), in
+        dataset: from `tf_dpfair.data.pipeline.make_eval_dataset` (with groups), in
             index order with weight-0 padding at the end.
         num_examples: real examples in the dataset (padding is dropped).
         multi_label: sigmoid scores per label instead of softmax scores.

@@ -31,7 +31,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tf_dpfair import reports
+from tf_dpfair.fairness import auc_report as reports
 from tf_dpfair.experiments import evaluation_lib
 from tf_dpfair.experiments import inputs_lib
 from tf_dpfair.experiments import train_lib

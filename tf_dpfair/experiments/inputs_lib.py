@@ -18,7 +18,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from tf_dpfair import data as data_lib
+from tf_dpfair.data import pipeline as data_lib
 from tf_dpfair import models
 from tf_dpfair.datasets import chexpert
 from tf_dpfair.datasets import common
@@ -26,7 +26,7 @@ from tf_dpfair.datasets import fashion_mnist
 from tf_dpfair.datasets import mimic_cxr
 from tf_dpfair.datasets import synthetic
 from tf_dpfair.datasets import tfds
-from tf_dpfair.groups import GroupSpec
+from tf_dpfair.data.groups import GroupSpec
 
 DIGIT_DATASETS = ("fashion_mnist", "mnist")
 TFDS_DATASETS = {"imagenet2012": 1000, "places365": 365}

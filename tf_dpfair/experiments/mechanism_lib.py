@@ -32,8 +32,8 @@ import keras
 import numpy as np
 
 import tf_dpfair as dpf
-from tf_dpfair import data as data_lib
-from tf_dpfair import diagnostics
+from tf_dpfair.data import pipeline as data_lib
+from tf_dpfair.training import diagnostics
 from tf_dpfair.datasets import fashion_mnist
 from tf_dpfair.experiments import inputs_lib
 
@@ -177,7 +177,7 @@ def run_setting(recipe, setting, work_dir):
         clip = NO_CLIP_NORM
         optimizer = keras.optimizers.SGD(recipe.unclipped_sgd_learning_rate)
     elif setting.privacy != "clip":
-        sigma = dpf.accounting.calibrate_noise_multiplier(
+        sigma = dpf.privacy.accounting.calibrate_noise_multiplier(
             target_epsilon=float(setting.privacy), delta=recipe.delta,
             **train.spec.accountant_kwargs(steps))
     keras.utils.set_random_seed(recipe.seed)

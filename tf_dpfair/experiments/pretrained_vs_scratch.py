@@ -77,9 +77,9 @@ def main(argv):
     n = _TRAIN.value - _TRAIN.value % _BATCH.value
     data = ((x_train[:n], y_train[:n]), (x_test[:_TEST.value], y_test[:_TEST.value]))
     steps = _EPOCHS.value * n // _BATCH.value
-    sigma = dpf.accounting.calibrate_noise_multiplier(
+    sigma = dpf.privacy.accounting.calibrate_noise_multiplier(
         target_epsilon=_EPSILON.value, delta=1e-5,
-        **dpf.accounting.sampling_arguments(
+        **dpf.privacy.accounting.sampling_arguments(
             sampling="shuffle", num_examples=n, batch_size=_BATCH.value,
             steps=steps))
     print(f"{source}: {n} training, {len(data[1][0])} test examples; "

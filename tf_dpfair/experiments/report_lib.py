@@ -38,13 +38,13 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tf_dpfair import error_rates
-from tf_dpfair import rate_reports
-from tf_dpfair import reports
+from tf_dpfair.fairness import rates as error_rates
+from tf_dpfair.fairness import rates_report as rate_reports
+from tf_dpfair.fairness import auc_report as reports
 from tf_dpfair.experiments import evaluation_lib
 from tf_dpfair.experiments import explorable_lib
 from tf_dpfair.experiments import sweep_lib
-from tf_dpfair.groups import GroupSpec
+from tf_dpfair.data.groups import GroupSpec
 
 _NOT_FACETS = ("epsilon", "non_private", "noise_multiplier", "seed")
 

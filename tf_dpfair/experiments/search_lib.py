@@ -35,9 +35,9 @@ import shutil
 import keras
 import numpy as np
 
-from tf_dpfair import feeding
-from tf_dpfair import sampling
-from tf_dpfair import search_privacy
+from tf_dpfair.privacy import input_sampling as feeding
+from tf_dpfair.privacy import sampling
+from tf_dpfair.privacy import search as search_privacy
 from tf_dpfair.experiments import configs
 from tf_dpfair.experiments import inputs_lib
 from tf_dpfair.experiments import selection_lib

@@ -27,7 +27,7 @@ import secrets
 
 import numpy as np
 
-from tf_dpfair import data as data_lib
+from tf_dpfair.data import pipeline as data_lib
 from tf_dpfair.experiments import evaluation_lib
 
 SENSITIVITY = 1.0

@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-from tf_dpfair import search_privacy  # noqa: E402
+from tf_dpfair.privacy import search as search_privacy  # noqa: E402
 from tf_dpfair.experiments import flags_lib  # noqa: E402
 from tf_dpfair.experiments import search_lib  # noqa: E402
 from tf_dpfair.experiments import sweep_lib  # noqa: E402

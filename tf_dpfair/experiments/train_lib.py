@@ -44,7 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_dpfair as dpf
-from tf_dpfair import data as data_lib
+from tf_dpfair.data import pipeline as data_lib
 from tf_dpfair.experiments import configs
 from tf_dpfair.experiments import evaluation_lib
 from tf_dpfair.experiments import inputs_lib
@@ -289,7 +289,7 @@ def extra_callbacks(settings, work_dir, *, privacy_logger, run_data, test):
 
     With group attributes, the dashboard evaluates the test split exactly
     each epoch: per-group AUC and error rates with bootstrap bands
-    (`tf_dpfair.dashboards`), at the top-1 class for multi-class data and at
+    (`tf_dpfair.dashboards.callback`), at the top-1 class for multi-class data and at
     `evaluation_lib.THRESHOLD` for multi-label data. Private runs with
     `group_diagnostics` also get `diagnostics.GroupDiagnostics` first, so the
     dashboard shows the training-set figures in their own category.
@@ -298,7 +298,7 @@ def extra_callbacks(settings, work_dir, *, privacy_logger, run_data, test):
     multi_class = not run_data.multi_label
     found = []
     if settings.group_diagnostics and settings.private and grouped:
-        found.append(dpf.diagnostics.GroupDiagnostics(
+        found.append(dpf.training.diagnostics.GroupDiagnostics(
             run_data.group_spec, alignment=settings.diagnostics_alignment))
     found.append(dpf.dashboards.FairnessDashboard(
         os.path.join(work_dir, "tensorboard"), privacy_logger=privacy_logger,
@@ -329,7 +329,7 @@ def _compile(model, settings, run_data):
     metrics = [] if multi_label else ["accuracy"]
     if run_data.group_spec.attributes:
         # Streaming per-group error rates on validation data (never training).
-        metrics.append(dpf.rate_metrics.GroupedErrorRates(
+        metrics.append(dpf.fairness.streaming_rates.GroupedErrorRates(
             run_data.group_spec.to_dict(), from_logits=True,
             threshold=evaluation_lib.THRESHOLD if multi_label else None,
             multi_class=not multi_label,
@@ -362,10 +362,10 @@ def _restore(model, backup_dir, steps_per_epoch, strategy):
     gets its state (`cluster.copy_from_chief`): the others need no access
     to the work dir.
     """
-    chief = dpf.cluster.is_chief(strategy)
+    chief = dpf.workers.is_chief(strategy)
     weights = os.path.join(backup_dir, "latest.weights.h5")
     found = chief and os.path.exists(weights)
-    if not dpf.cluster.share_from_chief(strategy, int(found)):
+    if not dpf.workers.share_from_chief(strategy, int(found)):
         return 0
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
@@ -380,10 +380,10 @@ def _restore(model, backup_dir, steps_per_epoch, strategy):
                        f"epochs of {steps_per_epoch}: it belongs to other settings. "
                        f"Remove it or use another work_dir.")
     # Every worker stops on the chief's finding, rather than wait for it.
-    if dpf.cluster.share_from_chief(strategy, int(problem is not None)):
+    if dpf.workers.share_from_chief(strategy, int(problem is not None)):
         raise ValueError(problem or "The chief found a backup of other settings "
                          "in its work_dir (see its output).")
-    dpf.cluster.copy_from_chief(strategy, model.variables + model.optimizer.variables)
+    dpf.workers.copy_from_chief(strategy, model.variables + model.optimizer.variables)
     return updates_applied(model)
 
 
@@ -434,8 +434,8 @@ def last_diagnostics(history):
     """
     nested = {}
     for key, values in history.items():
-        parts = key[len(dpf.diagnostics.PREFIX):].split("/")
-        if key.startswith(dpf.diagnostics.PREFIX) and len(parts) == 3 and values:
+        parts = key[len(dpf.training.diagnostics.PREFIX):].split("/")
+        if key.startswith(dpf.training.diagnostics.PREFIX) and len(parts) == 3 and values:
             attribute, group, figure = parts
             nested.setdefault(attribute, {}).setdefault(group, {})[figure] = values[-1]
     return nested
@@ -451,7 +451,7 @@ def _seeds(settings, strategy):
     if settings.deterministic:
         return settings.seed + 1, settings.seed + 2
     # DPConfig(seed=None) draws its own secret noise seed.
-    return dpf.cluster.share_from_chief(strategy, secrets.randbits(62)), None
+    return dpf.workers.share_from_chief(strategy, secrets.randbits(62)), None
 
 
 def _privacy(settings, model, logger, sigma, spec, delta, total_steps):
@@ -495,7 +495,7 @@ def plan_updates(settings, spec, delta):
     if settings.private:
         sigma = settings.noise_multiplier
         if sigma is None:
-            sigma = dpf.accounting.calibrate_noise_multiplier(
+            sigma = dpf.privacy.accounting.calibrate_noise_multiplier(
                 target_epsilon=settings.epsilon, delta=delta, accountant=settings.accountant,
                 **spec.accountant_kwargs(total_steps))
     return period, epochs, total_steps, sigma
@@ -505,7 +505,7 @@ def _worker_result(strategy, privacy):
     """What `run` returns on a worker that is not the chief (it writes nothing)."""
     return {"finished": True, "chief": False,
             "worker": strategy.cluster_resolver.task_id,
-            "num_workers": dpf.cluster.num_workers(strategy), "privacy": privacy}
+            "num_workers": dpf.workers.num_workers(strategy), "privacy": privacy}
 
 
 def run(settings, *, callbacks=(), strategy=None, verbose=2):
@@ -537,11 +537,11 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
     # First: a multi-worker job must configure its collective ops before any
     # dataset exists (loading the data builds some).
     strategy = strategy or make_strategy(settings.strategy, settings.tpu)
-    chief = dpf.cluster.is_chief(strategy)
+    chief = dpf.workers.is_chief(strategy)
     work_dir = settings.work_dir
     result_path = os.path.join(work_dir, RESULT_FILE)
     finished = chief and os.path.exists(result_path)
-    if dpf.cluster.share_from_chief(strategy, int(finished)):
+    if dpf.workers.share_from_chief(strategy, int(finished)):
         if not chief:
             return _worker_result(strategy, None)
         with open(result_path) as f:
@@ -644,7 +644,7 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
                             for a in run_data.group_spec.attributes}},
         "training": {"epochs": epochs, "steps_per_epoch": period,
                      "total_steps": total_steps, "replicas": replicas,
-                     "workers": dpf.cluster.num_workers(strategy),
+                     "workers": dpf.workers.num_workers(strategy),
                      "seconds_this_session": train_seconds,
                      # Training data, outside the DP guarantee (last epoch).
                      "diagnostics": diagnostics},

@@ -7,7 +7,7 @@ mode) or replacing it with GroupNormalization makes examples independent.
 
 Every function here finds BatchNormalization at any depth: in nested models,
 held by custom layers, inside wrappers such as `TimeDistributed`. DP training
-does not rely on this list alone: `tf_dpfair.separability` also checks the
+does not rely on this list alone: `tf_dpfair.dpsgd.separability` also checks the
 model itself, whatever its layers, before the first update.
 """
 
