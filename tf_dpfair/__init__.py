@@ -22,6 +22,7 @@ Names are imported on first use, so `import tf_dpfair` does not import
 TensorFlow.
 """
 
+from tf_dpfair import _keras_registration
 from tf_dpfair import _lazy
 from tf_dpfair import _old_paths
 
@@ -48,3 +49,6 @@ def __getattr__(name):
     if name in _old_paths.MOVED:
         return _old_paths.module(name)
     return _public_getattr(name)
+
+
+_keras_registration.install()

@@ -98,6 +98,11 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def install():
-    """Puts the finder on `sys.meta_path` (once)."""
+    """Puts the finder first on `sys.meta_path` (once).
+
+    First, because the path finder would otherwise load a submodule of an old
+    package path (`tf_dpfair.ghost.plan`) from the new package's folder as a
+    second copy of the module.
+    """
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
-        sys.meta_path.append(_Finder())
+        sys.meta_path.insert(0, _Finder())
