@@ -128,6 +128,9 @@ def train_then_report(bin_dir, cwd):
                     tiny_flags(epsilon=3.0, work_dir="runs/epsilon=3"), cwd)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     assert "Results in runs/epsilon=3" in train.stdout
+    # TensorFlow's C++ start-up logs are hidden (tf_dpfair.cli.tf_startup).
+    for noise in ("absl::InitializeLog", "oneDNN", "cuda"):
+        assert noise not in train.stderr, train.stderr[-3000:]
     result = json.loads((cwd / "runs" / "epsilon=3" / "result.json").read_text())
     assert result["privacy"]["private"] is True
     assert 2.5 < result["privacy"]["epsilon"] <= 3.0  # calibrated to the target

@@ -107,7 +107,7 @@ def test_cost_model_picks_the_cheapest_method_that_fits(monkeypatch):
     assert cost.cheapest({"big": fast_but_big, "slow": slow}) == "slow"
     assert cost.cheapest({"big": fast_but_big}) == "big"
     assert (small + slow).elementwise == 1e6 + 1e9
-    assert cost.UNKNOWN.seconds() == float("inf")
+    assert cost.UNKNOWN_COST.seconds() == float("inf")
 
 
 def test_depthwise_methods_are_chosen_by_kernel_size(monkeypatch):

@@ -13,6 +13,7 @@
 import ast
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -227,3 +228,16 @@ def test_import_tf_dpfair_then_keras_loads_a_saved_model_in_a_fresh_process():
         print(type(model).__name__, model.update_count)
     """)
     assert out.split() == ["False", "DPModel", "8"]
+
+
+LONG = 420  # lines: "a file over ~400 lines is a smell" (DESIGN.md)
+
+
+def test_every_long_module_says_at_its_top_why_it_is_long():
+    unexplained = []
+    for path in python_files():
+        lines = path.read_text().count("\n")
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        if lines > LONG and not re.search(r"about [\d,]+ lines", doc):
+            unexplained.append(f"{module_name(path)}: {lines} lines")
+    assert not unexplained, unexplained

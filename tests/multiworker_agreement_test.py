@@ -122,7 +122,7 @@ def test_a_different_number_of_examples_names_the_spec():
     assert "the sampling spec (num_examples, sampling_probability" in message
     assert "the training data (N and the shapes and dtypes of its batches)" in message
     assert "the sampling seed" not in message
-    assert ("the same tf_dpfair.data.pipeline.make_train_dataset arguments (the same "
+    assert ("the same tf_dpfair.data.make_train_dataset arguments (the same "
             "ExampleSource, expected_batch_size") in message
     assert "share_from_chief" not in message
     assert_no_secret(message)

@@ -389,7 +389,7 @@ def test_cluster_helpers_and_refusals_on_two_workers(two_workers):
     assert one["after_copy"] == two["after_copy"] == [[5.0, 5.0, 5.0], 40]
     for result in (one, two):
         refused = result["refused"]
-        assert "needs the TrainData of tf_dpfair.data.pipeline.make_train_dataset" in refused["arrays"]
+        assert "needs the TrainData of tf_dpfair.data.make_train_dataset" in refused["arrays"]
         assert "count it twice" in refused["own_pipeline"]
         assert "must be sharded by data" in refused["sharding_off"]
         assert "AutoShardPolicy.OFF" in refused["sharding_off"]
@@ -427,9 +427,9 @@ def disagreeing_workers(tmp_path_factory):
     ("seed", "they differ in the sampling seed.",
      "tf_dpfair.workers.share_from_chief(strategy, secrets.randbits(62))"),
     ("num_examples", "the sampling spec (num_examples, sampling_probability",
-     "the same tf_dpfair.data.pipeline.make_train_dataset arguments"),
+     "the same tf_dpfair.data.make_train_dataset arguments"),
     ("batch", "the sampling spec (expected_batch_size, sampling_probability",
-     "the same tf_dpfair.data.pipeline.make_train_dataset arguments"),
+     "the same tf_dpfair.data.make_train_dataset arguments"),
     ("resume", "they differ in the sampling seed.", "share_from_chief"),
 ])
 def test_workers_that_would_draw_other_batches_both_refuse(disagreeing_workers,

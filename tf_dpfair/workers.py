@@ -164,13 +164,13 @@ _FIXES = {
              "tf_dpfair.workers.share_from_chief(strategy, "
              "secrets.randbits(62)), then make_train_dataset(..., seed=seed)"),
     "pipeline": ("build the pipeline on every worker with the same "
-                 "tf_dpfair.data.pipeline.make_train_dataset arguments (the same "
+                 "tf_dpfair.data.make_train_dataset arguments (the same "
                  "ExampleSource, expected_batch_size, mode, microbatch_size, "
                  "augmult, with_groups, and num_replicas="
                  "strategy.num_replicas_in_sync, the replicas of the whole "
                  "job)"),
     "start": ("build it on every worker with start_step=model.update_count "
-              "and the same num_steps (resume.fit_resumable does both)"),
+              "and the same num_steps (tf_dpfair.training.checkpoints.fit_resumable does both)"),
     "dp": ("give every worker the same DPConfig (its noise seed may differ: "
            "only the chief's first replica adds noise)"),
 }
@@ -237,7 +237,7 @@ def agreement_items(tag, element_spec, dp_config):
     chief. Comparing it would refuse every such job for nothing.
 
     Args:
-      tag: the pipeline's `feeding.PipelineTag`.
+      tag: the pipeline's `tf_dpfair.privacy.pipeline_tag.PipelineTag`.
       element_spec: the `element_spec` of the dataset given to `fit`.
       dp_config: the model's `DPConfig`.
 
@@ -296,7 +296,7 @@ def refusal(items, low, high, workers):
             return ("The training pipeline records no digest of its sampling "
                     "seed, so the workers cannot check that they draw the "
                     "same logical batches. Build it with "
-                    "tf_dpfair.data.pipeline.make_train_dataset on every worker.")
+                    "tf_dpfair.data.make_train_dataset on every worker.")
         return None
     named = {}
     for item in differ:
@@ -327,11 +327,11 @@ def check_workers_agree(strategy, tag, dp_config, element_spec):
     exactly when all digests are), and `refusal` compares them. No worker
     sends a seed, only digests. A collective op: every worker must call it,
     as `DPModel.fit` does before the first update (after a restore too, so
-    `resume.fit_resumable` is covered). No-op outside a multi-worker job.
+    `tf_dpfair.training.checkpoints.fit_resumable` is covered). No-op outside a multi-worker job.
 
     Args:
       strategy: the model's `tf.distribute.Strategy`.
-      tag: the `feeding.PipelineTag` of the dataset given to `fit`.
+      tag: the `tf_dpfair.privacy.pipeline_tag.PipelineTag` of the dataset given to `fit`.
       dp_config: the model's `DPConfig`.
       element_spec: that dataset's `element_spec`.
 

@@ -70,6 +70,25 @@ def package_data():
                   if p.is_file() and p.suffix not in (".py", ".pyc"))
 
 
+def lazily_loaded(node, module):
+    """Modules named by a `_lazy.attach(package, submodules=..., names=...)` call.
+
+    A package that loads its public names on first use (tf_dpfair/_lazy.py)
+    depends on the modules it names as strings, not as imports.
+    """
+    if not (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "attach"
+            and getattr(node.func.value, "id", None) == "_lazy" and node.args):
+        return []
+    first = node.args[0]
+    package = module if isinstance(first, ast.Name) else ast.literal_eval(first)
+    found = []
+    for keyword in node.keywords:
+        value = ast.literal_eval(keyword.value)
+        relative = value.values() if isinstance(value, dict) else value
+        found += [f"{package}.{name}" for name in relative]
+    return found
+
+
 def imported_modules(path, known):
     """The package modules that `path` imports (by module name)."""
     tree = ast.parse((ROOT / path).read_text())
@@ -83,6 +102,7 @@ def imported_modules(path, known):
             for alias in node.names:
                 full = f"{node.module}.{alias.name}"
                 names.append(full if full in known else node.module)
+        names += lazily_loaded(node, module_of(path))
         for name in names:
             while name:
                 if name in known:

@@ -5,7 +5,7 @@ batch B, E epochs and noise multiplier sigma give?", and `--target_epsilon`
 answers the inverse ("which sigma keeps epsilon within the budget?"). This
 command answers both for the run the package makes of those numbers:
 
-    train = tf_dpfair.data.pipeline.make_train_dataset(
+    train = tf_dpfair.data.make_train_dataset(
         source, expected_batch_size=B, mode=SAMPLING, seed=SECRET)
     model.fit(train, epochs=E,
               callbacks=[tf_dpfair.callbacks.PrivacyLogger(delta=DELTA)])
@@ -285,7 +285,7 @@ def make_parser():
         description=(
             "Prints the (epsilon, delta) statement, with its assumptions, of "
             "E epochs of DP-SGD on the package's pipeline "
-            "(model.fit(tf_dpfair.data.pipeline.make_train_dataset(...), epochs=E) "
+            "(model.fit(tf_dpfair.data.make_train_dataset(...), epochs=E) "
             "with a PrivacyLogger): the lines the logger prints at the end "
             "of that run. With --target_epsilon instead of "
             "--noise_multiplier, finds the noise multiplier for the budget."),

@@ -1,11 +1,11 @@
 """HParams table and private vs non-private comparison of a sweep of runs.
 
 A sweep directory holds one log directory per run, each written by
-`dashboards.FairnessDashboard` (e.g. `sweep/eps1`, `sweep/eps8`,
+`callback.FairnessDashboard` (e.g. `sweep/eps1`, `sweep/eps8`,
 `sweep/non_private`); point TensorBoard at the sweep directory.
 
 - `write_hparams_config(sweep_dir)` writes the HParams experiment config:
-  the settings of `dashboards.run_hparams` with the values the runs used as
+  the settings of `layout.run_hparams` with the values the runs used as
   domains, and the final overall AUC, worst-group AUC and gap of each
   attribute (current and EMA weights) and epsilon as metrics, so the table
   and parallel-coordinates views compare the sweep.
@@ -28,7 +28,7 @@ from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util import tensor_util
 
-from tf_dpfair.dashboards import callback as dashboards
+from tf_dpfair.dashboards import summaries
 
 SWEEP_RUN = "sweep_comparison"
 SWEEP_IMAGE_PREFIX = "gap_vs_auc/"
@@ -62,13 +62,13 @@ def _sessions(sweep_dir):
     """(run name, hparams, {run: accumulator}) of every dashboard run under `sweep_dir`."""
     found = []
     for directory, subdirs, _ in sorted(tf.io.gfile.walk(sweep_dir)):
-        if dashboards.FAIRNESS_RUN not in subdirs:
+        if summaries.FAIRNESS_RUN not in subdirs:
             continue
         values = _session_values(_load(directory))
         if values is None:
             continue
         runs = {run: _load(os.path.join(directory, run))
-                for run in (dashboards.FAIRNESS_RUN, dashboards.EMA_RUN) if run in subdirs}
+                for run in (summaries.FAIRNESS_RUN, summaries.EMA_RUN) if run in subdirs}
         found.append((os.path.relpath(directory, sweep_dir), values, runs))
     return found
 
@@ -90,10 +90,10 @@ def read_sweep(sweep_dir, attribute, *, ema=None):
     """
     results = []
     for name, values, runs in _sessions(sweep_dir):
-        use_ema = ema if ema is not None else _last(runs.get(dashboards.EMA_RUN), "auc") is not None
-        run = runs.get(dashboards.EMA_RUN if use_ema else dashboards.FAIRNESS_RUN)
+        use_ema = ema if ema is not None else _last(runs.get(summaries.EMA_RUN), "auc") is not None
+        run = runs.get(summaries.EMA_RUN if use_ema else summaries.FAIRNESS_RUN)
         private = bool(values.get("private", False))
-        epsilon = _last(runs[dashboards.FAIRNESS_RUN], dashboards.EPSILON_TAG)
+        epsilon = _last(runs[summaries.FAIRNESS_RUN], summaries.EPSILON_TAG)
         figures = {key: _last(run, tag) for key, tag in (
             ("auc", "auc"), ("gap", f"auc_gap/{attribute}"), ("worst", f"auc_worst/{attribute}"))}
         results.append({
@@ -135,14 +135,14 @@ def write_hparams_config(sweep_dir):
     for _, session_values, runs in sessions:
         for key, value in session_values.items():
             values.setdefault(key, []).append(value)
-        for tag in runs[dashboards.FAIRNESS_RUN].Tags()["tensors"]:
+        for tag in runs[summaries.FAIRNESS_RUN].Tags()["tensors"]:
             parts = tag.split("/")
             if parts[0] == "auc_gap" and len(parts) == 2 and parts[1] not in attributes:
                 attributes.append(parts[1])
     hparams = [hp.HParam(name, _domain(vals)) for name, vals in values.items()]
-    metrics = [hp.Metric(dashboards.EPSILON_TAG, group=dashboards.FAIRNESS_RUN,
+    metrics = [hp.Metric(summaries.EPSILON_TAG, group=summaries.FAIRNESS_RUN,
                          display_name="epsilon spent")]
-    for run, weights in ((dashboards.FAIRNESS_RUN, ""), (dashboards.EMA_RUN, "EMA ")):
+    for run, weights in ((summaries.FAIRNESS_RUN, ""), (summaries.EMA_RUN, "EMA ")):
         metrics.append(hp.Metric("auc", group=run, display_name=f"{weights}overall AUC"))
         for attribute in attributes:
             metrics += [
@@ -222,7 +222,7 @@ def write_sweep_comparison(sweep_dir, results, attribute, *, step=0):
     Raises:
         ValueError: as for `plot_sweep`.
     """
-    image = dashboards.figure_to_image(plot_sweep(results, attribute))
+    image = summaries.figure_to_image(plot_sweep(results, attribute))
     tag = SWEEP_IMAGE_PREFIX + attribute
     writer = tf.summary.create_file_writer(os.path.join(sweep_dir, SWEEP_RUN))
     with writer.as_default():

@@ -1,6 +1,6 @@
 """Dataset loaders, all from local files; nothing is downloaded at run time.
 
-Each loader returns a dict split name -> `tf_dpfair.data.pipeline.ExampleSource`, whose
+Each loader returns a dict split name -> `tf_dpfair.data.ExampleSource`, whose
 examples follow the element structure of `tf_dpfair.data.pipeline` and whose
 `group_spec` names the group ids:
 

@@ -70,6 +70,15 @@ random rows do not trigger (a layer that mixes only for inputs far outside
 cancels before the outputs, the losses and their gradient at the current
 weights; a computation that depends on an example's position in the batch
 rather than on other examples.
+
+Why one long module (about 750 lines): the check, the bisection down to one
+culprit, the search for the layer that mixes (`find_mixing_layer`) and the
+refusal messages all run and compare the same probe calls through one set of
+helpers (`_run`, `_alternatives`, `_mixes`); split apart, each part would
+import the others' private helpers. A tenth of it is this statement of the
+method, and much of the rest the messages a refused user reads. The checks
+that call it, and the model's other safety checks, are in
+`tf_dpfair.dpsgd.checks`.
 """
 
 import contextlib

@@ -2,7 +2,7 @@
 
 - `train_demo_run`: a short DP training of a tiny model on synthetic
   CheXpert-shaped data with a planted gap between the sexes, logged with
-  `keras.callbacks.TensorBoard` and `dashboards.FairnessDashboard`.
+  `keras.callbacks.TensorBoard` and `dashboards.callback.FairnessDashboard`.
 - `tensorboard_server`: a real TensorBoard on a free loopback port, always
   stopped on exit.
 - `screenshot_custom_scalars`: headless Chromium renders TensorBoard's
@@ -29,7 +29,7 @@ import keras
 from PIL import Image
 
 import tf_dpfair as dpf
-from tf_dpfair.dashboards import callback as dashboards
+from tf_dpfair.dashboards import callback
 from tf_dpfair.data import pipeline as data
 from tf_dpfair.datasets import synthetic
 
@@ -92,7 +92,7 @@ def train_demo_run(log_dir, *, noise_multiplier=1.0, epochs=2, steps_per_epoch=2
     callbacks = [privacy]
     if ema_decay is not None:
         callbacks.append(dpf.callbacks.EMAEvaluation(held_out))
-    dashboard = dashboards.FairnessDashboard(
+    dashboard = callback.FairnessDashboard(
         log_dir, privacy_logger=privacy, hparams={"learning_rate": learning_rate},
         evaluation_data=held_out, group_names=groups, n_bootstrap=n_bootstrap)
     callbacks += [dashboard, keras.callbacks.TensorBoard(log_dir)]

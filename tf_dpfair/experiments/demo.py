@@ -8,11 +8,14 @@ epsilon 3 and without privacy, evaluates both exactly per group, and writes
 a Markdown report. Prints the summary, where everything is, and the command
 that opens TensorBoard. Rerunning resumes or skips finished runs; delete
 the work dir to start over.
+
+TensorFlow's start-up logs are hidden; set TF_DPFAIR_TF_LOGS=1 to see them.
 """
 
-import os
+from tf_dpfair.cli import tf_startup
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Before anything imports TensorFlow.
+tf_startup.quiet_tensorflow()
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402

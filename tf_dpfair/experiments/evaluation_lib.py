@@ -1,5 +1,8 @@
 """Exact evaluation of a run on its test split: predictions, per-group figures, reports.
 
+It is about 420 lines because it is the one place where a run's predictions
+become every figure reported for it (listed below), in one order.
+
 Figures reported for every run (raw weights, and EMA weights where kept):
 
 - AUC: `tf_dpfair.fairness.auc.evaluate` with bootstrap intervals. For
@@ -28,10 +31,10 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tf_dpfair.fairness import rates as error_rates
 from tf_dpfair.fairness import auc as fairness
-from tf_dpfair.fairness import rates_report as rate_reports
-from tf_dpfair.fairness import auc_report as reports
+from tf_dpfair.fairness import rates as error_rates
+from tf_dpfair.fairness import predictions as predictions_lib
+from tf_dpfair.fairness import report
 
 NO_GROUPS = "all"
 # Decision threshold of multi-label runs, given (stated in every report).
@@ -49,7 +52,7 @@ def predict(forward, dataset, num_examples, multi_label):
     Args:
         forward: `forward_fn(model)`, a model producing logits; EMA weights
             swapped into the model's variables are seen by the same function.
-        dataset: from `tf_dpfair.data.pipeline.make_eval_dataset` (with groups), in
+        dataset: from `tf_dpfair.data.make_eval_dataset` (with groups), in
             index order with weight-0 padding at the end.
         num_examples: real examples in the dataset (padding is dropped).
         multi_label: sigmoid scores per label instead of softmax scores.
@@ -60,20 +63,10 @@ def predict(forward, dataset, num_examples, multi_label):
         "label_mask" (`[N, L]`, 0 = label unknown; None when every label is
         known).
     """
-    scores, labels, masks, groups = [], [], [], {}
-    for x, y, _ in dataset:
-        logits = forward(x)
-        probabilities = tf.sigmoid(logits) if multi_label else tf.nn.softmax(logits)
-        scores.append(probabilities.numpy())
-        labels.append(y["label"].numpy())
-        if y.get("label_mask") is not None:
-            masks.append(y["label_mask"].numpy())
-        for attribute, ids in y.get("groups", {}).items():
-            groups.setdefault(attribute, []).append(ids.numpy())
-    return {"scores": np.concatenate(scores)[:num_examples].astype(np.float64),
-            "labels": np.concatenate(labels)[:num_examples],
-            "label_mask": np.concatenate(masks)[:num_examples] if masks else None,
-            "groups": {a: np.concatenate(v)[:num_examples] for a, v in groups.items()}}
+    out = predictions_lib.predict(forward, dataset, num_examples=num_examples,
+                                  activation="sigmoid" if multi_label else "softmax")
+    out["scores"] = out["scores"].astype(np.float64)
+    return out
 
 
 def label_arrays(predictions):
@@ -105,7 +98,7 @@ def auc_evaluation(predictions, group_spec, class_names, multi_label, *, n_boots
         multi_label: whether labels are `[N, L]` 0/1 targets.
         n_bootstrap: bootstrap replicates.
         seed: bootstrap seed; equal seeds give paired intervals in
-            `reports.compare_matched`.
+            `auc_report.compare_matched_auc`.
 
     Returns:
         A `fairness.GroupEvaluation` (one-vs-rest per class for multi-class
@@ -148,6 +141,24 @@ def rate_evaluation(predictions, group_spec, class_names, multi_label, *, n_boot
         predictions["labels"], predictions["scores"], groups, label_names=list(class_names),
         group_names=names, n_bootstrap=n_bootstrap, seed=seed, split="test",
         **rate_kwargs(multi_label, predictions.get("label_mask")))
+
+
+def evaluate_both(predictions, group_spec, class_names, multi_label, *, n_bootstrap, seed=0):
+    """`auc_evaluation` and `rate_evaluation` of the same predictions, in one call.
+
+    Args:
+        predictions, group_spec, class_names, multi_label, n_bootstrap, seed:
+            as in `auc_evaluation`.
+
+    Returns:
+        `(auc.GroupEvaluation, rates.RateEvaluation)`
+        (`tf_dpfair.fairness.predictions.evaluate_predictions`).
+    """
+    groups, names = _groups_and_names(predictions, group_spec)
+    return predictions_lib.evaluate_predictions(
+        {**predictions, "groups": groups}, multi_class=not multi_label,
+        threshold=THRESHOLD if multi_label else None, label_names=list(class_names),
+        group_names=names, n_bootstrap=n_bootstrap, seed=seed, split="test")
 
 
 def accuracy_table(predictions, group_spec, *, n_bootstrap, seed=0, confidence=0.95):
@@ -301,36 +312,22 @@ def summarize(evaluation, accuracy=None, rates=None):
 def write_run_report(evaluation, accuracy, directory, title, rates=None):
     """Writes the exact fairness report of one model (CSV, Markdown, PNG).
 
-    `reports.write_report` writes the AUC tables and figures, then
-    `rate_reports.write_report` the error-rate and calibration sections
-    (with `rates`); the accuracy tables (multi-class data) are added as CSV
-    and as a section of report.md.
+    `tf_dpfair.fairness.report.write_report` writes the AUC sections, the
+    error-rate and calibration sections (with `rates`) and the accuracy
+    tables (multi-class data) into one report.md.
 
     Args:
-        evaluation: `fairness.GroupEvaluation`.
+        evaluation: `auc.GroupEvaluation`.
         accuracy: `accuracy_table` output, or None.
         directory: output folder.
         title: report title.
-        rates: `error_rates.RateEvaluation`, or None.
+        rates: `rates.RateEvaluation`, or None.
 
     Returns:
-        dict name -> path, as `rate_reports.write_report`, plus the accuracy
-        CSVs.
+        dict name -> path, as `report.write_report`.
     """
-    if rates is None:
-        paths = reports.write_report(evaluation, directory, title=title)
-    else:
-        paths = rate_reports.write_report(rates, directory, auc=evaluation, title=title)
-    if accuracy is None:
-        return paths
-    groups, disparities = accuracy
-    for name, table in (("accuracy_groups", groups), ("accuracy_disparities", disparities)):
-        paths[name] = os.path.join(directory, f"{name}.csv")
-        table.to_csv(paths[name], index=False)
-    with open(paths["report"], "a") as f:
-        f.write("\n\n## Accuracy (top-1)\n\n" + reports.to_markdown(groups)
-                + "\n" + reports.to_markdown(disparities))
-    return paths
+    return report.write_report(directory, auc=evaluation, rates=rates, accuracy=accuracy,
+                               title=title)
 
 
 class EpochEvaluation(keras.callbacks.Callback):
@@ -407,13 +404,11 @@ def evaluate_final(model, run_data, test, work_dir, n_bootstrap):
     callback.set_model(model)
     for name, ema in variants.items():
         predictions = callback.scores(ema)
-        evaluation = auc_evaluation(
-            predictions, run_data.group_spec, run_data.class_names, run_data.multi_label,
-            n_bootstrap=n_bootstrap)
+        evaluation, rates = evaluate_both(predictions, run_data.group_spec,
+                                          run_data.class_names, run_data.multi_label,
+                                          n_bootstrap=n_bootstrap)
         accuracy = None if run_data.multi_label else accuracy_table(
             predictions, run_data.group_spec, n_bootstrap=n_bootstrap)
-        rates = rate_evaluation(predictions, run_data.group_spec, run_data.class_names,
-                                run_data.multi_label, n_bootstrap=n_bootstrap)
         weights = "EMA" if ema else "raw"
         write_run_report(
             evaluation, accuracy, os.path.join(work_dir, f"report_{name}"),

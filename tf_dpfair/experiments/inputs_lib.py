@@ -18,7 +18,6 @@ import dataclasses
 import keras
 import numpy as np
 
-from tf_dpfair.data import pipeline as data_lib
 from tf_dpfair import models
 from tf_dpfair.datasets import chexpert
 from tf_dpfair.datasets import common
@@ -27,6 +26,7 @@ from tf_dpfair.datasets import mimic_cxr
 from tf_dpfair.datasets import synthetic
 from tf_dpfair.datasets import tfds
 from tf_dpfair.data.groups import GroupSpec
+from tf_dpfair.data.source import ExampleSource
 
 DIGIT_DATASETS = ("fashion_mnist", "mnist")
 TFDS_DATASETS = {"imagenet2012": 1000, "places365": 365}
@@ -50,8 +50,8 @@ class RunData:
         description: one line saying what was loaded.
     """
 
-    train: data_lib.ExampleSource
-    test: data_lib.ExampleSource
+    train: ExampleSource
+    test: ExampleSource
     num_classes: int
     multi_label: bool
     class_names: tuple
@@ -105,7 +105,7 @@ def _digits(settings):
         images, ids = common.rotate_subgroup(images[..., np.newaxis], fraction,
                                              settings.seed + 10 + offset)
         groups = {"orientation": ids} if with_groups else None
-        sources.append(data_lib.ExampleSource.from_arrays(
+        sources.append(ExampleSource.from_arrays(
             images, labels.astype(np.int32), groups=groups, group_spec=group_spec))
     description = (f"{settings.dataset}: {len(train_y)} train ({settings.rotated_fraction:.0%} "
                    f"rotated), {len(test_y)} test ({test_fraction:.0%} rotated)")

@@ -10,11 +10,16 @@ Example (installed as `tf-dpfair-mechanism`; from a checkout,
 `python -m tf_dpfair.experiments.mechanism` takes the same flags):
   tf-dpfair-mechanism --work_dir=/tmp/mechanism \
       --rotated_fractions=0.05,0.2 --privacy=inf,sgd,clip,4,1
+
+TensorFlow's start-up logs are hidden; set TF_DPFAIR_TF_LOGS=1 to see them.
 """
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from tf_dpfair.cli import tf_startup
+
+# Before anything imports TensorFlow.
+tf_startup.quiet_tensorflow()
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402

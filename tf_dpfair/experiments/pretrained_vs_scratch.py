@@ -6,11 +6,16 @@ and train with the same DP settings and epsilon; only the initialisation
 differs. Prints test accuracy of each and the privacy statement.
 
 Usage: python -m tf_dpfair.experiments.pretrained_vs_scratch --train_examples 3000
+
+TensorFlow's start-up logs are hidden; set TF_DPFAIR_TF_LOGS=1 to see them.
 """
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from tf_dpfair.cli import tf_startup
+
+# Before anything imports TensorFlow.
+tf_startup.quiet_tensorflow()
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402

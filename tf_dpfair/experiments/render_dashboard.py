@@ -8,15 +8,22 @@ Chromium (Debian's `chromium`).
 
 Usage, from the repository root:
   python -m tf_dpfair.experiments.render_dashboard [--out docs/dashboard.png]
+
+TensorFlow's start-up logs are hidden; set TF_DPFAIR_TF_LOGS=1 to see them.
 """
 
-import argparse
-import os
-import sys
-import tempfile
-import time
+from tf_dpfair.cli import tf_startup
 
-from tf_dpfair.experiments import dashboard_lib
+# Before anything imports TensorFlow.
+tf_startup.quiet_tensorflow()
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+from tf_dpfair.experiments import dashboard_lib  # noqa: E402
 
 
 def render(out, *, log_dir=None, epochs=8):
@@ -61,5 +68,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.exit(main())

@@ -13,11 +13,14 @@ Example (installed as `tf-dpfair-report`; from a checkout,
 `python -m tf_dpfair.experiments.report` takes the same flags):
   tf-dpfair-report --sweep_dir=/tmp/rotated_study \
       --out_dir=docs/rotated_study
+
+TensorFlow's start-up logs are hidden; set TF_DPFAIR_TF_LOGS=1 to see them.
 """
 
-import os
+from tf_dpfair.cli import tf_startup
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Before anything imports TensorFlow.
+tf_startup.quiet_tensorflow()
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402

@@ -11,10 +11,10 @@ From a sweep folder (`sweep_lib.run_sweep`) `write_sweep_report` writes:
   and for every evaluated checkpoint of the non-private runs.
 - `matched.md/.csv` and `matched/<run>_<weights>/`: each private model
   against the checkpoint of its non-private counterpart (same settings
-  but epsilon) with the closest overall AUC (`reports.compare_matched`,
+  but epsilon) with the closest overall AUC (`auc_report.compare_matched_auc`,
   paired intervals), and against the checkpoint of closest accuracy, whose
   error-rate and calibration gaps are compared too
-  (`rate_reports.compare_matched`, paired intervals).
+  (`rates_report.compare_matched_rates`, paired intervals).
 - `rates.csv`: per run, per-group top-1 error and ECE (multi-label: error,
   TPR, FPR and ECE at the threshold `evaluation_lib.THRESHOLD`), and per
   attribute the equal-opportunity and equalized-odds differences and the
@@ -26,6 +26,10 @@ From a sweep folder (`sweep_lib.run_sweep`) `write_sweep_report` writes:
 
 The figure is accuracy for multi-class data and (mean) AUC for multi-label
 data; see `evaluation_lib` for how AUC is computed per group.
+
+It is about 560 lines because it holds one short function per table and
+figure listed above, all reading the one table `load_sweep` returns; the
+explorable's figures already live apart (`explorable_lib`).
 """
 
 import glob
@@ -38,9 +42,10 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from tf_dpfair.fairness import auc_report
 from tf_dpfair.fairness import rates as error_rates
-from tf_dpfair.fairness import rates_report as rate_reports
-from tf_dpfair.fairness import auc_report as reports
+from tf_dpfair.fairness import rates_report
+from tf_dpfair.fairness import report
 from tf_dpfair.experiments import evaluation_lib
 from tf_dpfair.experiments import explorable_lib
 from tf_dpfair.experiments import sweep_lib
@@ -361,7 +366,7 @@ def _predictions(scores, labels_file, attribute_names):
 def matched_comparisons(table, keys, sweep_dir, out_dir, n_bootstrap=200):
     """Each private model against its non-private counterpart's checkpoints.
 
-    Matched on overall AUC with `reports.compare_matched` (paired bootstrap
+    Matched on overall AUC with `auc_report.compare_matched_auc` (paired bootstrap
     intervals of the gap difference; a report per comparison in
     `out_dir/matched/`), and, for multi-class data, on overall accuracy.
 
@@ -397,24 +402,22 @@ def matched_comparisons(table, keys, sweep_dir, out_dir, n_bootstrap=200):
         for use in ("raw", "ema"):
             if f"scores_{use}" not in final:
                 continue
-            private = evaluation_lib.auc_evaluation(
+            private, private_rates = evaluation_lib.evaluate_both(
                 _predictions(final[f"scores_{use}"], labels, attributes), spec, names,
                 multi_label, n_bootstrap=n_bootstrap)
-            comparison = reports.compare_matched(
+            comparison = auc_report.compare_matched_auc(
                 private, checkpoints, labels=truth, groups=groups, label_names=names,
                 group_names={a: list(spec.names(a)) for a in attributes},
                 n_bootstrap=n_bootstrap, seed=0, split="test",
                 label_mask=_label_mask(labels))
-            private_rates = evaluation_lib.rate_evaluation(
-                _predictions(final[f"scores_{use}"], labels, attributes), spec, names,
-                multi_label, n_bootstrap=n_bootstrap)
-            rates = rate_reports.compare_matched(
+            rates = rates_report.compare_matched_rates(
                 private_rates, checkpoints, labels=labels["labels"], groups=groups,
                 label_names=names, group_names={a: list(spec.names(a)) for a in attributes},
                 n_bootstrap=n_bootstrap, seed=0, split="test",
                 **evaluation_lib.rate_kwargs(multi_label, _label_mask(labels)))
-            rate_reports.write_report(
-                rates, os.path.join(out_dir, "matched", f"{r['run']}_{use}"), auc=comparison,
+            report.write_report(
+                os.path.join(out_dir, "matched", f"{r['run']}_{use}"), auc=comparison,
+                rates=rates,
                 title=f"{r['run']} ({use} weights) vs non-private at matched AUC; error "
                       "rates at matched accuracy")
             for d in comparison.disparities[
@@ -501,7 +504,7 @@ def write_sweep_report(sweep_dir, out_dir=None, n_bootstrap=200, explorable=None
         frame = summary_table(table, keys, variant)
         paths[f"summary_{variant}"] = os.path.join(out_dir, f"summary_{variant}.csv")
         frame.to_csv(paths[f"summary_{variant}"], index=False)
-        lines += [f"## Summary, {title}", "", reports.to_markdown(frame)]
+        lines += [f"## Summary, {title}", "", report.to_markdown(frame)]
     paths["metric_vs_epsilon"] = os.path.join(out_dir, "metric_vs_epsilon.png")
     plot_metric_vs_epsilon(table, keys, paths["metric_vs_epsilon"])
     lines += [f"## {metric} against epsilon", "", "![](metric_vs_epsilon.png)", ""]
@@ -522,7 +525,7 @@ def write_sweep_report(sweep_dir, out_dir=None, n_bootstrap=200, explorable=None
                   + "; at the checkpoint of closest accuracy, the differences of the "
                   "equalized-odds difference (eodds) and of the ECE gap, paired 95% "
                   "intervals. Each comparison's full report is in `matched/`.", "",
-                  reports.to_markdown(matched)]
+                  report.to_markdown(matched)]
     rates = rates_table(table, keys, sweep_dir)
     paths["rates"] = os.path.join(out_dir, "rates.csv")
     rates.to_csv(paths["rates"], index=False)
@@ -533,7 +536,7 @@ def write_sweep_report(sweep_dir, out_dir=None, n_bootstrap=200, explorable=None
               + (" of the top-1 confidence; EO diff and EOdds diff: means over classes "
                  "(one-vs-rest) of the max - min TPR and of max(TPR, FPR differences)"
                  if metric == "accuracy" else "; means over labels") + ".", "",
-              reports.to_markdown(rates)]
+              report.to_markdown(rates)]
     explorable_paths, explorable_lines = explorable_lib.write_explorable(
         sweep_dir, table, keys, out_dir, **(explorable or {}))
     paths.update(explorable_paths)
@@ -548,13 +551,13 @@ def write_sweep_report(sweep_dir, out_dir=None, n_bootstrap=200, explorable=None
                   "gradient was clipped, their median pre-clip gradient norm and mean "
                   "loss (and, where measured, its share of the clipped sum and the "
                   "cosine of the update with its gradient). For the person training "
-                  "the model, never for release.", "", reports.to_markdown(diagnostics)]
+                  "the model, never for release.", "", report.to_markdown(diagnostics)]
     groups = groups_table(table, keys)
     if not groups.empty:
         paths["groups"] = os.path.join(out_dir, "groups.csv")
         groups.to_csv(paths["groups"], index=False)
         lines += ["## Per-group figures (95% bootstrap intervals)", "",
-                  reports.to_markdown(groups)]
+                  report.to_markdown(groups)]
     paths["report"] = os.path.join(out_dir, "report.md")
     with open(paths["report"], "w") as f:
         f.write("\n".join(lines))

@@ -21,12 +21,17 @@ split of the training data; only the best trial is released, to
       --search_trials=truncated_negative_binomial --search_mean=10 \
       --search_shape=1 --score_noise=20 \
       --space_json='{"learning_rate": {"log_uniform": [0.05, 2]}}'
+
+TensorFlow's start-up logs are hidden; set TF_DPFAIR_TF_LOGS=1 to see them.
 """
 
 import json
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from tf_dpfair.cli import tf_startup
+
+# Before anything imports TensorFlow.
+tf_startup.quiet_tensorflow()
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402

@@ -15,11 +15,16 @@ Examples (installed as `tf-dpfair-train`; from a checkout,
 On several machines, run the same command on each with TF_CONFIG set and
 --strategy=multi_worker (see docs/training_and_privacy.md, "Training on
 several machines").
+
+TensorFlow's start-up logs are hidden; set TF_DPFAIR_TF_LOGS=1 to see them.
 """
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from tf_dpfair.cli import tf_startup
+
+# Before anything imports TensorFlow.
+tf_startup.quiet_tensorflow()
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402

@@ -1,11 +1,18 @@
-"""Per-group evaluation: AUC, error rates and calibration, with intervals.
+"""Per-group fairness evaluation: one engine, three metric families, one report.
 
-- `auc`, `rates`, `calibration`: the metric families, exact, with bootstrap
-  intervals resampled within groups.
+- `engine`: what every family shares: input preparation and validation,
+  the bootstrap within groups, NaN-aware summaries over groups, the table
+  layout.
+- `auc`, `rates` (with `calibration`): the metric families, exact, with
+  bootstrap intervals (`evaluate_auc`, `evaluate_rates`).
 - `thresholds`: operating thresholds chosen on validation data.
-- `auc_report`, `rates_report`: matching private to non-private models and
-  the written report.
-- `streaming_auc`, `streaming_rates`: Keras metrics for `fit` / `evaluate`.
+- `matching`: private vs non-private at matched accuracy, once for both
+  families; `auc_report` and `rates_report` hold each family's comparison
+  (`compare_matched_auc`, `compare_matched_rates`), figures and CSV tables.
+- `report`: the one writer of report.md (AUC, error rates, accuracy).
+- `predictions`: predict on held-out data, then evaluate both families.
+- `streaming` (shared base), `streaming_auc`, `streaming_rates`: Keras
+  metrics for `fit` / `evaluate`.
 """
 
 from tf_dpfair import _lazy
@@ -13,13 +20,20 @@ from tf_dpfair import _old_paths
 
 _public_getattr, __dir__, __all__ = _lazy.attach(
         __name__,
-        submodules=("auc", "auc_report", "calibration", "rates", "rates_report",
-                    "streaming_auc", "streaming_rates", "thresholds"),
+        submodules=("auc", "auc_report", "calibration", "engine", "matching", "predictions",
+                    "rates", "rates_report", "report", "streaming", "streaming_auc",
+                    "streaming_rates", "thresholds"),
         names={
             "GroupedAUC": "streaming_auc",
             "GroupedErrorRates": "streaming_rates",
             "Threshold": "thresholds",
             "choose_threshold": "thresholds",
+            "evaluate_auc": "auc",
+            "evaluate_rates": "rates",
+            "compare_matched_auc": "auc_report",
+            "compare_matched_rates": "rates_report",
+            "write_report": "report",
+            "predict_and_evaluate": "predictions",
         })
 
 # Names of the former module `tf_dpfair.fairness` (AUC only), now in `auc`.

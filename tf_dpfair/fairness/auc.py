@@ -1,6 +1,8 @@
 """Exact per-group AUC, disparity summaries and bootstrap confidence intervals.
 
-`evaluate` turns labels, scores and group memberships into tidy pandas tables:
+`evaluate_auc` (also named `evaluate`) turns labels, scores and group
+memberships into tidy pandas tables (input validation, the bootstrap
+within groups and the table layout come from `engine`):
 
 - `groups`: one row per attribute, group and label: count, positives,
   negatives, AUC (scikit-learn, grouped by fairlearn's `MetricFrame`) and a
@@ -30,25 +32,22 @@ guarantee. Every table carries `split` and `outside_dp_guarantee` columns;
 """
 
 import dataclasses
-import hashlib
-import itertools
 import math
-import numbers
-import warnings
 
 import fairlearn.metrics
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-MEAN_LABEL = "mean"
-INTERSECTION_SEPARATOR = "&"
-TRAINING_SPLITS = ("train", "training")
-OUTSIDE_DP_NOTE = ("Computed on training data: outside the differential "
-                   "privacy guarantee.")
+from tf_dpfair.fairness import engine
+# Shared machinery, in `engine` now; kept here under the names it had.
+from tf_dpfair.fairness.engine import (  # noqa: F401
+    INTERSECTION_SEPARATOR, MEAN_LABEL, OUTSIDE_DP_NOTE, TRAINING_SPLITS, add_intersections,
+    bootstrap_weights, percentile_interval, prepare_inputs, resample_key)
 
-# Bootstrap weights are built in chunks of at most this many entries.
-_CHUNK_ENTRIES = 4_000_000
+_outside_dp = engine.outside_dp
+_nanmean_rows = engine.nanmean_rows
+_spread = engine.spread
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -90,8 +89,6 @@ class GroupEvaluation:
         return float(self.overall.set_index("label").loc[self.summary_label, "auc"])
 
 
-def _outside_dp(split):
-    return split.lower() in TRAINING_SPLITS
 
 
 def _auc_or_nan(y_true, y_score):
@@ -107,13 +104,6 @@ def _auc_or_nan(y_true, y_score):
     return float(roc_auc_score(y_true, y_score))
 
 
-def _nanmean_rows(values):
-    """Mean over axis 0 ignoring NaN; NaN (without a warning) if all are."""
-    defined = ~np.isnan(values)
-    count = defined.sum(axis=0)
-    total = np.where(defined, values, 0.0).sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def _weighted_aucs(labels, scores, weights):
@@ -148,29 +138,6 @@ def _weighted_aucs(labels, scores, weights):
     return auc
 
 
-def bootstrap_weights(n, n_bootstrap, rng):
-    """Yields bootstrap resamples of n examples as counts, chunk by chunk.
-
-    Each replicate draws n examples with replacement; its weights are how
-    often each example was drawn. Chunks bound the memory to about
-    `_CHUNK_ENTRIES` floats.
-
-    Args:
-        n: number of examples (> 0).
-        n_bootstrap: number of replicates.
-        rng: `numpy.random.Generator`; the draws consume it in order, so the
-            same generator state gives the same resamples.
-
-    Yields:
-        `(start, weights)`: the index of the chunk's first replicate and
-        float weights `[b, n]`.
-    """
-    chunk = max(1, _CHUNK_ENTRIES // n)
-    for start in range(0, n_bootstrap, chunk):
-        b = min(chunk, n_bootstrap - start)
-        draws = rng.integers(0, n, size=(b, n))
-        flat = (np.arange(b)[:, None] * n + draws).ravel()
-        yield start, np.bincount(flat, minlength=b * n).reshape(b, n).astype(float)
 
 
 def _bootstrap_aucs(labels, scores, rows, n_bootstrap, rng):
@@ -189,152 +156,12 @@ def _bootstrap_aucs(labels, scores, rows, n_bootstrap, rng):
     return out
 
 
-def percentile_interval(replicates, confidence):
-    """Percentile bootstrap interval, ignoring undefined (NaN) replicates.
-
-    Args:
-        replicates: 1-D array of bootstrap values.
-        confidence: confidence level in (0, 1), e.g. 0.95.
-
-    Returns:
-        `(low, high)`: the (1 - confidence) / 2 and (1 + confidence) / 2
-        quantiles; NaNs when no replicate is defined.
-    """
-    replicates = np.asarray(replicates, dtype=float)
-    replicates = replicates[~np.isnan(replicates)]
-    if replicates.size == 0:
-        return math.nan, math.nan
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(replicates, [alpha, 1.0 - alpha])
-    return float(low), float(high)
 
 
-def _column(data, name, what):
-    if name not in data.columns:
-        raise ValueError(f"{what} column {name!r} is not in the DataFrame; columns: "
-                         f"{list(data.columns)}.")
-    return data[name].to_numpy()
 
 
-def prepare_inputs(labels, scores, groups, data, label_names, group_names, label_mask=None):
-    """Validates the inputs of `evaluate` (and of `error_rates.evaluate`).
-
-    Args:
-        labels, scores, groups, data, label_names, group_names, label_mask:
-            as in `evaluate`.
-
-    Returns:
-        `(labels, scores, label_names, groups)`: float labels and scores
-        `[N, L]` (labels that `label_mask` marks unknown come back as NaN),
-        the L label names, and a dict attribute -> (group names list, int
-        codes `[N]`).
-
-    Raises:
-        ValueError: as listed in `evaluate`.
-    """
-    if data is not None:
-        if not isinstance(data, pd.DataFrame):
-            raise ValueError(f"`data` must be a pandas DataFrame; got {type(data).__name__}.")
-        label_cols = [labels] if isinstance(labels, str) else list(labels)
-        score_cols = [scores] if isinstance(scores, str) else list(scores)
-        if label_names is None:
-            label_names = label_cols
-        labels = np.stack([_column(data, c, "label") for c in label_cols], axis=1)
-        scores = np.stack([_column(data, c, "score") for c in score_cols], axis=1)
-        group_cols = [groups] if isinstance(groups, str) else list(groups)
-        groups = {c: _column(data, c, "group") for c in group_cols}
-    elif isinstance(groups, pd.DataFrame):
-        groups = {c: groups[c].to_numpy() for c in groups.columns}
-    labels = np.asarray(labels, dtype=float)
-    scores = np.asarray(scores, dtype=float)
-    if labels.ndim == 1:
-        labels = labels[:, None]
-    if scores.ndim == 1:
-        scores = scores[:, None]
-    if labels.ndim != 2 or labels.shape != scores.shape:
-        raise ValueError(f"labels and scores must have the same shape, [N] or [N, L]; "
-                         f"got {labels.shape} and {scores.shape}.")
-    n, num_labels = labels.shape
-    if n == 0:
-        raise ValueError("No examples: labels and scores are empty.")
-    if label_mask is not None:
-        label_mask = np.asarray(label_mask, dtype=float)
-        if label_mask.ndim == 1:
-            label_mask = label_mask[:, None]
-        if label_mask.shape != labels.shape or not np.all(np.isin(label_mask, (0.0, 1.0))):
-            raise ValueError(f"label_mask must be 0/1 of the labels' shape {labels.shape}; "
-                             f"got shape {label_mask.shape}.")
-        labels = np.where(label_mask == 1, labels, np.nan)
-    known = np.ones(labels.shape, bool) if label_mask is None else label_mask == 1
-    if not np.all(np.isin(labels[known], (0.0, 1.0))):
-        bad = labels[known][~np.isin(labels[known], (0.0, 1.0))]
-        raise ValueError("labels must be 0 or 1 (NaN, -1 or soft labels are not "
-                         "supported; mark unknown labels with label_mask); got values "
-                         f"{np.unique(bad)[:5]}.")
-    if not np.all(np.isfinite(scores)):
-        bad = np.flatnonzero(~np.isfinite(scores).all(axis=1))
-        raise ValueError(f"scores contain NaN or infinite values ({bad.size} rows, "
-                         f"first at row {bad[0]}).")
-    if label_names is None:
-        label_names = ["label"] if num_labels == 1 else [f"label_{j}" for j in range(num_labels)]
-    label_names = [str(name) for name in label_names]
-    if len(label_names) != num_labels or len(set(label_names)) != num_labels:
-        raise ValueError(f"label_names must be {num_labels} distinct names; got {label_names}.")
-    if num_labels > 1 and MEAN_LABEL in label_names:
-        raise ValueError(f"The label name {MEAN_LABEL!r} is reserved for the mean over labels.")
-    if not isinstance(groups, dict) or not groups:
-        raise ValueError("groups must be a non-empty dict attribute -> [N] group values "
-                         "(or a DataFrame of group columns).")
-    group_names = dict(group_names or {})
-    unknown = sorted(set(group_names) - set(groups))
-    if unknown:
-        raise ValueError(f"group_names has unknown attribute(s) {unknown}; attributes: "
-                         f"{list(groups)}.")
-    prepared = {}
-    for attribute, values in groups.items():
-        values = np.asarray(values)
-        if values.shape != (n,):
-            raise ValueError(f"groups[{attribute!r}] has shape {values.shape}; expected "
-                             f"({n},), one value per example.")
-        if pd.isna(values).any():
-            raise ValueError(f"groups[{attribute!r}] has missing values.")
-        if attribute in group_names:
-            names = [str(name) for name in group_names[attribute]]
-            if len(set(names)) != len(names):
-                raise ValueError(f"group_names[{attribute!r}] has duplicate names: {names}.")
-            if values.dtype.kind not in "iu" or values.min() < 0 or values.max() >= len(names):
-                raise ValueError(f"group ids of attribute {attribute!r} must be integers in "
-                                 f"[0, {len(names)}) ({names}).")
-            codes = values.astype(np.int64)
-        else:
-            unique, codes = np.unique(values, return_inverse=True)
-            names = [str(name) for name in unique]
-        prepared[str(attribute)] = (names, codes)
-    return labels, scores, label_names, prepared
 
 
-def add_intersections(groups, intersections):
-    """Adds attribute 'a&b' whose groups are all combinations 'x&y'.
-
-    Args:
-        groups: dict from `prepare_inputs`, updated in place.
-        intersections: attribute tuples to cross, as in `evaluate`.
-
-    Raises:
-        ValueError: an intersection of fewer than two known attributes.
-    """
-    for combo in intersections:
-        combo = [combo] if isinstance(combo, str) else list(combo)
-        unknown = [a for a in combo if a not in groups]
-        if unknown or len(combo) < 2:
-            raise ValueError(f"An intersection needs two or more known attributes; got "
-                             f"{combo} (known: {list(groups)}).")
-        names = [INTERSECTION_SEPARATOR.join(p)
-                 for p in itertools.product(*(groups[a][0] for a in combo))]
-        codes = np.zeros_like(groups[combo[0]][1])
-        for attribute in combo:
-            codes = codes * len(groups[attribute][0]) + groups[attribute][1]
-        groups[INTERSECTION_SEPARATOR.join(combo)] = (names, codes)
 
 
 def _group_aucs(labels, scores, label_names, names, codes, attribute):
@@ -385,21 +212,6 @@ def _status(count, auc, min_group_size):
     return "single_class" if math.isnan(auc) else "ok"
 
 
-def _spread(values):
-    """(min, max - min, min / max) per column of `[groups, k]`, NaN ignored.
-
-    The gap and ratio need two defined groups, the minimum one.
-    """
-    defined = ~np.isnan(values)
-    count = defined.sum(axis=0)
-    # The infinite row keeps the reductions defined when there is no group.
-    low = np.vstack([np.where(defined, values, np.inf), np.full(values.shape[1], np.inf)])
-    high = np.vstack([np.where(defined, values, -np.inf), np.full(values.shape[1], -np.inf)])
-    low, high = low.min(axis=0), high.max(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (np.where(count >= 1, low, np.nan),
-                np.where(count >= 2, high - low, np.nan),
-                np.where(count >= 2, low / high, np.nan))
 
 
 def _disparity_row(attribute, label, group_rows, replicates, n_bootstrap, confidence):
@@ -420,7 +232,7 @@ def _disparity_row(attribute, label, group_rows, replicates, n_bootstrap, confid
     return row
 
 
-def evaluate(labels, scores, groups, *, data=None, label_names=None, group_names=None,
+def evaluate_auc(labels, scores, groups, *, data=None, label_names=None, group_names=None,
              intersections=(), min_group_size=30, n_bootstrap=1000, confidence=0.95,
              seed=0, split="test", label_mask=None):
     """Exact per-group AUC and disparities with bootstrap confidence intervals.
@@ -436,7 +248,7 @@ def evaluate(labels, scores, groups, *, data=None, label_names=None, group_names
         label_names: names of the L labels (default: the column names, or
             "label" / "label_<j>").
         group_names: optional dict attribute -> list of names for integer
-            ids (index = id), as in `metrics.GroupedAUC`; named groups absent
+            ids (index = id), as in `streaming_auc.GroupedAUC`; named groups absent
             from the data are reported with count 0.
         intersections: attribute tuples to cross, e.g. `[("sex", "age")]`;
             each adds the attribute "sex&age" with groups like "female&<40".
@@ -461,89 +273,72 @@ def evaluate(labels, scores, groups, *, data=None, label_names=None, group_names
             NaN or infinite scores, missing or unknown columns, attributes or
             group ids, reserved or duplicate names, bad settings.
     """
-    if not isinstance(split, str) or not split:
-        raise ValueError(f"split must be a non-empty string such as 'test'; got {split!r}.")
-    if not isinstance(n_bootstrap, int) or n_bootstrap < 0:
-        raise ValueError(f"n_bootstrap must be an integer >= 0; got {n_bootstrap!r}.")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie in (0, 1); got {confidence!r}.")
-    if not isinstance(min_group_size, int) or min_group_size < 1:
-        raise ValueError(f"min_group_size must be an integer >= 1; got {min_group_size!r}.")
-    if not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0; got {seed!r}.")
-    if _outside_dp(split):
-        warnings.warn(f"Group figures on split {split!r}: {OUTSIDE_DP_NOTE}", stacklevel=2)
+    engine.check_settings(n_bootstrap, confidence, min_group_size, seed, split)
+    engine.warn_outside_dp(split)
     labels, scores, label_names, groups = prepare_inputs(
         labels, scores, groups, data, label_names, group_names, label_mask)
     add_intersections(groups, intersections)
     multi = len(label_names) > 1
-    summary_label = MEAN_LABEL if multi else label_names[0]
-    all_labels = label_names + ([MEAN_LABEL] if multi else [])
-    replicates = {}
-
-    rng = np.random.default_rng([seed, 0])
-    reps = _bootstrap_aucs(labels, scores, np.arange(len(labels)), n_bootstrap, rng)
-    aucs = [_auc_or_nan(labels[:, j], scores[:, j]) for j in range(len(label_names))]
-    aucs, reps = _with_mean(aucs, reps, multi)
-    overall_rows = []
-    for j, label in enumerate(all_labels):
-        replicates[("overall", label)] = reps[j]
-        overall_rows.append({"label": label, **_counts(labels, np.arange(len(labels)), j),
-                             "auc": aucs[j], **_bounds(reps[j], confidence)})
-
+    context = _Context(labels, scores, label_names, n_bootstrap, confidence)
+    overall_rows = context.overall_rows(np.random.default_rng([seed, 0]))
     group_rows, disparity_rows = [], []
     for a, (attribute, (names, codes)) in enumerate(groups.items()):
-        group_aucs = _group_aucs(labels, scores, label_names, names, codes, attribute)
-        rng = np.random.default_rng([seed, a + 1])
-        rows_by_label = {label: [] for label in all_labels}
-        for g, group in enumerate(names):
-            rows = np.flatnonzero(codes == g)
-            reps = _bootstrap_aucs(labels, scores, rows, n_bootstrap, rng)
-            aucs = group_aucs.loc[group].tolist()
-            aucs, reps = _with_mean(aucs, reps, multi)
-            for j, label in enumerate(all_labels):
-                replicates[("group", attribute, group, label)] = reps[j]
-                counts = _counts(labels, rows, j)
-                rows_by_label[label].append({
-                    "attribute": attribute, "group": group, "label": label, **counts,
-                    "auc": aucs[j], **_bounds(reps[j], confidence),
-                    "status": _status(counts["count"], aucs[j], min_group_size)})
-        for label in all_labels:
-            group_rows.extend(rows_by_label[label])
+        rows_by_label = context.group_rows(attribute, names, codes, min_group_size,
+                                           np.random.default_rng([seed, a + 1]))
+        for label, rows in rows_by_label.items():
+            group_rows.extend(rows)
             disparity_rows.append(_disparity_row(
-                attribute, label, rows_by_label[label], replicates, n_bootstrap, confidence))
-
-    def table(rows):
-        frame = pd.DataFrame(rows)
-        frame.insert(0, "outside_dp_guarantee", _outside_dp(split))
-        frame.insert(0, "split", split)
-        for column in ("count", "positives", "negatives"):
-            if column in frame:
-                frame[column] = frame[column].astype("Int64")
-        return frame
-
+                attribute, label, rows, context.replicates, n_bootstrap, confidence))
     return GroupEvaluation(
-        groups=table(group_rows), disparities=table(disparity_rows),
-        overall=table(overall_rows), split=split, summary_label=summary_label,
-        confidence=confidence, replicates=replicates,
+        groups=engine.table(group_rows, split), disparities=engine.table(disparity_rows, split),
+        overall=engine.table(overall_rows, split), split=split,
+        summary_label=MEAN_LABEL if multi else label_names[0],
+        confidence=confidence, replicates=context.replicates,
         resample_key=resample_key(labels, groups, seed, n_bootstrap))
 
 
-def resample_key(labels, groups, seed, n_bootstrap):
-    """Fingerprint of what fixes the bootstrap draws of an evaluation.
+# The name this function had; `evaluate_auc` says which family it computes.
+evaluate = evaluate_auc
 
-    Args:
-        labels: float labels `[N, L]` (NaN where unknown).
-        groups: dict attribute -> (names, codes), as from `prepare_inputs`.
-        seed: bootstrap seed.
-        n_bootstrap: number of replicates.
 
-    Returns:
-        A hex string; two evaluations with equal keys drew the same resamples.
-    """
-    key = hashlib.sha256(repr((seed, n_bootstrap)).encode())
-    key.update(np.ascontiguousarray(labels).tobytes())
-    for attribute, (names, codes) in groups.items():
-        key.update(repr((attribute, names)).encode())
-        key.update(codes.astype(np.int64).tobytes())
-    return key.hexdigest()
+class _Context:
+    """The data of one AUC evaluation, and the replicates drawn so far."""
+
+    def __init__(self, labels, scores, label_names, n_bootstrap, confidence):
+        self.labels, self.scores, self.label_names = labels, scores, label_names
+        self.multi = len(label_names) > 1
+        self.all_labels = label_names + ([MEAN_LABEL] if self.multi else [])
+        self.n_bootstrap, self.confidence = n_bootstrap, confidence
+        self.replicates = {}
+
+    def overall_rows(self, rng):
+        """One row per label over all examples (resampled as one group)."""
+        everything = np.arange(len(self.labels))
+        reps = _bootstrap_aucs(self.labels, self.scores, everything, self.n_bootstrap, rng)
+        aucs = [_auc_or_nan(self.labels[:, j], self.scores[:, j])
+                for j in range(len(self.label_names))]
+        aucs, reps = _with_mean(aucs, reps, self.multi)
+        rows = []
+        for j, label in enumerate(self.all_labels):
+            self.replicates[("overall", label)] = reps[j]
+            rows.append({"label": label, **_counts(self.labels, everything, j),
+                         "auc": aucs[j], **_bounds(reps[j], self.confidence)})
+        return rows
+
+    def group_rows(self, attribute, names, codes, min_group_size, rng):
+        """dict label -> one row per group of `attribute`, with its status."""
+        group_aucs = _group_aucs(self.labels, self.scores, self.label_names, names, codes,
+                                 attribute)
+        rows_by_label = {label: [] for label in self.all_labels}
+        for g, group in enumerate(names):
+            rows = np.flatnonzero(codes == g)
+            reps = _bootstrap_aucs(self.labels, self.scores, rows, self.n_bootstrap, rng)
+            aucs, reps = _with_mean(group_aucs.loc[group].tolist(), reps, self.multi)
+            for j, label in enumerate(self.all_labels):
+                self.replicates[("group", attribute, group, label)] = reps[j]
+                counts = _counts(self.labels, rows, j)
+                rows_by_label[label].append({
+                    "attribute": attribute, "group": group, "label": label, **counts,
+                    "auc": aucs[j], **_bounds(reps[j], self.confidence),
+                    "status": _status(counts["count"], aucs[j], min_group_size)})
+        return rows_by_label

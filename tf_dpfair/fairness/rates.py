@@ -1,8 +1,12 @@
 """Per-group error rates and calibration at an operating threshold.
 
-`evaluate` is the sibling of `fairness.evaluate` (AUC) for the fairness
-measures that need a decision: equal opportunity, equalized odds, and
-calibration within each group.
+`evaluate` (also named `evaluate_rates`) is the sibling of `auc.evaluate`
+for the fairness measures that need a decision: equal opportunity,
+equalized odds, and calibration within each group. Input validation, the
+bootstrap and the tables come from `engine`; this module computes the
+figures. It is about 500 lines because each figure exists three ways (point
+estimate, bootstrap under weights, top-1 for multi-class data) and they are
+kept side by side to stay consistent.
 
 The decision:
 
@@ -46,7 +50,7 @@ Point estimates come from fairlearn's `MetricFrame` (TPR, FPR, selection
 rate, zero-one loss) and scikit-learn (`brier_score_loss`,
 `calibration_curve`); the bootstrap recomputes them under resampling
 weights. Each replicate resamples examples with replacement within each
-group (`fairness.bootstrap_weights`), as `fairness.evaluate` does; the same
+group (`engine.bootstrap_weights`), as `auc.evaluate` does; the same
 labels, groups, seed and replicate count draw the same resamples for any
 scores (`resample_key`), which paired comparisons need. A difference is a
 max - min of noisy estimates, biased upwards when the groups are alike: its
@@ -60,7 +64,6 @@ Differential privacy: figures on training data are outside the guarantee;
 import dataclasses
 import math
 import numbers
-import warnings
 
 import fairlearn.metrics
 import numpy as np
@@ -68,10 +71,10 @@ import pandas as pd
 from sklearn.metrics import brier_score_loss, zero_one_loss
 
 from tf_dpfair.fairness import calibration
-from tf_dpfair.fairness import auc as fairness
+from tf_dpfair.fairness import engine
 from tf_dpfair.fairness.thresholds import Threshold
 
-MEAN_LABEL = fairness.MEAN_LABEL
+MEAN_LABEL = engine.MEAN_LABEL
 TOP1_LABEL = "top1"
 DEFAULT_BINS = calibration.DEFAULT_BINS
 FIGURES = ("tpr", "fpr", "selection_rate", "error", "ece", "brier")
@@ -79,6 +82,7 @@ FIGURES = ("tpr", "fpr", "selection_rate", "error", "ece", "brier")
 _RANGES = {"equal_opportunity_difference": "tpr", "fpr_difference": "fpr",
            "selection_rate_difference": "selection_rate", "error_gap": "error",
            "ece_gap": "ece", "brier_gap": "brier"}
+_INTEGER_COLUMNS = ("count", "positives", "negatives", "groups_compared")
 DISPARITIES = ("equal_opportunity_difference", "equalized_odds_difference",
                "fpr_difference", "selection_rate_difference", "error_gap", "ece_gap",
                "brier_gap")
@@ -120,7 +124,7 @@ class RateEvaluation:
     @property
     def outside_dp_guarantee(self):
         """True when the figures come from training data."""
-        return self.split.lower() in fairness.TRAINING_SPLITS
+        return engine.outside_dp(self.split)
 
     @property
     def overall_accuracy(self):
@@ -235,37 +239,17 @@ def _weighted_top1(labels, scores, weights, n_bins):
             "ece": out["ece"], "brier": np.where(total > 0, brier, np.nan)}
 
 
-def _range(values):
-    """max - min over axis 0 ignoring NaN; NaN with fewer than two defined."""
-    values = np.asarray(values, dtype=float)
-    defined = ~np.isnan(values)
-    high = np.where(defined, values, -np.inf).max(axis=0, initial=-np.inf)
-    low = np.where(defined, values, np.inf).min(axis=0, initial=np.inf)
-    return np.where(defined.sum(axis=0) >= 2, high - low, np.nan)
 
 
 def _disparities(group_values):
     """Disparities (point or replicates) from per-group figures `{figure: [G, ...]}`."""
-    out = {name: _range(group_values[figure]) for name, figure in _RANGES.items()}
+    out = {name: engine.value_range(group_values[figure]) for name, figure in _RANGES.items()}
     # NaN if either difference is undefined: equalized odds needs both.
     out["equalized_odds_difference"] = np.maximum(out["equal_opportunity_difference"],
                                                   out["fpr_difference"])
     return out
 
 
-def _check_settings(n_bootstrap, confidence, min_group_size, seed, split, n_bins):
-    if not isinstance(split, str) or not split:
-        raise ValueError(f"split must be a non-empty string such as 'test'; got {split!r}.")
-    if not isinstance(n_bootstrap, int) or n_bootstrap < 0:
-        raise ValueError(f"n_bootstrap must be an integer >= 0; got {n_bootstrap!r}.")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie in (0, 1); got {confidence!r}.")
-    if not isinstance(min_group_size, int) or min_group_size < 1:
-        raise ValueError(f"min_group_size must be an integer >= 1; got {min_group_size!r}.")
-    if not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0; got {seed!r}.")
-    if not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be an integer >= 1; got {n_bins!r}.")
 
 
 def _thresholds(threshold, num_labels):
@@ -311,7 +295,7 @@ def _multi_class_inputs(labels, scores, label_names):
     return np.eye(num_classes)[labels], scores, names
 
 
-def evaluate(labels, scores, groups, *, threshold=None, multi_class=False, data=None,
+def evaluate_rates(labels, scores, groups, *, threshold=None, multi_class=False, data=None,
              label_names=None, group_names=None, intersections=(), min_group_size=30,
              n_bins=DEFAULT_BINS, n_bootstrap=1000, confidence=0.95, seed=0, split="test",
              label_mask=None):
@@ -330,7 +314,7 @@ def evaluate(labels, scores, groups, *, threshold=None, multi_class=False, data=
         multi_class: labels are class ids and decisions the top-1 classes.
         data, label_names, group_names, intersections, min_group_size,
             n_bootstrap, confidence, seed, split, label_mask: as in
-            `fairness.evaluate` (`label_mask` not with `multi_class`).
+            `auc.evaluate` (`label_mask` not with `multi_class`).
             With `multi_class`, rows of `scores` must sum to 1 (within
             1e-3; they are renormalised).
         n_bins: calibration bins (see the module docstring).
@@ -339,21 +323,19 @@ def evaluate(labels, scores, groups, *, threshold=None, multi_class=False, data=
         A `RateEvaluation`.
 
     Raises:
-        ValueError: as `fairness.evaluate`, plus: a missing or malformed
+        ValueError: as `auc.evaluate`, plus: a missing or malformed
             threshold, a threshold or label mask or `data` with
             `multi_class`, scores outside [0, 1], class ids out of range,
             a reserved label name, or a bad `n_bins`.
     """
-    _check_settings(n_bootstrap, confidence, min_group_size, seed, split, n_bins)
-    if split.lower() in fairness.TRAINING_SPLITS:
-        warnings.warn(f"Group figures on split {split!r}: {fairness.OUTSIDE_DP_NOTE}",
-                      stacklevel=2)
+    engine.check_settings(n_bootstrap, confidence, min_group_size, seed, split, n_bins)
+    engine.warn_outside_dp(split)
     if multi_class:
         if threshold is not None or label_mask is not None or data is not None:
             raise ValueError("multi_class=True decides by the top-1 class: pass no "
                              "threshold, label_mask or data.")
         labels, scores, label_names = _multi_class_inputs(labels, scores, label_names)
-    labels, scores, label_names, groups = fairness.prepare_inputs(
+    labels, scores, label_names, groups = engine.prepare_inputs(
         labels, scores, groups, data, label_names, group_names, label_mask)
     if TOP1_LABEL in label_names:
         raise ValueError(f"The label name {TOP1_LABEL!r} is reserved.")
@@ -367,7 +349,7 @@ def evaluate(labels, scores, groups, *, threshold=None, multi_class=False, data=
     else:
         thresholds, rule = _thresholds(threshold, len(label_names))
         decisions = (scores >= thresholds[None, :]).astype(float)
-    fairness.add_intersections(groups, intersections)
+    engine.add_intersections(groups, intersections)
     summaries = ([MEAN_LABEL] if len(label_names) > 1 else []) + (
         [TOP1_LABEL] if multi_class else [])
     context = _Context(labels, scores, decisions, label_names, thresholds, summaries,
@@ -382,13 +364,7 @@ def evaluate(labels, scores, groups, *, threshold=None, multi_class=False, data=
         disparity_rows.extend(context.disparity_rows(attribute, rows))
 
     def table(rows):
-        frame = pd.DataFrame(rows)
-        frame.insert(0, "outside_dp_guarantee", split.lower() in fairness.TRAINING_SPLITS)
-        frame.insert(0, "split", split)
-        for column in ("count", "positives", "negatives", "groups_compared"):
-            if column in frame:
-                frame[column] = frame[column].astype("Int64")
-        return frame
+        return engine.table(rows, split, _INTEGER_COLUMNS)
 
     return RateEvaluation(
         groups=table(group_rows), disparities=table(disparity_rows),
@@ -396,7 +372,11 @@ def evaluate(labels, scores, groups, *, threshold=None, multi_class=False, data=
         summary_label=MEAN_LABEL if len(label_names) > 1 else label_names[0],
         multi_class=bool(multi_class), threshold_rule=rule, n_bins=n_bins,
         confidence=confidence, replicates=context.replicates,
-        resample_key=fairness.resample_key(labels, groups, seed, n_bootstrap))
+        resample_key=engine.resample_key(labels, groups, seed, n_bootstrap))
+
+
+# The name this function had; `evaluate_rates` says which family it computes.
+evaluate = evaluate_rates
 
 
 class _Context:
@@ -416,7 +396,7 @@ class _Context:
                for label in self.label_names + self.summaries}
         if len(rows) == 0:
             return out
-        for start, weights in fairness.bootstrap_weights(len(rows), self.n_bootstrap, rng):
+        for start, weights in engine.bootstrap_weights(len(rows), self.n_bootstrap, rng):
             stop = start + len(weights)
             for j, label in enumerate(self.label_names):
                 y = self.labels[rows, j]
@@ -432,7 +412,7 @@ class _Context:
                     out[TOP1_LABEL][figure][start:stop] = values
         if MEAN_LABEL in self.summaries:
             for figure in FIGURES:
-                out[MEAN_LABEL][figure] = fairness._nanmean_rows(
+                out[MEAN_LABEL][figure] = engine.nanmean_rows(
                     np.array([out[label][figure] for label in self.label_names]))
         return out
 
@@ -448,13 +428,13 @@ class _Context:
             row["negatives"] = row["count"] - row["positives"]
         for figure in FIGURES:
             self.replicates[key + (label, figure)] = replicates[label][figure]
-            low, high = fairness.percentile_interval(replicates[label][figure], self.confidence)
+            low, high = engine.percentile_interval(replicates[label][figure], self.confidence)
             row.update({figure: float(point[figure]), figure + "_low": low,
                         figure + "_high": high})
         return row
 
     def _mean_point(self, points):
-        return {f: float(fairness._nanmean_rows(
+        return {f: float(engine.nanmean_rows(
             np.array([[points[label][f]] for label in self.label_names]))[0])
             for f in FIGURES}
 
@@ -513,9 +493,9 @@ class _Context:
             values, replicates = _disparities(point), _disparities(reps)
             if label == MEAN_LABEL:
                 # A mean of each label's difference, not the difference of means.
-                values = {d: fairness._nanmean_rows(np.array(
+                values = {d: engine.nanmean_rows(np.array(
                     [[per_label[k][0][d]] for k in self.label_names]))[0] for d in DISPARITIES}
-                replicates = {d: fairness._nanmean_rows(np.array(
+                replicates = {d: engine.nanmean_rows(np.array(
                     [per_label[k][1][d] for k in self.label_names])) for d in DISPARITIES}
             elif label != TOP1_LABEL:
                 per_label[label] = (values, replicates)
@@ -528,7 +508,7 @@ class _Context:
                                         if np.isfinite(tprs).any() else None)}
             for name in DISPARITIES:
                 self.replicates[(name, attribute, label)] = replicates[name]
-                low, high = fairness.percentile_interval(replicates[name], self.confidence)
+                low, high = engine.percentile_interval(replicates[name], self.confidence)
                 row.update({name: float(values[name]), name + "_low": low,
                             name + "_high": high})
             out.append(row)

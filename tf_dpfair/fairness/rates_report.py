@@ -1,22 +1,22 @@
-"""Error-rate fairness reports, and private vs non-private at matched accuracy.
+"""Error-rate family: private vs non-private at matched accuracy, figures, CSV tables.
 
-`compare_matched` pairs a private model with the non-private checkpoint of
-closest overall accuracy (top-1 for multi-class data, else at the threshold)
-and sets both models' per-group error rates, calibration and their
-differences (equal opportunity, equalized odds, ...) side by side, with
-paired bootstrap intervals of private - non-private when both evaluations
-drew the same resamples. Matching on accuracy keeps a difference in
-disparity from being merely a difference in accuracy, as
-`reports.compare_matched` does on AUC.
+`compare_matched_rates` (also named `compare_matched`) runs
+`matching.compare_matched` on accuracy: the private model meets the
+non-private checkpoint of closest overall accuracy (top-1 for multi-class
+data, else at the threshold), and both models' per-group error rates,
+calibration and their differences (equal opportunity, equalized odds, ...)
+are set side by side, with paired bootstrap intervals of private -
+non-private when both evaluations drew the same resamples. Matching on
+accuracy keeps a difference in disparity from being merely a difference in
+accuracy, as `auc_report.compare_matched_auc` does on AUC.
 
-`write_report` writes the tables as CSV and Markdown and one PNG per
-attribute (per-group TPR, FPR and ECE with interval bars, or top-1 error,
-ECE and Brier score for multi-class data), alone or appended to the AUC
-report of `reports.write_report`.
+`plot_rates_attribute` draws one PNG per attribute (per-group TPR, FPR and
+ECE with interval bars, or top-1 error, ECE and Brier score for multi-class
+data) and `write_tables` the CSV files. The Markdown sections and report.md
+are written by `report` (the names `markdown` and `write_report` here lead
+there).
 """
 
-import dataclasses
-import math
 import os
 
 import numpy as np
@@ -24,63 +24,23 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from tf_dpfair.fairness import engine
+from tf_dpfair.fairness import matching
 from tf_dpfair.fairness import rates as error_rates
-from tf_dpfair.fairness import auc as fairness
-from tf_dpfair.fairness import auc_report as reports
 
 _KEYS = ["split", "outside_dp_guarantee", "attribute", "group", "label", "count",
          "positives", "negatives", "threshold", "status"]
-_SHOWN_IN_COMPARISON = ("equal_opportunity_difference", "equalized_odds_difference",
-                        "error_gap", "ece_gap")
 _TITLES = {"tpr": "TPR", "fpr": "FPR", "selection_rate": "selection rate",
            "error": "error", "ece": "ECE", "brier": "Brier score"}
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class RateComparison:
-    """Result of `compare_matched`.
+class RateComparison(matching.Comparison):
+    """Result of `compare_matched_rates`: a `matching.Comparison` of two `RateEvaluation`s.
 
-    Attributes:
-        private: `RateEvaluation` of the private model.
-        non_private: `RateEvaluation` of the matched non-private checkpoint.
-        checkpoint: name of that checkpoint.
-        candidates: DataFrame, one row per checkpoint: overall `accuracy`,
-            `distance` to the private model's, `chosen`.
-        groups: per (attribute, group, label): both models' figures with
-            intervals.
-        disparities: per (attribute, label): both models' disparities with
-            intervals, and `delta_<disparity>` = private - non-private with
-            paired intervals (NaN when not paired).
-        paired: whether the difference intervals are paired.
+    `candidates` holds each checkpoint's overall `accuracy`; `groups` both
+    models' figures with intervals; `disparities` both models' disparities
+    with intervals and `delta_<disparity>` = private - non-private.
     """
-
-    private: error_rates.RateEvaluation
-    non_private: error_rates.RateEvaluation
-    checkpoint: str
-    candidates: pd.DataFrame
-    groups: pd.DataFrame
-    disparities: pd.DataFrame
-    paired: bool
-
-    @property
-    def split(self):
-        """Where the data came from."""
-        return self.private.split
-
-    @property
-    def outside_dp_guarantee(self):
-        """True when the figures come from training data."""
-        return self.private.outside_dp_guarantee
-
-
-def _evaluated(scores_or_evaluation, what, labels, groups, kwargs, **overrides):
-    if isinstance(scores_or_evaluation, error_rates.RateEvaluation):
-        return scores_or_evaluation
-    if labels is None or groups is None:
-        raise ValueError(f"{what} is given as scores: pass `labels` and `groups` too (or "
-                         "a RateEvaluation from error_rates.evaluate).")
-    return error_rates.evaluate(labels, scores_or_evaluation, groups,
-                                **{**kwargs, **overrides})
 
 
 def _accuracy(scores, labels, kwargs):
@@ -103,7 +63,54 @@ def _accuracy(scores, labels, kwargs):
     return float(np.mean([right[known[:, j], j].mean() for j in range(labels.shape[1])]))
 
 
-def compare_matched(private, checkpoints, *, labels=None, groups=None, **evaluate_kwargs):
+def _quick_accuracy(scores, labels, groups, kwargs):
+    return _accuracy(scores, labels, kwargs)
+
+
+def _same_data(private, non_private):
+    return (private.split == non_private.split
+            and private.threshold_rule == non_private.threshold_rule
+            and private.n_bins == non_private.n_bins
+            and private.groups[_KEYS].equals(non_private.groups[_KEYS]))
+
+
+def _side_by_side(private, non_private, paired):
+    """Per-group and disparity tables of both models, with differences."""
+    side = private.groups[_KEYS].copy()
+    for prefix, evaluation in (("private_", private), ("non_private_", non_private)):
+        for figure in error_rates.FIGURES:
+            for suffix in ("", "_low", "_high"):
+                side[prefix + figure + suffix] = evaluation.groups[figure + suffix].to_numpy()
+    disparities = private.disparities[["split", "outside_dp_guarantee", "attribute",
+                                       "label"]].copy()
+    for name in error_rates.DISPARITIES:
+        for prefix, evaluation in (("private_", private), ("non_private_", non_private)):
+            for suffix in ("", "_low", "_high"):
+                disparities[prefix + name + suffix] = evaluation.disparities[
+                    name + suffix].to_numpy()
+        disparities["delta_" + name] = (disparities["private_" + name]
+                                        - disparities["non_private_" + name])
+        keys = [(name, a, lab) for a, lab in zip(disparities["attribute"],
+                                                 disparities["label"])]
+        (disparities["delta_" + name + "_low"],
+         disparities["delta_" + name + "_high"]) = matching.paired_intervals(
+             private, non_private, keys, paired)
+    return side, disparities
+
+
+FAMILY = matching.Family(
+    evaluation_type=error_rates.RateEvaluation,
+    source="RateEvaluation from error_rates.evaluate", evaluate=error_rates.evaluate,
+    figure="accuracy", column="accuracy",
+    overall=lambda evaluation: evaluation.overall_accuracy, quick=_quick_accuracy,
+    same_data=_same_data,
+    settings=("(split, groups, labels, counts, threshold rule, calibration bins or "
+              "min_group_size differ)."),
+    side_by_side=_side_by_side, comparison=RateComparison)
+
+
+def compare_matched_rates(private, checkpoints, *, labels=None, groups=None,
+                          **evaluate_kwargs):
     """Compares a private model with the non-private checkpoint of closest accuracy.
 
     Args:
@@ -112,8 +119,8 @@ def compare_matched(private, checkpoints, *, labels=None, groups=None, **evaluat
         checkpoints: non-empty dict name -> `RateEvaluation` or scores; on
             equal distance the first wins. Only the chosen checkpoint is
             evaluated in full.
-        labels, groups: as in `error_rates.evaluate`, needed for scores.
-        **evaluate_kwargs: passed to `error_rates.evaluate` (threshold or
+        labels, groups: as in `rates.evaluate`, needed for scores.
+        **evaluate_kwargs: passed to `rates.evaluate` (threshold or
             multi_class, and the same seed and n_bootstrap for both models
             to get paired intervals).
 
@@ -125,71 +132,12 @@ def compare_matched(private, checkpoints, *, labels=None, groups=None, **evaluat
             evaluations that differ in data, decision rule, bins or
             confidence level.
     """
-    if not isinstance(checkpoints, dict) or not checkpoints:
-        raise ValueError("checkpoints must be a non-empty dict name -> RateEvaluation "
-                         "or scores.")
-    context = (labels, groups, evaluate_kwargs)
-    private = _evaluated(private, "The private model", *context)
-    target = private.overall_accuracy
-    rows = []
-    for name, candidate in checkpoints.items():
-        if isinstance(candidate, error_rates.RateEvaluation):
-            accuracy = candidate.overall_accuracy
-        elif labels is None or groups is None:
-            raise ValueError(f"Checkpoint {name!r} is given as scores: pass `labels` and "
-                             "`groups` too (or a RateEvaluation from error_rates.evaluate).")
-        else:
-            accuracy = _accuracy(candidate, labels, evaluate_kwargs)
-        rows.append({"checkpoint": str(name), "accuracy": accuracy,
-                     "distance": abs(accuracy - target)})
-    candidates = pd.DataFrame(rows)
-    best = int(candidates["distance"].idxmin())
-    candidates["chosen"] = candidates.index == best
-    name = list(checkpoints)[best]
-    non_private = _evaluated(checkpoints[name], f"Checkpoint {name!r}", *context)
+    return matching.compare_matched(FAMILY, private, checkpoints, labels=labels,
+                                    groups=groups, evaluate_kwargs=evaluate_kwargs)
 
-    same = (private.split == non_private.split
-            and private.threshold_rule == non_private.threshold_rule
-            and private.n_bins == non_private.n_bins
-            and private.groups[_KEYS].equals(non_private.groups[_KEYS]))
-    if not same:
-        raise ValueError(f"The private model and checkpoint {name!r} were evaluated on "
-                         "different data or settings (split, groups, labels, counts, "
-                         "threshold rule, calibration bins or min_group_size differ).")
-    if private.confidence != non_private.confidence:
-        raise ValueError(f"The private model and checkpoint {name!r} were evaluated at "
-                         f"different confidence levels ({private.confidence} and "
-                         f"{non_private.confidence}).")
-    paired = private.resample_key == non_private.resample_key
 
-    side = private.groups[_KEYS].copy()
-    for prefix, evaluation in (("private_", private), ("non_private_", non_private)):
-        for figure in error_rates.FIGURES:
-            for suffix in ("", "_low", "_high"):
-                side[prefix + figure + suffix] = evaluation.groups[figure + suffix].to_numpy()
-    disparities = private.disparities[["split", "outside_dp_guarantee", "attribute",
-                                       "label"]].copy()
-    for name_ in error_rates.DISPARITIES:
-        for prefix, evaluation in (("private_", private), ("non_private_", non_private)):
-            for suffix in ("", "_low", "_high"):
-                disparities[prefix + name_ + suffix] = evaluation.disparities[
-                    name_ + suffix].to_numpy()
-        disparities["delta_" + name_] = (disparities["private_" + name_]
-                                         - disparities["non_private_" + name_])
-        keys = [(name_, a, lab) for a, lab in zip(disparities["attribute"],
-                                                  disparities["label"])]
-        lows, highs = [], []
-        for key in keys:
-            low, high = (fairness.percentile_interval(
-                private.replicates[key] - non_private.replicates[key], private.confidence)
-                if paired else (math.nan, math.nan))
-            lows.append(low)
-            highs.append(high)
-        disparities["delta_" + name_ + "_low"] = lows
-        disparities["delta_" + name_ + "_high"] = highs
-    return RateComparison(private=private, non_private=non_private, checkpoint=str(name),
-                          candidates=candidates, groups=side, disparities=disparities,
-                          paired=paired)
+# The name this function had; `compare_matched_rates` says its family.
+compare_matched = compare_matched_rates
 
 
 def _evaluation(result):
@@ -210,7 +158,7 @@ def _panels(label):
     return ["tpr", "fpr", "ece"]
 
 
-def plot_attribute(result, attribute, *, label=None, private_name="private"):
+def plot_rates_attribute(result, attribute, *, label=None, private_name="private"):
     """Draws per-group error rates and calibration with interval bars.
 
     Panels: TPR, FPR and ECE (top-1 error, ECE and Brier score for the
@@ -264,15 +212,19 @@ def plot_attribute(result, attribute, *, label=None, private_name="private"):
                                                zip(rows["group"], rows["count"])])
         axes.set_title(_TITLES[figure_name], fontsize=10)
         axes.grid(axis="y", alpha=0.3)
-    shown = {fairness.MEAN_LABEL: "mean over labels", error_rates.TOP1_LABEL: "top-1"}
+    shown = {engine.MEAN_LABEL: "mean over labels", error_rates.TOP1_LABEL: "top-1"}
     title = (f"{attribute} ({shown.get(label, label)}; {evaluation.threshold_rule}; "
              f"ECE over {evaluation.n_bins} bins; {100 * evaluation.confidence:g}% intervals)")
     if evaluation.outside_dp_guarantee:
-        title += "\n" + fairness.OUTSIDE_DP_NOTE
+        title += "\n" + engine.OUTSIDE_DP_NOTE
     figure.suptitle(title, fontsize=9)
     figure.axes[0].legend(fontsize=7)
     figure.tight_layout()
     return figure
+
+
+# The name this function had; `plot_rates_attribute` says its family.
+plot_attribute = plot_rates_attribute
 
 
 def write_tables(result, directory, prefix="rates_"):
@@ -297,96 +249,13 @@ def write_tables(result, directory, prefix="rates_"):
     return paths
 
 
-def markdown(result, *, heading="##", digits=3, figures=None):
-    """The Markdown sections of an evaluation or comparison.
-
-    Args:
-        result: a `RateEvaluation` or `RateComparison`.
-        heading: Markdown heading level of the sections.
-        digits: decimals.
-        figures: optional dict attribute -> image file names to show.
-
-    Returns:
-        The text (the labels of `shown_labels` only; the CSVs hold all).
-    """
-    evaluation = _evaluation(result)
-    drop = ["split", "outside_dp_guarantee"]
-    lines = [f"{heading} Error rates and calibration", "",
-             f"Decision: {evaluation.threshold_rule}. ECE over {evaluation.n_bins} "
-             "equal-width bins of [0, 1]. Differences are max - min over the groups with "
-             "status ok; intervals: "
-             f"{100 * evaluation.confidence:g}% bootstrap percentile intervals, resampled "
-             "within each group.", ""]
-    if evaluation.outside_dp_guarantee:
-        lines += [f"**Warning: {fairness.OUTSIDE_DP_NOTE}**", ""]
-    labels = shown_labels(evaluation)
-    if isinstance(result, RateComparison):
-        lines += [f"Matched on overall accuracy: private "
-                  f"{result.private.overall_accuracy:.{digits}f}, non-private checkpoint "
-                  f"**{result.checkpoint}** {result.non_private.overall_accuracy:.{digits}f}. "
-                  "Differences are private - non-private"
-                  + (", with paired intervals." if result.paired else
-                     "; no paired intervals (different resamples)."), "",
-                  reports.to_markdown(result.candidates, digits)]
-        # The CSV holds every difference; the Markdown table the main ones.
-        columns = ["attribute", "label"] + [
-            prefix + name + suffix for name in _SHOWN_IN_COMPARISON
-            for prefix in ("private_", "non_private_", "delta_")
-            for suffix in ("", "_low", "_high")]
-    else:
-        lines += [f"{heading}# Overall", "", reports.to_markdown(
-            result.overall[result.overall["label"].isin(labels)].drop(columns=drop), digits)]
-        columns = [c for c in result.disparities.columns if c not in drop]
-    disparities = result.disparities[result.disparities["label"].isin(labels)][columns]
-    lines += [f"{heading}# Differences between groups", "",
-              reports.to_markdown(disparities, digits)]
-    groups = result.groups[result.groups["label"].isin(labels)].drop(columns=drop)
-    for attribute in dict.fromkeys(groups["attribute"]):
-        lines += [f"{heading}# Error rates by {attribute}", ""]
-        for name in (figures or {}).get(attribute, []):
-            lines += [f"![Error rates by {attribute}]({name})", ""]
-        lines.append(reports.to_markdown(groups[groups["attribute"] == attribute], digits))
-    return "\n".join(lines)
+# Names of the Markdown report, written by `report` now.
+_IN_REPORT = {"markdown": "rates_markdown", "write_report": "write_rates_report"}
 
 
-def write_report(result, directory, *, auc=None, title="Fairness report",
-                 private_name="private", digits=3):
-    """Writes CSV tables, Markdown sections and one PNG per attribute.
-
-    Args:
-        result: a `RateEvaluation` or `RateComparison`.
-        directory: output directory (created if missing).
-        auc: optional `fairness.GroupEvaluation` or
-            `reports.MatchedComparison` of the same model(s): its report
-            (`reports.write_report`) comes first and these sections are
-            appended to its report.md.
-        title: first heading (of the AUC report when `auc` is given).
-        private_name: name of the (private) model in the figures.
-        digits: decimals in the Markdown tables.
-
-    Returns:
-        dict name -> path: the AUC report's paths (with `auc`), the CSV
-        tables `rates_<table>`, `report` and `rates_figure/<attribute>`.
-    """
-    paths = reports.write_report(auc, directory, title=title, private_name=private_name,
-                                 digits=digits) if auc is not None else {}
-    os.makedirs(directory, exist_ok=True)
-    paths.update({f"rates_{k}": v for k, v in write_tables(result, directory).items()})
-    evaluation = _evaluation(result)
-    figures = {}
-    for attribute in dict.fromkeys(evaluation.groups["attribute"]):
-        for label in shown_labels(evaluation):
-            figure = plot_attribute(result, attribute, label=label, private_name=private_name)
-            name = f"rates_{reports._file_name(attribute)}_{reports._file_name(label)}.png"
-            figure.savefig(os.path.join(directory, name), dpi=110)
-            paths[f"rates_figure/{attribute}/{label}"] = os.path.join(directory, name)
-            figures.setdefault(attribute, []).append(name)
-    text = markdown(result, figures=figures, digits=digits)
-    paths["report"] = os.path.join(directory, "report.md")
-    if auc is not None:
-        with open(paths["report"], "a") as f:
-            f.write("\n\n" + text)
-    else:
-        with open(paths["report"], "w") as f:
-            f.write(f"# {title}\n\nData split: **{evaluation.split}**.\n\n" + text)
-    return paths
+def __getattr__(name):
+    # Read lazily: `report` imports this module.
+    if name in _IN_REPORT:
+        from tf_dpfair.fairness import report
+        return getattr(report, _IN_REPORT[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

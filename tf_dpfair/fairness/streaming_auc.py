@@ -32,12 +32,18 @@ guarantee; attach this metric to held-out data (`validation_data`,
 `evaluate`), not to training batches.
 """
 
-import math
-
 import keras
 import tensorflow as tf
 
-from tf_dpfair.data import batch as batch_lib
+from tf_dpfair.fairness import streaming
+# Shared with `streaming_rates`, in `streaming` now; kept here under the
+# names they had.
+from tf_dpfair.fairness.streaming import checked_groups, checked_label_names, group_rows  # noqa: F401
+
+_check_name = streaming._check_name
+_nan_like = streaming.nan_like
+_nan_mean = streaming.nan_mean
+_gap_and_worst = streaming.gap_and_worst
 
 # Measured on sigmoid scores of normal logits (prevalence 1-50%, scores as
 # crowded as a mean logit of -6): the largest gap to the exact AUC was 0.0046
@@ -45,138 +51,8 @@ from tf_dpfair.data import batch as batch_lib
 DEFAULT_NUM_THRESHOLDS = 2000
 
 
-def _check_name(kind, name, owner="GroupedAUC"):
-    """Raises ValueError unless `name` can be part of a `/`-separated key."""
-    if not isinstance(name, str) or not name or "/" in name:
-        raise ValueError(
-            f"{owner}: each {kind} name must be a non-empty string without "
-            f"'/' (it becomes part of a metric name); got {name!r}.")
-
-
-def checked_groups(groups, owner):
-    """Validates a metric's `groups` argument.
-
-    Args:
-        groups: dict attribute -> list of group names (index = group id).
-        owner: class name for error messages.
-
-    Returns:
-        `(groups, offsets, num_rows)`: the groups as a dict of lists, the
-        first statistics row of each attribute (row 0 is all examples; see
-        `group_rows`) and the number of rows.
-
-    Raises:
-        ValueError: empty or malformed groups, names with '/', duplicates.
-    """
-    if not isinstance(groups, dict) or not groups:
-        raise ValueError(
-            f"{owner}: `groups` must be a non-empty dict attribute -> list "
-            f"of group names; got {groups!r}.")
-    checked, offsets, num_rows = {}, {}, 1
-    for attribute, names in groups.items():
-        _check_name("attribute", attribute, owner)
-        if isinstance(names, str) or not list(names):
-            raise ValueError(
-                f"{owner}: groups[{attribute!r}] must be a non-empty list "
-                f"of group names; got {names!r}.")
-        names = list(names)
-        for group in names:
-            _check_name("group", group, owner)
-        if len(set(names)) != len(names):
-            raise ValueError(
-                f"{owner}: groups[{attribute!r}] has duplicate names: "
-                f"{names}.")
-        checked[attribute] = names
-        offsets[attribute] = num_rows
-        num_rows += len(names)
-    return checked, offsets, num_rows
-
-
-def checked_label_names(label_names, owner):
-    """Validates label (or class) names; returns them as a list.
-
-    Raises:
-        ValueError: empty, with '/', or duplicated names.
-    """
-    label_names = list(label_names)
-    if not label_names:
-        raise ValueError(f"{owner}: `label_names` is empty.")
-    for label in label_names:
-        _check_name("label", label, owner)
-    if len(set(label_names)) != len(label_names):
-        raise ValueError(f"{owner}: duplicate label names: {label_names}.")
-    return label_names
-
-
-def _nan_like(x):
-    return tf.fill(tf.shape(x), tf.constant(math.nan, x.dtype))
-
-
-def _nan_mean(values, axis):
-    """Mean over the non-NaN entries along `axis`; NaN where there are none."""
-    defined = tf.logical_not(tf.math.is_nan(values))
-    total = tf.reduce_sum(tf.where(defined, values, tf.zeros_like(values)), axis)
-    count = tf.reduce_sum(tf.cast(defined, values.dtype), axis)
-    return tf.where(count > 0, total / tf.maximum(count, 1), _nan_like(total))
-
-
-def _gap_and_worst(values):
-    """Returns (max - min, min) over the non-NaN entries of 1-D `values`.
-
-    The gap needs two defined groups, the minimum one; else they are NaN.
-    """
-    defined = tf.logical_not(tf.math.is_nan(values))
-    count = tf.reduce_sum(tf.cast(defined, tf.int32))
-    inf = tf.constant(math.inf, values.dtype)
-    worst = tf.reduce_min(tf.where(defined, values, inf))
-    best = tf.reduce_max(tf.where(defined, values, -inf))
-    nan = tf.constant(math.nan, values.dtype)
-    return (tf.where(count >= 2, best - worst, nan),
-            tf.where(count >= 1, worst, nan))
-
-
-def group_rows(group_names, offsets, groups, live, size, owner):
-    """Row of every example in a per-group statistics table, and its checks.
-
-    Row 0 holds all examples; then one row per group, attribute after
-    attribute (`offsets[attribute]` is the row of the attribute's group 0),
-    so that one segment sum updates every group.
-
-    Args:
-        group_names: dict attribute -> list of group names.
-        offsets: dict attribute -> first row of that attribute's groups.
-        groups: dict attribute -> int ids `[B]` (extra attributes ignored).
-        live: bool `[B]`, False for padding rows (weight 0), whose ids may
-            be anything.
-        size: batch size B (scalar tensor).
-        owner: class name for error messages.
-
-    Returns:
-        `(rows, checks)`: int32 `[B, 1 + attributes]`, -1 where an id is out
-        of range (a segment sum drops it, so a bad id cannot land in another
-        attribute's rows even where assertions are compiled out), and the
-        assertions to run first.
-    """
-    rows = [tf.zeros([size], tf.int32)]
-    checks = []
-    for attribute, names in group_names.items():
-        ids = tf.reshape(tf.cast(groups[attribute], tf.int32), [-1])
-        checks.append(tf.debugging.assert_equal(
-            tf.size(ids), size,
-            message=f"{owner}: groups[{attribute!r}] must have one id per example"))
-        checked = tf.where(live, ids, tf.zeros_like(ids))
-        # No quotes: graph-mode assertion messages print them escaped.
-        message = (f"{owner}: group ids of attribute `{attribute}` must lie "
-                   f"in [0, {len(names)}) (groups: {', '.join(names)})")
-        checks.append(tf.debugging.assert_non_negative(checked, message=message))
-        checks.append(tf.debugging.assert_less(checked, len(names), message=message))
-        valid = (ids >= 0) & (ids < len(names))
-        rows.append(tf.where(valid, ids + offsets[attribute], -1))
-    return tf.stack(rows, axis=1), checks
-
-
 @keras.saving.register_keras_serializable(package="tf_dpfair")
-class GroupedAUC(keras.metrics.Metric):
+class GroupedAUC(streaming.GroupedMetric):
     """ROC AUC overall and per demographic group, streamed over batches.
 
     Models that know about groups (`needs_groups = True`) call
@@ -197,8 +73,6 @@ class GroupedAUC(keras.metrics.Metric):
 
     See the module docstring for the result names.
     """
-
-    needs_groups = True
 
     def __init__(self, groups, label_names=None,
                  num_thresholds=DEFAULT_NUM_THRESHOLDS, from_logits=False,
@@ -264,11 +138,6 @@ class GroupedAUC(keras.metrics.Metric):
             shape=shape, initializer="zeros", aggregation="sum",
             name="negatives")
 
-    @property
-    def groups(self):
-        """dict attribute -> list of group names (index = group id)."""
-        return {attribute: list(names) for attribute, names in self._groups.items()}
-
     def _as_matrix(self, values, what):
         """Casts labels or scores to `[B, L]`, checking the static shape."""
         values = tf.convert_to_tensor(values)
@@ -285,6 +154,20 @@ class GroupedAUC(keras.metrics.Metric):
                 f"GroupedAUC: {what} must have shape {expected}; got shape "
                 f"{values.shape}.")
         return tf.reshape(tf.cast(values, self.dtype), [-1, num_labels])
+
+    def _histogram_index(self, rows, scores):
+        """Flat histogram entry `[B, rows, L]` of each example, row and label; -1 drops it."""
+        num_thresholds = self.num_thresholds
+        num_labels = self._num_labels
+        # The bucketing of keras.metrics.AUC with evenly spaced thresholds: a
+        # score counts at threshold i when it is strictly above it, and the
+        # -epsilon / 1+epsilon end thresholds take every score / none.
+        scores = tf.clip_by_value(scores, 0.0, 1.0)
+        buckets = tf.cast(tf.math.ceil(scores * (num_thresholds - 1)) - 1, tf.int32)
+        buckets = tf.clip_by_value(buckets, 0, num_thresholds - 1)
+        index = ((rows[:, :, None] * num_thresholds + buckets[:, None, :]) * num_labels
+                 + tf.range(num_labels)[None, None, :])  # [B, rows, L]
+        return tf.where(rows[:, :, None] >= 0, index, -1)
 
     def update_state(self, y_true, y_pred, sample_weight=None, groups=None,
                      label_mask=None):
@@ -316,57 +199,26 @@ class GroupedAUC(keras.metrics.Metric):
                 rows with out-of-range ids then count only in the overall
                 AUC, never in another group.
         """
-        if label_mask is None:
-            label_mask = batch_lib.label_mask_of(y_true)
-        y_true, label_groups = batch_lib.split_labels(y_true)
-        if groups is None:
-            groups = label_groups
-        if groups is None:
-            raise ValueError(
-                "GroupedAUC: no group ids. Pass groups={attribute: ids} or "
-                "y_true={'label': labels, 'groups': {attribute: ids}}; "
-                f"attributes expected: {sorted(self._groups)}.")
-        missing = [a for a in self._groups if a not in groups]
-        if missing:
-            raise ValueError(
-                f"GroupedAUC: group ids missing for attribute(s) {missing}; "
-                f"got attributes {sorted(groups)}.")
-
+        y_true, groups, label_mask = self._batch(y_true, groups, label_mask)
         labels = self._as_matrix(y_true, "y_true")
         scores = self._as_matrix(y_pred, "y_pred")
         if self.from_logits:
             scores = tf.sigmoid(scores)
         size = tf.shape(scores)[0]
-        checks = [
+        weights, checks = self._weights(sample_weight, size)
+        checks += [
             tf.debugging.assert_equal(
                 tf.shape(labels)[0], size,
                 message="GroupedAUC: y_true and y_pred have different batch sizes"),
             tf.debugging.assert_all_finite(
                 scores, "GroupedAUC: y_pred contains NaN or Inf"),
         ]
-        if sample_weight is None:
-            weights = tf.ones([size], self.dtype)
-        else:
-            weights = tf.reshape(tf.cast(sample_weight, self.dtype), [-1])
-            checks.append(tf.debugging.assert_equal(
-                tf.size(weights), size,
-                message="GroupedAUC: sample_weight must have one weight per example"))
         rows, row_checks = group_rows(self._groups, self._offsets, groups, weights != 0,
                                       size, "GroupedAUC")
         with tf.control_dependencies(checks + row_checks):
             rows = tf.identity(rows)  # [B, 1 + attributes]
-        num_thresholds = self.num_thresholds
-        num_labels = self._num_labels
-        # The bucketing of keras.metrics.AUC with evenly spaced thresholds: a
-        # score counts at threshold i when it is strictly above it, and the
-        # -epsilon / 1+epsilon end thresholds take every score / none.
-        scores = tf.clip_by_value(scores, 0.0, 1.0)
-        buckets = tf.cast(tf.math.ceil(scores * (num_thresholds - 1)) - 1, tf.int32)
-        buckets = tf.clip_by_value(buckets, 0, num_thresholds - 1)
-        index = ((rows[:, :, None] * num_thresholds + buckets[:, None, :]) * num_labels
-                 + tf.range(num_labels)[None, None, :])  # [B, rows, L]
-        index = tf.where(rows[:, :, None] >= 0, index, -1)
-
+        index = self._histogram_index(rows, scores)  # [B, rows, L]
+        num_thresholds, num_labels = self.num_thresholds, self._num_labels
         positive = tf.cast(labels != 0, self.dtype)
         known = (tf.ones_like(positive) if label_mask is None
                  else tf.reshape(tf.cast(label_mask, self.dtype), tf.shape(positive)))

@@ -40,15 +40,14 @@ the DP guarantee.
 import keras
 import tensorflow as tf
 
-from tf_dpfair.data import batch as batch_lib
-from tf_dpfair.fairness import streaming_auc as metrics_lib
+from tf_dpfair.fairness import streaming
 
 RATES = ("tpr", "fpr", "selection_rate")
 _POSITIVES, _NEGATIVES, _TRUE_POSITIVES, _FALSE_POSITIVES = range(4)
 
 
 @keras.saving.register_keras_serializable(package="tf_dpfair")
-class GroupedErrorRates(keras.metrics.Metric):
+class GroupedErrorRates(streaming.GroupedMetric):
     """TPR, FPR and selection rate overall and per group, streamed over batches.
 
     Example (threshold 0.5; women: one of two positives found, men: both):
@@ -64,8 +63,6 @@ class GroupedErrorRates(keras.metrics.Metric):
 
     See the module docstring for the result names.
     """
-
-    needs_groups = True
 
     def __init__(self, groups, threshold=0.5, label_names=None, from_logits=False,
                  multi_label=None, multi_class=False, per_label=True,
@@ -95,9 +92,9 @@ class GroupedErrorRates(keras.metrics.Metric):
         """
         super().__init__(name=name, dtype=dtype)
         owner = "GroupedErrorRates"
-        self._groups, self._offsets, self._num_rows = metrics_lib.checked_groups(groups, owner)
+        self._groups, self._offsets, self._num_rows = streaming.checked_groups(groups, owner)
         if label_names is not None:
-            label_names = metrics_lib.checked_label_names(label_names, owner)
+            label_names = streaming.checked_label_names(label_names, owner)
         if multi_class:
             if threshold is not None:
                 raise ValueError(f"{owner}: multi_class decides by the top-1 class; pass "
@@ -129,11 +126,6 @@ class GroupedErrorRates(keras.metrics.Metric):
         if self.multi_class:
             self.top1 = self.add_variable(shape=(self._num_rows, 2), initializer="zeros",
                                           aggregation="sum", name="top1")
-
-    @property
-    def groups(self):
-        """dict attribute -> list of group names (index = group id)."""
-        return {attribute: list(names) for attribute, names in self._groups.items()}
 
     def _labels_and_decisions(self, y_true, y_pred, live):
         """(labels [B, L] 0/1, decisions [B, L] 0/1) in the metric's dtype.
@@ -194,34 +186,15 @@ class GroupedErrorRates(keras.metrics.Metric):
             tf.errors.InvalidArgumentError: (when the batch runs) group or
                 class ids out of range, or ids/weights not one per example.
         """
-        if label_mask is None:
-            label_mask = batch_lib.label_mask_of(y_true)
-        y_true, label_groups = batch_lib.split_labels(y_true)
-        groups = label_groups if groups is None else groups
-        if groups is None:
-            raise ValueError(
-                "GroupedErrorRates: no group ids. Pass groups={attribute: ids} or "
-                "y_true={'label': labels, 'groups': {attribute: ids}}; attributes "
-                f"expected: {sorted(self._groups)}.")
-        missing = [a for a in self._groups if a not in groups]
-        if missing:
-            raise ValueError(f"GroupedErrorRates: group ids missing for attribute(s) "
-                             f"{missing}; got attributes {sorted(groups)}.")
+        y_true, groups, label_mask = self._batch(y_true, groups, label_mask)
         size = tf.shape(tf.convert_to_tensor(y_pred))[0]
-        checks = []
-        if sample_weight is None:
-            weights = tf.ones([size], self.dtype)
-        else:
-            weights = tf.reshape(tf.cast(sample_weight, self.dtype), [-1])
-            checks.append(tf.debugging.assert_equal(
-                tf.size(weights), size,
-                message="GroupedErrorRates: sample_weight must have one weight per example"))
+        weights, checks = self._weights(sample_weight, size)
         with tf.control_dependencies(checks):
             labels, decisions = self._labels_and_decisions(y_true, y_pred, weights != 0)
         checks.append(tf.debugging.assert_equal(
             tf.shape(labels)[0], size,
             message="GroupedErrorRates: y_true and y_pred have different batch sizes"))
-        rows, row_checks = metrics_lib.group_rows(self._groups, self._offsets, groups,
+        rows, row_checks = streaming.group_rows(self._groups, self._offsets, groups,
                                                   weights != 0, size, "GroupedErrorRates")
         with tf.control_dependencies(checks + row_checks):
             rows = tf.identity(rows)  # [B, 1 + attributes]
@@ -259,7 +232,7 @@ class GroupedErrorRates(keras.metrics.Metric):
         for attribute, names in self._groups.items():
             if gaps is None:
                 start = self._offsets[attribute]
-                attribute_gaps = {name: metrics_lib._gap_and_worst(
+                attribute_gaps = {name: streaming.gap_and_worst(
                     values[start:start + len(names)])[0] for name, values in rates.items()}
                 # NaN if either gap is: equalized odds needs both.
                 attribute_gaps["equalized_odds"] = tf.maximum(attribute_gaps["tpr"],
@@ -289,10 +262,10 @@ class GroupedErrorRates(keras.metrics.Metric):
             # Mean over labels of each label's gap, as error_rates.evaluate.
             keys = {name: name + "_gap" for name in RATES}
             keys["equalized_odds"] = "equalized_odds"
-            gaps = {attribute: {name: metrics_lib._nan_mean(tf.stack(
+            gaps = {attribute: {name: streaming.nan_mean(tf.stack(
                 [g[f"{key}/{attribute}"] for g in per_label_gaps]), axis=0)
                 for name, key in keys.items()} for attribute in self._groups}
-            self._add(out, "", {name: metrics_lib._nan_mean(values, axis=1)
+            self._add(out, "", {name: streaming.nan_mean(values, axis=1)
                                 for name, values in rates.items()}, gaps)
         if self.multi_class:
             top1 = tf.convert_to_tensor(self.top1.value)
@@ -302,7 +275,7 @@ class GroupedErrorRates(keras.metrics.Metric):
                 start = self._offsets[attribute]
                 for i, group in enumerate(names):
                     out[f"top1_error/{attribute}/{group}"] = error[start + i]
-                out[f"top1_error_gap/{attribute}"] = metrics_lib._gap_and_worst(
+                out[f"top1_error_gap/{attribute}"] = streaming.gap_and_worst(
                     error[start:start + len(names)])[0]
         return out
 

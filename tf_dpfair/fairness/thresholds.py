@@ -1,7 +1,7 @@
 """Operating thresholds chosen on validation data, with the rule that chose them.
 
 A decision "score >= threshold" turns scores into the positives that
-error-rate fairness measures (`error_rates.evaluate`) need. The threshold is
+error-rate fairness measures (`rates.evaluate`) need. The threshold is
 part of the model: choose it on validation data, never on the test data it
 is then evaluated on, and report the rule (`Threshold.rule`).
 """
@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from tf_dpfair.fairness import auc as fairness
+from tf_dpfair.fairness import engine
 
 RULES = ("youden", "max_fpr")
 
@@ -67,7 +67,7 @@ def choose_threshold(labels, scores, *, rule="youden", max_fpr=None, label_mask=
     if split.lower() == "test":
         warnings.warn("Choosing the threshold on test data biases the figures evaluated "
                       "there; choose it on validation data.", stacklevel=2)
-    labels, scores, label_names, _ = fairness.prepare_inputs(
+    labels, scores, label_names, _ = engine.prepare_inputs(
         labels, scores, {"all": np.zeros(len(np.asarray(labels)), int)}, None, None, None,
         label_mask)
     values = []

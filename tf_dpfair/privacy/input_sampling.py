@@ -1,4 +1,4 @@
-"""How `fit` is fed, and what the ledger records for it.
+"""What sampling a `fit` call's input really has, and what the ledger records for it.
 
 A privacy statement is true only if its sampling assumption is how the
 batches were really drawn. `DPTraining.fit` therefore resolves, for every
@@ -6,9 +6,9 @@ call, how it is fed (`Feeding`), refuses input that would break the
 accounting, and opens a segment of the privacy ledger (`tf_dpfair.privacy.ledger`)
 that says how this call's updates are accounted (`Feeding.segment`):
 
-- the package's pipeline (`data.make_train_dataset`, given to `fit` as the
-  `TrainData` or its `dataset`): Poisson with the spec's q, or shuffled
-  passes of `steps_per_epoch` updates starting `start_step` into the
+- the package's pipeline (`tf_dpfair.data.make_train_dataset`, given to
+  `fit` as the `TrainData` or its `dataset`): Poisson with the spec's q, or
+  shuffled passes of `steps_per_epoch` updates starting `start_step` into the
   pipeline. A pass entered in its middle by a new fit counts as a new one,
   because the model cannot check that a resumed pipeline uses the same
   secret permutation (resume at a pass boundary to avoid it);
@@ -28,6 +28,10 @@ update may hold under its accounting (B for shuffled batches and arrays, the
 padded batch of the package's Poisson pipeline, a binomial tail bound for a
 stated Poisson pipeline), and the DP step refuses a batch with more before
 applying it.
+
+The pipeline's tag is in `tf_dpfair.privacy.pipeline_tag`; which input is
+arrays, and its N, `tf_dpfair.training.fitting` works out (with TensorFlow)
+and passes to `resolve`.
 """
 
 import dataclasses
@@ -35,48 +39,18 @@ import math
 
 from tf_dpfair.privacy import ledger
 from tf_dpfair.privacy import sampling
+# Importable from here, as before they had modules of their own.
+from tf_dpfair.privacy.pipeline_tag import (  # noqa: F401 (re-exported)
+    PipelineTag, pipeline_tag, tag_pipeline)
+from tf_dpfair.privacy.sampling import POISSON, SHUFFLE
 
+# What a fit call is given.
 PIPELINE = "pipeline"
 ARRAYS = "arrays"
 OTHER = "other"
 
-POISSON = "poisson"
-SHUFFLE = "shuffle"
-UNKNOWN = "unknown"
-
-# The attribute `data.make_train_dataset` sets on its dataset.
-_TAG = "_tf_dpfair_pipeline"
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineTag:
-    """What the package's pipeline knows about the dataset it built.
-
-    Attributes:
-      spec: the `sampling.SamplingSpec` the batches were drawn with.
-      start_step: the pipeline index of the dataset's first batch.
-      num_steps: batches in the dataset, or None for endless.
-      seed_digest: `cluster.seed_digest` of the sampling seed (never the
-        seed), which workers compare before a multi-worker fit; None if unknown.
-    """
-
-    spec: object
-    start_step: int
-    num_steps: int | None
-    seed_digest: str | None = dataclasses.field(default=None, repr=False)
-
-
-def tag_pipeline(dataset, spec, start_step, num_steps, seed_digest=None):
-    """Marks `dataset` as drawn by the package's pipeline; returns it."""
-    setattr(dataset, _TAG, PipelineTag(spec, int(start_step),
-                                       None if num_steps is None else int(num_steps),
-                                       seed_digest))
-    return dataset
-
-
-def pipeline_tag(dataset):
-    """The `PipelineTag` of a dataset built by `data.make_train_dataset`, or None."""
-    return getattr(dataset, _TAG, None)
+# Sampling nobody stated.
+UNKNOWN_SAMPLING = "unknown"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +113,7 @@ class Feeding:
         """
         source = {PIPELINE: ledger.PIPELINE, ARRAYS: ledger.ARRAYS}.get(
             self.kind, ledger.STATED)
-        if self.sampling == UNKNOWN:
+        if self.sampling == UNKNOWN_SAMPLING:
             return ({"sampling": ledger.PASSES, "source": ledger.UNSTATED,
                      "noise_multiplier": noise_multiplier, "updates_per_pass": 1,
                      "num_examples": self.num_examples}, None,
@@ -204,7 +178,7 @@ class Feeding:
                     f"(a new permutation every "
                     f"{math.ceil(self.num_examples / self.batch_size)} updates "
                     f"and at every fit call).")
-        elif self.sampling == UNKNOWN:
+        elif self.sampling == UNKNOWN_SAMPLING:
             return ("Batches: an input pipeline the package did not build; "
                     "nobody stated how it draws examples.")
         else:
@@ -276,52 +250,6 @@ def prospective(stated, *, expected_batch_size, update_count):
                    stated_poisson=stated.sampling == POISSON)
 
 
-def infer_num_examples(x, validation_split=0.0):
-    """N of array input as Keras will train on it (after `validation_split`).
-
-    Args:
-      x: arrays, tensors, or a (nested) structure of them.
-      validation_split: `fit`'s fraction of the data held out.
-
-    Returns:
-      An int.
-    """
-    import tensorflow as tf  # Only here: the rest of the module is plain Python.
-
-    first = tf.nest.flatten(x)[0]
-    total = int(first.shape[0]) if hasattr(first, "shape") else len(first)
-    if validation_split:
-        # Keras' own split (keras/src/trainers/data_adapters/array_slicing.py).
-        return int(math.floor(total * (1.0 - validation_split)))
-    return total
-
-
-def is_array_input(x):
-    """True for input that Keras batches itself (arrays, tensors, lists)."""
-    import tensorflow as tf
-
-    if x is None or isinstance(x, tf.data.Dataset):
-        return False
-    leaves = tf.nest.flatten(x)
-    return bool(leaves) and all(
-        hasattr(leaf, "shape") and hasattr(leaf, "dtype") and len(leaf.shape) > 0
-        or isinstance(leaf, (list, tuple)) for leaf in leaves)
-
-
-def keras_batch_size(num_examples, batch_size, steps_per_epoch):
-    """The rows per batch Keras cuts arrays into (Keras 3.15's array adapter).
-
-    `batch_size` if given; else ceil(N / steps_per_epoch) with
-    `steps_per_epoch`; else 32. The DP step refuses a batch larger than what
-    this returns, so a change in Keras is caught, not mis-accounted.
-    """
-    if batch_size:
-        return int(batch_size)
-    if steps_per_epoch:
-        return int(math.ceil(num_examples / steps_per_epoch))
-    return 32
-
-
 def _one_statement(stated):
     """Merges the statements of several callbacks; they must agree."""
     stated = [s for s in stated
@@ -338,16 +266,20 @@ def _one_statement(stated):
     return first
 
 
-def resolve(*, x, batch_size, validation_split, epochs, initial_epoch,
-            steps_per_epoch, expected_batch_size, update_count, stated=()):
+def resolve(*, x, batch_size, epochs, initial_epoch, steps_per_epoch,
+            expected_batch_size, update_count, array_examples=None, stated=()):
     """The `Feeding` of one `fit` call, refusing input that would break accounting.
 
     Args:
       x: `fit`'s `x` (a `TrainData` is unpacked by the caller).
-      batch_size, validation_split, epochs, initial_epoch, steps_per_epoch:
-        `fit`'s arguments (steps_per_epoch already defaulted for pipelines).
+      batch_size, epochs, initial_epoch, steps_per_epoch: `fit`'s arguments
+        (steps_per_epoch already defaulted for pipelines).
       expected_batch_size: `DPConfig.expected_batch_size`.
       update_count: the model's update count.
+      array_examples: when `x` is input that Keras batches itself (arrays,
+        tensors, lists), the number of examples Keras trains on (after
+        `validation_split`); None for any other input. The caller works it
+        out, with TensorFlow (`tf_dpfair.training.fitting`).
       stated: `StatedSampling` of the callbacks of this call.
 
     Returns:
@@ -369,17 +301,17 @@ def resolve(*, x, batch_size, validation_split, epochs, initial_epoch,
     if said.spec is not None:
         spec = said.spec
         _check_spec_batch(spec, expected_batch_size)
-        if is_array_input(x):
+        if array_examples is not None:
             raise ValueError(
                 "A SamplingSpec was given, but fit got arrays that Keras "
                 "batches itself, so the batches were not drawn by that spec. "
-                "Feed fit the TrainData of data.make_train_dataset.")
+                "Feed fit the TrainData of tf_dpfair.data.make_train_dataset.")
         poisson = spec.accounting_sampling == POISSON
         return Feeding(OTHER, POISSON if poisson else SHUFFLE,
                        spec.num_examples, spec.expected_batch_size, spec=spec,
                        stated_poisson=poisson, **common)
-    if is_array_input(x):
-        num = infer_num_examples(x, validation_split)
+    if array_examples is not None:
+        num = int(array_examples)
         rows = keras_batch_size(num, batch_size, steps_per_epoch)
         if said.num_examples is not None and said.num_examples != num:
             raise ValueError(
@@ -390,7 +322,8 @@ def resolve(*, x, batch_size, validation_split, epochs, initial_epoch,
                 "fit got arrays with batch_size: Keras shuffles them into "
                 "fixed-size batches, which are not Poisson samples, so the "
                 "Poisson statement (amplification by subsampling) would not "
-                "hold. Feed fit data.make_train_dataset(..., mode='poisson') "
+                "hold. Feed fit "
+                "tf_dpfair.data.make_train_dataset(..., mode='poisson') "
                 "to get Poisson sampling, drop sampling='poisson' to be "
                 "accounted as shuffled batches, or pass "
                 "accept_shuffle_as_poisson=True to accept a heuristic, "
@@ -399,7 +332,7 @@ def resolve(*, x, batch_size, validation_split, epochs, initial_epoch,
         return Feeding(ARRAYS, POISSON if poisson else SHUFFLE, num, rows,
                        stated_poisson=poisson, **common)
     if said.sampling is None:
-        return Feeding(OTHER, UNKNOWN, said.num_examples, expected_batch_size,
+        return Feeding(OTHER, UNKNOWN_SAMPLING, said.num_examples, expected_batch_size,
                        **common)
     if said.num_examples is None:
         raise ValueError(f"sampling={said.sampling!r} needs num_examples, the "
@@ -448,9 +381,10 @@ def _pipeline_feeding(tag, said, epochs, initial_epoch, steps_per_epoch,
             f"The pipeline starts at update {tag.start_step} but the model "
             f"has applied {common['start_update']} updates: its batches "
             f"would repeat earlier ones (or skip some), which the accountant "
-            f"does not allow for. Build it with data.make_train_dataset(..., "
-            f"start_step=model.update_count), or let resume.fit_resumable "
-            f"do it.")
+            f"does not allow for. Build it with "
+            f"tf_dpfair.data.make_train_dataset(..., "
+            f"start_step=model.update_count), or let "
+            f"tf_dpfair.training.checkpoints.fit_resumable do it.")
     if tag.num_steps is not None:
         per_epoch = steps_per_epoch or tag.num_steps
         planned = (epochs - initial_epoch) * per_epoch
@@ -465,3 +399,17 @@ def _pipeline_feeding(tag, said, epochs, initial_epoch, steps_per_epoch,
                    spec.expected_batch_size, spec=spec,
                    start_step=tag.start_step,
                    stated_poisson=spec.accept_shuffle_as_poisson, **common)
+
+
+def keras_batch_size(num_examples, batch_size, steps_per_epoch):
+    """The rows per batch Keras cuts arrays into (Keras 3.15's array adapter).
+
+    `batch_size` if given; else ceil(N / steps_per_epoch) with
+    `steps_per_epoch`; else 32. The DP step refuses a batch larger than what
+    this returns, so a change in Keras is caught, not mis-accounted.
+    """
+    if batch_size:
+        return int(batch_size)
+    if steps_per_epoch:
+        return int(math.ceil(num_examples / steps_per_epoch))
+    return 32

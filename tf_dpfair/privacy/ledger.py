@@ -32,184 +32,29 @@ example, which also bounds replacing one by an example that contributes
 nothing (zero-out); passes of shuffled batches are bounded only for the
 latter, so a ledger that holds any is stated for zero-out neighbours.
 
-No TensorFlow here: the model (`tf_dpfair/fitting.py`) holds the counter
-and the saved table; this module is plain Python.
+This module composes the segments and keeps the list; the `Segment` record
+and its ids are in `tf_dpfair.privacy.segment`, the saved table's layout in
+`tf_dpfair.privacy.ledger_table`. No TensorFlow here: the model
+(`tf_dpfair.training.ledger_state`) holds the counter and the saved table.
 """
 
 import dataclasses
-import hashlib
 import math
-import secrets
 
 import dp_accounting
-import numpy as np
 
 from tf_dpfair.privacy import accounting
+from tf_dpfair.privacy import ledger_table
+from tf_dpfair.privacy.sampling import POISSON, SHUFFLE
+# The record, its constants and ids, importable from here as before the split.
+from tf_dpfair.privacy.ledger_table import TABLE_ROWS  # noqa: F401 (re-exported)
+from tf_dpfair.privacy.segment import (  # noqa: F401 (re-exported)
+    ARRAYS, ID_BITS, LEGACY, PASSES, PIPELINE, SAMPLINGS, SINGLE_BATCH, SOURCES,
+    STATED, UNSTATED, Segment, derived_id, new_id, noise_key_id, root_for_seed)
 
-POISSON = "poisson"
-PASSES = "passes"
-
-# Where a segment's sampling comes from: how much of it is checked.
-PIPELINE = "pipeline"          # the package's own sampler (data.make_train_dataset)
-ARRAYS = "arrays"              # numpy arrays Keras shuffles into fixed batches
-STATED = "stated"              # a pipeline the package did not build, as stated by the user
-UNSTATED = "unstated"          # nobody said how the batches were drawn
-SINGLE_BATCH = "single_batch"  # train_on_batch
-LEGACY = "legacy"              # a model saved before the ledger existed
-SOURCES = (PIPELINE, ARRAYS, STATED, UNSTATED, SINGLE_BATCH, LEGACY)
-
-# Rows of the saved table; compaction (conservative) beyond that.
-TABLE_ROWS = 128
-_FIELDS = ("segment_id", "sampling", "source", "noise_multiplier",
-           "sampling_probability", "updates_per_pass", "pass_offset",
-           "updates", "first_noise_index", "noise_key", "overflow_probability",
-           "num_examples", "row_limit", "stated_poisson")
-_SAMPLING_CODES = (POISSON, PASSES)
-# Values stored in a float64 table: ids and counts stay below 2**53.
-_ID_BITS = 52
-
-
-def noise_key_id(seed):
-    """A 32-bit id of a noise seed (BLAKE2b of it; the seed has 62 random bits)."""
-    digest = hashlib.blake2b(str(int(seed)).encode(), digest_size=4,
-                             person=b"tfdpf-noise-key").digest()
-    return int.from_bytes(digest, "big")
-
-
-def root_for_seed(seed):
-    """The root id of a new ledger whose first updates draw noise with `seed`.
-
-    Derived from the secret noise seed (62 random bits, so distinct for
-    every run that does not fix it), so that two models trained alike with
-    one fixed seed, as tests do, hold the same ledger; the seed cannot be
-    read back from 52 bits of its hash.
-    """
-    digest = hashlib.blake2b(str(int(seed)).encode(), digest_size=8,
-                             person=b"tfdpf-ledger").digest()
-    return (int.from_bytes(digest, "big") >> (64 - _ID_BITS)) or 1
-
-
-def new_id():
-    """A fresh random segment or ledger id (52 bits, exact in float64)."""
-    return secrets.randbits(_ID_BITS) or 1
-
-
-def derived_id(root, position):
-    """The id of the segment at `position` of a ledger with id `root`.
-
-    Derived, not random, so that workers that share the ledger's root (see
-    `tf_dpfair.training.fitting`) give their segments the same ids.
-    """
-    digest = hashlib.blake2b(f"{root}:{position}".encode(), digest_size=8,
-                             person=b"tfdpf-segment").digest()
-    return (int.from_bytes(digest, "big") >> (64 - _ID_BITS)) or 1
-
-
-@dataclasses.dataclass(frozen=True)
-class Segment:
-    """A run of consecutive updates with one accounting.
-
-    Attributes:
-      segment_id: identifies the run across saves and restores.
-      sampling: "poisson" or "passes".
-      source: where the sampling comes from (`SOURCES`).
-      noise_multiplier: sigma of each update's Gaussian mechanism.
-      sampling_probability: Poisson: q; None for passes.
-      updates_per_pass: passes: updates per pass over the data (1: every
-        update may hold every example); None for Poisson.
-      pass_offset: passes: the segment's first update is this many updates
-        into a pass.
-      updates: updates applied in this segment.
-      first_noise_index: the noise index of its first update.
-      noise_key: `noise_key_id` of the noise seed it drew with.
-      overflow_probability: Poisson from the package's pipeline: per update,
-        the probability that truncation changed the sample (adds to delta).
-      num_examples: N where known, else None.
-      row_limit: the most rows of weight > 0 an update was allowed (the
-        step refuses larger batches), or None.
-      stated_poisson: Poisson rests on the user's word.
-    """
-
-    segment_id: int
-    sampling: str
-    source: str
-    noise_multiplier: float
-    sampling_probability: float | None = None
-    updates_per_pass: int | None = None
-    pass_offset: int = 0
-    updates: int = 0
-    first_noise_index: int = 0
-    noise_key: int = 0
-    overflow_probability: float = 0.0
-    num_examples: int | None = None
-    row_limit: int | None = None
-    stated_poisson: bool = False
-
-    def __post_init__(self):
-        if self.sampling not in _SAMPLING_CODES:
-            raise ValueError(f"sampling must be one of {_SAMPLING_CODES}, got "
-                             f"{self.sampling!r}.")
-        if self.source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, got "
-                             f"{self.source!r}.")
-        if self.sampling == POISSON and not 0 < (self.sampling_probability or 0) <= 1:
-            raise ValueError(f"A Poisson segment needs q in (0, 1], got "
-                             f"{self.sampling_probability!r}.")
-        if self.sampling == PASSES and not (self.updates_per_pass or 0) >= 1:
-            raise ValueError(f"A passes segment needs updates_per_pass >= 1, "
-                             f"got {self.updates_per_pass!r}.")
-        if self.updates < 0 or not self.noise_multiplier >= 0:
-            raise ValueError("updates and noise_multiplier must be >= 0.")
-
-    @property
-    def passes(self):
-        """Most updates of this segment any one example joined."""
-        if self.updates == 0:
-            return 0
-        if self.sampling == POISSON:
-            return self.updates
-        return (self.pass_offset + self.updates - 1) // self.updates_per_pass + 1
-
-    def dp_event(self):
-        """The `dp_accounting.DpEvent` of this segment's updates."""
-        gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier)
-        if self.sampling == POISSON:
-            return dp_accounting.SelfComposedDpEvent(
-                dp_accounting.PoissonSampledDpEvent(self.sampling_probability,
-                                                    gaussian), self.updates)
-        return dp_accounting.SelfComposedDpEvent(gaussian, self.passes)
-
-    def same_accounting(self, other):
-        """Whether `other` is accounted like this segment (not the counts)."""
-        keys = ("sampling", "noise_multiplier", "sampling_probability",
-                "updates_per_pass", "stated_poisson")
-        return all(getattr(self, k) == getattr(other, k) for k in keys)
-
-    def describe(self):
-        """One line: how many updates, how sampled, how accounted."""
-        first = self.first_noise_index
-        span = (f"{self.updates} update{'s' if self.updates != 1 else ''}"
-                f" (noise indices {first}..{first + self.updates - 1})"
-                if self.updates else "0 updates")
-        origin = {
-            PIPELINE: "the package's pipeline",
-            ARRAYS: "numpy arrays batched by Keras",
-            STATED: "a pipeline the package did not build, as stated by the user",
-            UNSTATED: "input nobody described",
-            SINGLE_BATCH: "train_on_batch",
-            LEGACY: "a model saved before the ledger (conservative)",
-        }[self.source]
-        if self.sampling == POISSON:
-            how = f"Poisson q={self.sampling_probability:.4g}"
-        elif self.updates_per_pass == 1:
-            how = "each update an unamplified Gaussian mechanism"
-        else:
-            how = (f"passes of {self.updates_per_pass} updates, at most "
-                   f"{self.passes} per example")
-        limit = (f", at most {self.row_limit} rows per update (checked)"
-                 if self.row_limit is not None else "")
-        return (f"{span} from {origin}: {how}, noise multiplier "
-                f"{self.noise_multiplier:.4g}{limit}")
+_FIELDS = ledger_table.FIELDS
+_SAMPLING_CODES = SAMPLINGS
+_ID_BITS = ID_BITS
 
 
 class Ledger:
@@ -365,7 +210,7 @@ class Ledger:
             if last is not None and last.sampling == PASSES:
                 return accounting.privacy_statement(
                     noise_multiplier=last.noise_multiplier, steps=0,
-                    delta=delta, sampling="shuffle", participations=0,
+                    delta=delta, sampling=SHUFFLE, participations=0,
                     accountant=accountant)
             return accounting.privacy_statement(
                 noise_multiplier=last.noise_multiplier if last else 0.0,
@@ -382,7 +227,7 @@ class Ledger:
         elif all(s.sampling == PASSES for s in used) and len(sigmas) == 1:
             statement = accounting.privacy_statement(
                 noise_multiplier=used[0].noise_multiplier, steps=steps,
-                delta=delta, sampling="shuffle",
+                delta=delta, sampling=SHUFFLE,
                 participations=sum(s.passes for s in used),
                 accountant=accountant)
         else:
@@ -419,25 +264,12 @@ class Ledger:
 
         Segments without updates are left out; a ledger longer than `rows`
         is first compacted conservatively (`compacted`). Row 0 holds the
-        root id in its first column and the format version; segments follow.
+        root id in its first column and the format version; segments follow
+        (`tf_dpfair.privacy.ledger_table`).
         """
         used = Ledger([s for s in self._segments if s.updates], root=self.root)
         ledger = used if len(used._segments) < rows else used.compacted(rows - 1)
-        table = np.zeros((rows, len(_FIELDS)), np.float64)
-        if not ledger._segments:
-            return table  # nothing applied: all zeros, as a new model's
-        table[0, 0], table[0, 1] = ledger.root, 1.0  # format version 1
-        for i, s in enumerate(ledger._segments, start=1):
-            table[i] = [
-                s.segment_id, _SAMPLING_CODES.index(s.sampling) + 1,
-                SOURCES.index(s.source), s.noise_multiplier,
-                s.sampling_probability or 0.0, s.updates_per_pass or 0,
-                s.pass_offset, s.updates, s.first_noise_index, s.noise_key,
-                s.overflow_probability,
-                -1 if s.num_examples is None else s.num_examples,
-                -1 if s.row_limit is None else s.row_limit,
-                float(s.stated_poisson)]
-        return table
+        return ledger_table.write(ledger._segments, ledger.root, rows)
 
     @classmethod
     def from_table(cls, table):
@@ -446,30 +278,8 @@ class Ledger:
         Raises:
           ValueError: the array is not a ledger table.
         """
-        table = np.asarray(table, np.float64)
-        if table.ndim != 2 or table.shape[1] != len(_FIELDS) or table.shape[0] < 1:
-            raise ValueError(f"Not a ledger table: shape {table.shape}.")
-        if not table.any():
-            return cls(root=None)
-        if table[0, 1] != 1.0:
-            raise ValueError(f"Unknown ledger table format {table[0, 1]!r}.")
-        segments = []
-        for row in table[1:]:
-            if row[0] == 0:
-                continue
-            sampling = _SAMPLING_CODES[int(row[1]) - 1]
-            segments.append(Segment(
-                segment_id=int(row[0]), sampling=sampling,
-                source=SOURCES[int(row[2])], noise_multiplier=float(row[3]),
-                sampling_probability=float(row[4]) if sampling == POISSON else None,
-                updates_per_pass=int(row[5]) if sampling == PASSES else None,
-                pass_offset=int(row[6]), updates=int(row[7]),
-                first_noise_index=int(row[8]), noise_key=int(row[9]),
-                overflow_probability=float(row[10]),
-                num_examples=None if row[11] < 0 else int(row[11]),
-                row_limit=None if row[12] < 0 else int(row[12]),
-                stated_poisson=bool(row[13])))
-        return cls(segments, root=int(table[0, 0]))
+        segments, root = ledger_table.read(table)
+        return cls(segments, root=root)
 
     def compacted(self, max_segments):
         """A ledger of at most `max_segments` whose epsilon is no smaller.

@@ -1,9 +1,11 @@
 """How a DP model plugs into Keras' `fit`: its input, its ledger, XLA, workers.
 
-`KerasFitting` is mixed into `model.DPTraining`. The DP step itself is in
-`tf_dpfair/model.py`; this module holds what surrounds it in `fit`:
+`KerasFitting` is mixed into `tf_dpfair.training.model.DPTraining`. The DP
+step itself is in `tf_dpfair.dpsgd.step`; this module holds what surrounds
+it in `fit`:
 
-- how each `fit` call is fed (`feeding.resolve`), the segment of the
+- how each `fit` call is fed (`tf_dpfair.privacy.input_sampling.resolve`;
+  which input is arrays, and its N, are worked out here), the segment of the
   privacy ledger its updates go to (`tf_dpfair.training.ledger_state`, recorded by
   the step itself and synced by `ledger_state.LedgerCallback`), and
   refusals of input that would break the accounting (a replayed pipeline;
@@ -13,6 +15,8 @@
 - Keras internals: the optimizer built before tracing, XLA limited to the
   per-example pass, and `steps_per_execution` refused where Keras fails.
 """
+
+import math
 
 import keras
 import tensorflow as tf
@@ -79,11 +83,13 @@ class KerasFitting:
             callbacks = callbacks.callbacks
         callbacks = list(callbacks or [])
         fed = feeding.resolve(
-            x=x, batch_size=batch_size, validation_split=validation_split,
+            x=x, batch_size=batch_size,
             epochs=epochs, initial_epoch=initial_epoch,
             steps_per_epoch=steps_per_epoch,
             expected_batch_size=self._dp_config.expected_batch_size,
             update_count=self.update_count,
+            array_examples=(infer_num_examples(x, validation_split)
+                            if is_array_input(x) else None),
             stated=[c.stated_sampling for c in callbacks
                     if isinstance(getattr(c, "stated_sampling", None),
                                   feeding.StatedSampling)])
@@ -224,7 +230,7 @@ def refuse_unsliced_input_on_workers(x, tag, strategy):
     if tag is None:
         raise ValueError(
             f"On {workers} workers DPModel.fit needs the TrainData of "
-            f"tf_dpfair.data.pipeline.make_train_dataset (built on every worker with "
+            f"tf_dpfair.data.make_train_dataset (built on every worker with "
             f"the same secret seed, shared with "
             f"tf_dpfair.workers.share_from_chief): each worker must train on "
             f"its own slice of the same logical batch, which the package "
@@ -268,3 +274,31 @@ def refuse_multi_step_under_strategy(steps_per_execution, strategy):
         f"replicas: Keras 3's fit fails with more than one step per call "
         f"under a tf.distribute strategy with several replicas "
         f"(keras-team/keras#19246). Use steps_per_execution=1.")
+
+
+def infer_num_examples(x, validation_split=0.0):
+    """N of array input as Keras will train on it (after `validation_split`).
+
+    Args:
+      x: arrays, tensors, or a (nested) structure of them.
+      validation_split: `fit`'s fraction of the data held out.
+
+    Returns:
+      An int.
+    """
+    first = tf.nest.flatten(x)[0]
+    total = int(first.shape[0]) if hasattr(first, "shape") else len(first)
+    if validation_split:
+        # Keras' own split (keras/src/trainers/data_adapters/array_slicing.py).
+        return int(math.floor(total * (1.0 - validation_split)))
+    return total
+
+
+def is_array_input(x):
+    """True for input that Keras batches itself (arrays, tensors, lists)."""
+    if x is None or isinstance(x, tf.data.Dataset):
+        return False
+    leaves = tf.nest.flatten(x)
+    return bool(leaves) and all(
+        hasattr(leaf, "shape") and hasattr(leaf, "dtype") and len(leaf.shape) > 0
+        or isinstance(leaf, (list, tuple)) for leaf in leaves)

@@ -231,7 +231,7 @@ class LedgerState:
                 f"its first step (a callback loaded other weights?), so the "
                 f"pipeline, built to start at update {open_.start}, would not "
                 f"match it. Restore before calling fit and build the pipeline "
-                f"with start_step=model.update_count (resume.fit_resumable "
+                f"with start_step=model.update_count (tf_dpfair.training.checkpoints.fit_resumable "
                 f"does both).")
 
     def _continue_open(self):
@@ -296,7 +296,7 @@ class LedgerCallback(keras.callbacks.Callback):
     """Syncs the ledger around every step of a DP model's `fit`.
 
     `DPTraining.fit` puts it first among the callbacks, so checkpoints
-    written at the end of a step (`ModelCheckpoint`, `resume.DPCheckpoint`)
+    written at the end of a step (`ModelCheckpoint`, `checkpoints.DPCheckpoint`)
     hold that step's ledger, and weights a callback loaded before the first
     step (`BackupAndRestore`) have their history merged before it runs.
     """

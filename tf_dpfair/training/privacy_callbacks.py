@@ -146,12 +146,12 @@ class PrivacyLogger(keras.callbacks.Callback):
                 "how its batches are drawn is unknown; the statement is made "
                 "during fit (or pass sampling_spec, or sampling and "
                 "num_examples).")
-        if fed.sampling == feeding.UNKNOWN:
+        if fed.sampling == feeding.UNKNOWN_SAMPLING:
             raise ValueError(
                 "fit got an input pipeline the package did not build, and "
                 "nobody stated how it draws examples, so no honest privacy "
                 "statement can be made. Feed fit the TrainData of "
-                "tf_dpfair.data.pipeline.make_train_dataset (Poisson or shuffle: the "
+                "tf_dpfair.data.make_train_dataset (Poisson or shuffle: the "
                 "model then knows), or state it: "
                 "PrivacyLogger(sampling='shuffle', num_examples=N, ...) if "
                 "every example is in at most one batch per pass over the "
@@ -223,7 +223,7 @@ class PrivacyLogger(keras.callbacks.Callback):
                   f"(q={fed.batch_size / fed.num_examples:.4g}): "
                   f"the guarantee holds only if every example entered each "
                   f"update independently with probability q. "
-                  f"tf_dpfair.data.pipeline.make_train_dataset(mode='poisson') draws "
+                  f"tf_dpfair.data.make_train_dataset(mode='poisson') draws "
                   f"batches that way.")
         if self.verbose:
             print(OUTSIDE_GUARANTEE_NOTE)

@@ -108,6 +108,33 @@ def prepare(model, required):
     return taps, Probe(model, taps)
 
 
+class GhostState:
+    """Taps and probe model of ghost clipping (deliberately not trackable).
+
+    A plain holder, so that Keras does not track the probe model as a
+    layer of the model it probes. `taps` is None where the model trains on
+    the vectorized path.
+    """
+
+    def __init__(self, taps, probe):
+        self.taps = taps
+        self.probe = probe
+
+
+def prepare_state(model, clipping_mode):
+    """The `GhostState` of `model` under `DPConfig.clipping = clipping_mode`.
+
+    "ghost" requires taps (`prepare` raises where the model allows none);
+    "auto" uses them where the model allows (a functional graph whose
+    weighted layers are each called once) and otherwise falls back to the
+    vectorized path with a one-line notice; "vectorized" never uses them.
+    """
+    prepared = None
+    if clipping_mode in ("ghost", "auto"):
+        prepared = prepare(model, required=clipping_mode == "ghost")
+    return GhostState(*(prepared or (None, None)))
+
+
 def make_clipper(tap, m, views=1, keep_budget=None, method=None):
     """The object that computes one tapped layer's share of ghost clipping.
 

@@ -128,7 +128,7 @@ class Estimate:
 
 
 # A method whose work cannot be sized (a dimension unknown before tracing).
-UNKNOWN = Estimate(elementwise=math.inf)
+UNKNOWN_COST = Estimate(elementwise=math.inf)
 
 
 def cheapest(estimates):

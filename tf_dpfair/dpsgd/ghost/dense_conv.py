@@ -143,7 +143,7 @@ def estimates(tap, m, views, keep):
     rows = tensors.static_prod(tap.output_shape[1:-1])   # positions per row
     if rows is None:
         return {PER_EXAMPLE_CONV if not is_dense_like(layer) else PATCHES:
-                cost.UNKNOWN}
+                cost.UNKNOWN_COST}
     p = rows * views                                      # per example
     conv = not is_dense_like(layer)
     transformed = callable(getattr(layer, "standardized_kernel", None))

@@ -50,7 +50,7 @@ def estimates(tap, m, views):
     _, h, w, _ = tap.input_shape
     _, oh, ow, _ = tap.output_shape
     if None in (h, w, oh, ow):
-        return {SHIFTED: cost.UNKNOWN}
+        return {SHIFTED: cost.UNKNOWN_COST}
     offsets = kh * kw
     outputs = n * oh * ow * channels * multiplier   # one output-gradient tensor
     inputs = n * h * w * channels

@@ -22,7 +22,7 @@ class PerExampleClip:
     def __init__(self, tap, m, views, keep_budget, method=None):
         self.layer = tap.layer
         self.grads = {}
-        self.estimates = {self.method: cost.UNKNOWN}
+        self.estimates = {self.method: cost.UNKNOWN_COST}
 
     def clipped_sum(self, scale, keep):
         return {key: tf.reduce_sum(tensors.scale_rows(t, scale, keep), axis=0)
