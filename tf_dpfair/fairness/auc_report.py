@@ -14,10 +14,8 @@ CSV files. The Markdown report is written by `report.write_report` (the
 names `write_report` and `to_markdown` here lead there).
 """
 
-import os
 
 import numpy as np
-import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -213,14 +211,7 @@ def write_tables(result, directory):
         dict table name -> path: `groups`, `disparities`, and `overall`
         (evaluation) or `candidates` (comparison).
     """
-    os.makedirs(directory, exist_ok=True)
-    names = ["groups", "disparities"]
-    names.append("candidates" if isinstance(result, MatchedComparison) else "overall")
-    paths = {}
-    for name in names:
-        paths[name] = os.path.join(directory, f"{name}.csv")
-        getattr(result, name).to_csv(paths[name], index=False)
-    return paths
+    return matching.write_tables(result, directory, prefix="")
 
 
 # Names of the Markdown report, written by `report` now.

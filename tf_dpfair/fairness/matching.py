@@ -20,6 +20,7 @@ are its two families.
 
 import dataclasses
 import math
+import os
 from typing import Callable
 
 import pandas as pd
@@ -198,3 +199,26 @@ def compare_matched(family, private, checkpoints, *, labels=None, groups=None,
     return family.comparison(private=private, non_private=non_private, checkpoint=str(name),
                              candidates=candidates, groups=side, disparities=disparities,
                              paired=paired)
+
+
+def write_tables(result, directory, prefix=""):
+    """Writes the tables of an evaluation or a comparison as CSV files.
+
+    Args:
+        result: a `Comparison`, or an evaluation of either family
+            (`auc.GroupEvaluation`, `rates.RateEvaluation`).
+        directory: output directory (created if missing).
+        prefix: file name prefix.
+
+    Returns:
+        dict table name -> path: `groups`, `disparities`, and `overall`
+        (evaluation) or `candidates` (comparison), each `<prefix><name>.csv`.
+    """
+    os.makedirs(directory, exist_ok=True)
+    names = ["groups", "disparities"]
+    names.append("candidates" if isinstance(result, Comparison) else "overall")
+    paths = {}
+    for name in names:
+        paths[name] = os.path.join(directory, f"{prefix}{name}.csv")
+        getattr(result, name).to_csv(paths[name], index=False)
+    return paths

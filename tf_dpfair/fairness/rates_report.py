@@ -17,10 +17,8 @@ are written by `report` (the names `markdown` and `write_report` here lead
 there).
 """
 
-import os
 
 import numpy as np
-import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -239,14 +237,7 @@ def write_tables(result, directory, prefix="rates_"):
         dict table name -> path: `groups`, `disparities`, and `overall`
         (evaluation) or `candidates` (comparison), each `<prefix><name>.csv`.
     """
-    os.makedirs(directory, exist_ok=True)
-    names = ["groups", "disparities"]
-    names.append("candidates" if isinstance(result, RateComparison) else "overall")
-    paths = {}
-    for name in names:
-        paths[name] = os.path.join(directory, f"{prefix}{name}.csv")
-        getattr(result, name).to_csv(paths[name], index=False)
-    return paths
+    return matching.write_tables(result, directory, prefix=prefix)
 
 
 # Names of the Markdown report, written by `report` now.

@@ -1,7 +1,5 @@
 """Keras callbacks: epsilon in the logs, a budget guard, EMA evaluation."""
 
-import dataclasses
-
 import keras
 
 from tf_dpfair.privacy import accounting
