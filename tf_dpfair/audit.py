@@ -33,7 +33,7 @@ import numpy as np
 from scipy import stats
 
 from tf_dpfair import callbacks
-from tf_dpfair.data import pipeline as data
+from tf_dpfair.data import pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,8 +263,8 @@ def run_audit(model, images, labels, canary_images, canary_labels, *,
     train_images = np.concatenate([images, canary_images[included]])
     train_labels = np.concatenate([labels, canary_labels[included]])
     config = model.dp_config
-    train = data.make_train_dataset(
-        data.ExampleSource.from_arrays(train_images, train_labels),
+    train = pipeline.make_train_dataset(
+        pipeline.ExampleSource.from_arrays(train_images, train_labels),
         expected_batch_size=config.expected_batch_size,
         seed=int(rng.integers(2**62)), microbatch_size=config.microbatch_size)
     logger = callbacks.PrivacyLogger(delta=delta, sampling_spec=train.spec,
@@ -275,7 +275,7 @@ def run_audit(model, images, labels, canary_images, canary_labels, *,
     # Without noise the truncation allowance makes delta infinite too; the
     # bound is then taken at the nominal delta against an infinite claim.
     claim_delta = claim.delta if math.isfinite(claim.epsilon) else delta
-    canary_x = data.image_to_float(np.asarray(canary_images)).numpy()
+    canary_x = pipeline.image_to_float(np.asarray(canary_images)).numpy()
     if canary_x.ndim == 3:
         canary_x = canary_x[..., np.newaxis]
     scores = loss_scores(model, canary_x, np.asarray(canary_labels))

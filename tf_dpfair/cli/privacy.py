@@ -29,7 +29,7 @@ import math
 import sys
 
 from tf_dpfair.privacy import accounting
-from tf_dpfair.privacy import input_sampling as feeding
+from tf_dpfair.privacy import input_sampling
 from tf_dpfair.privacy import sampling
 from tf_dpfair.privacy import search as search_privacy
 
@@ -139,7 +139,7 @@ def statement_for(spec, steps, *, noise_multiplier, delta, accountant="rdp"):
     spec.accountant_kwargs(steps)  # refuses a negative or fractional count
     # The ledger that training would hold after `steps` updates of `spec`,
     # stated by the same code as PrivacyLogger's.
-    return feeding.planned_ledger(spec, steps, noise_multiplier).statement(
+    return input_sampling.planned_ledger(spec, steps, noise_multiplier).statement(
         delta, accountant)
 
 
@@ -250,13 +250,13 @@ def _plan_search(spec, epochs, steps, delta, noise_multiplier, target_epsilon,
 
     def trial(sigma):
         return search_privacy.trial_event(
-            feeding.planned_ledger(spec, steps, sigma).dp_event(),
+            input_sampling.planned_ledger(spec, steps, sigma).dp_event(),
             score_noise_multiplier, public_validation=public_validation)
 
     if target_epsilon is not None:
         sigma = search_privacy.calibrate_trial_noise(
             target_epsilon=target_epsilon, trials=trials, delta=delta,
-            make_training_event=lambda s: feeding.planned_ledger(
+            make_training_event=lambda s: input_sampling.planned_ledger(
                 spec, steps, s).dp_event(),
             score_noise_multiplier=score_noise_multiplier,
             public_validation=public_validation, tolerance=1e-5)

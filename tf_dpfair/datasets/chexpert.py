@@ -22,7 +22,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from tf_dpfair.data import pipeline as data
+from tf_dpfair.data import pipeline
 from tf_dpfair.datasets import common
 from tf_dpfair.data.groups import GroupSpec, UNKNOWN
 
@@ -128,7 +128,7 @@ def load(root, *, labels=EVAL_PATHOLOGIES, uncertain=common.ZEROS, image_size=(2
 
     Returns:
         dict "train", "validation" (if any), "test" (official valid.csv) ->
-        `data.ExampleSource` with multi-label float32 `[L]` labels and groups
+        `pipeline.ExampleSource` with multi-label float32 `[L]` labels and groups
         "sex" and "age".
 
     Raises:
@@ -164,7 +164,7 @@ def load(root, *, labels=EVAL_PATHOLOGIES, uncertain=common.ZEROS, image_size=(2
         paths = [_image_path(directory, p) for p in table["path"]]
         if check_files:
             common.check_image_files(paths, "CheXpert")
-        sources[name] = data.ExampleSource.from_image_files(
+        sources[name] = pipeline.ExampleSource.from_image_files(
                 paths, table["label"], image_size=image_size, channels=channels,
                 groups=table["groups"], group_spec=GROUP_SPEC, label_mask=table["label_mask"])
     return sources

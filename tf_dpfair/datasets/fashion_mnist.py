@@ -10,7 +10,7 @@ import gzip
 
 import numpy as np
 
-from tf_dpfair.data import pipeline as data
+from tf_dpfair.data import pipeline
 from tf_dpfair.datasets import common
 from tf_dpfair.data.groups import GroupSpec
 
@@ -59,7 +59,7 @@ def load(root=DEFAULT_ROOT, *, rotated_fraction=0.0, seed=0):
         seed: seed choosing the rotated images.
 
     Returns:
-        dict "train" (60000) and "test" (10000) -> `data.ExampleSource` of uint8
+        dict "train" (60000) and "test" (10000) -> `pipeline.ExampleSource` of uint8
         `[28, 28, 1]` images and int32 class ids (`CLASS_NAMES`).
 
     Raises:
@@ -82,7 +82,7 @@ def load_idx_splits(root, files, dataset, hint, *, rotated_fraction=0.0, seed=0)
         seed: seed of the rotated subgroup (split k uses `seed + k`).
 
     Returns:
-        dict split -> `data.ExampleSource`.
+        dict split -> `pipeline.ExampleSource`.
 
     Raises:
         FileNotFoundError: a file is missing.
@@ -112,14 +112,14 @@ def from_digits(images, labels, *, rotated_fraction=0.0, seed=0):
         seed: seed choosing the rotated images.
 
     Returns:
-        `data.ExampleSource`.
+        `pipeline.ExampleSource`.
 
     Raises:
         ValueError: `rotated_fraction` is out of range.
     """
     if rotated_fraction == 0.0:
-        return data.ExampleSource.from_arrays(images, labels.astype(np.int32))
+        return pipeline.ExampleSource.from_arrays(images, labels.astype(np.int32))
     images, ids = common.rotate_subgroup(images, rotated_fraction, seed)
-    return data.ExampleSource.from_arrays(
+    return pipeline.ExampleSource.from_arrays(
             images, labels.astype(np.int32), groups={"orientation": ids},
             group_spec=GroupSpec({"orientation": common.ORIENTATION_NAMES}))

@@ -27,7 +27,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from tf_dpfair.data import pipeline as data
+from tf_dpfair.data import pipeline
 from tf_dpfair.datasets import common
 from tf_dpfair.datasets.chexpert import EVAL_PATHOLOGIES, OBSERVATIONS
 from tf_dpfair.data.groups import GroupSpec, UNKNOWN
@@ -101,7 +101,7 @@ def load(root, *, mimic_iv_dir=None, labels=EVAL_PATHOLOGIES, uncertain=common.Z
         check_files: check up front that every image file exists.
 
     Returns:
-        dict "train", "validation", "test" -> `data.ExampleSource` with
+        dict "train", "validation", "test" -> `pipeline.ExampleSource` with
         float32 `[L]` labels and groups "sex", "age", "race", "insurance".
 
     Raises:
@@ -136,7 +136,7 @@ def load(root, *, mimic_iv_dir=None, labels=EVAL_PATHOLOGIES, uncertain=common.Z
                 rows, ["subject_id", "study_id", "dicom_id"]].itertuples(index=False)]
         if check_files:
             common.check_image_files(paths, "MIMIC-CXR")
-        sources[name] = data.ExampleSource.from_image_files(
+        sources[name] = pipeline.ExampleSource.from_image_files(
                 paths, targets[rows], image_size=image_size, channels=channels,
                 groups={a: ids[rows] for a, ids in groups.items()}, group_spec=GROUP_SPEC,
                 label_mask=None if mask is None else mask[rows])

@@ -21,7 +21,7 @@ shows up even without training; a small CNN learns it from 32x32 images.
 
 import numpy as np
 
-from tf_dpfair.data import pipeline as data
+from tf_dpfair.data import pipeline
 from tf_dpfair.datasets import common
 from tf_dpfair.datasets.chexpert import EVAL_PATHOLOGIES
 from tf_dpfair.data.groups import GroupSpec
@@ -118,14 +118,14 @@ def load(*, num_train=4000, num_test=2000, seed=0, **kwargs):
             group_signal, group_label_noise, unknown_fraction).
 
     Returns:
-        dict "train", "test" -> `data.ExampleSource` with float32 `[5]` labels
+        dict "train", "test" -> `pipeline.ExampleSource` with float32 `[5]` labels
         (`LABELS`), a label mask when `unknown_fraction` > 0, and groups
         "sex", "age" (`GROUP_SPEC`).
     """
     sources = {}
     for offset, (name, num) in enumerate((("train", num_train), ("test", num_test))):
         arrays = generate(num, seed=seed + offset, **kwargs)
-        sources[name] = data.ExampleSource.from_arrays(
+        sources[name] = pipeline.ExampleSource.from_arrays(
                 arrays["image"], arrays["label"], groups=arrays["groups"],
                 group_spec=GROUP_SPEC,
                 label_mask=arrays["label_mask"] if kwargs.get("unknown_fraction") else None)

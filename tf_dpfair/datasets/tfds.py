@@ -19,7 +19,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from tf_dpfair.data import pipeline as data
+from tf_dpfair.data import pipeline
 from tf_dpfair.datasets import chexpert
 from tf_dpfair.datasets import common
 
@@ -77,7 +77,7 @@ def load(name, *, split, data_dir, manual_dir=None, image_size=(224, 224), chann
         channels: 1 or 3.
 
     Returns:
-        `data.ExampleSource` of uint8 `[height, width, channels]` images and
+        `pipeline.ExampleSource` of uint8 `[height, width, channels]` images and
         int32 class ids; no groups.
 
     Raises:
@@ -95,10 +95,10 @@ def load(name, *, split, data_dir, manual_dir=None, image_size=(224, 224), chann
     def load_fn(index):
         image, label = tf.numpy_function(fetch, [index], (tf.uint8, tf.int32))
         label.set_shape([])
-        return {data.IMAGE: _resize(image, image_size, channels), data.LABEL: label,
-                data.GROUPS: {}}
+        return {pipeline.IMAGE: _resize(image, image_size, channels), pipeline.LABEL: label,
+                pipeline.GROUPS: {}}
 
-    return data.ExampleSource(len(source), load_fn)
+    return pipeline.ExampleSource(len(source), load_fn)
 
 
 def load_chexpert(*, split, data_dir, manual_dir, labels=chexpert.EVAL_PATHOLOGIES,
@@ -116,7 +116,7 @@ def load_chexpert(*, split, data_dir, manual_dir, labels=chexpert.EVAL_PATHOLOGI
         channels: 1 or 3.
 
     Returns:
-        `data.ExampleSource` with float32 `[L]` labels and groups "sex" and
+        `pipeline.ExampleSource` with float32 `[L]` labels and groups "sex" and
         "age" (`chexpert.GROUP_SPEC`); an image whose path is not in the CSV
         gets the "unknown" groups.
 
@@ -159,13 +159,13 @@ def load_chexpert(*, split, data_dir, manual_dir, labels=chexpert.EVAL_PATHOLOGI
         for tensor, shape in ((targets, [len(labels)]), (mask, [len(labels)]),
                               (sex, []), (age, [])):
             tensor.set_shape(shape)
-        element = {data.IMAGE: _resize(image, image_size, channels), data.LABEL: targets,
-                   data.GROUPS: {"sex": sex, "age": age}}
+        element = {pipeline.IMAGE: _resize(image, image_size, channels), pipeline.LABEL: targets,
+                   pipeline.GROUPS: {"sex": sex, "age": age}}
         if with_mask:
-            element[data.LABEL_MASK] = mask
+            element[pipeline.LABEL_MASK] = mask
         return element
 
-    return data.ExampleSource(len(source), load_fn, chexpert.GROUP_SPEC)
+    return pipeline.ExampleSource(len(source), load_fn, chexpert.GROUP_SPEC)
 
 
 def _check_channels(channels):
@@ -186,4 +186,4 @@ def _channels(image, channels):
 
 def _resize(image, image_size, channels):
     image.set_shape([None, None, channels])
-    return data.resize_image(image, image_size)
+    return pipeline.resize_image(image, image_size)

@@ -30,7 +30,7 @@ from PIL import Image
 
 import tf_dpfair as dpf
 from tf_dpfair.dashboards import callback
-from tf_dpfair.data import pipeline as data
+from tf_dpfair.data import pipeline
 from tf_dpfair.datasets import synthetic
 
 # Female examples carry a weaker signal: a gap the dashboard must show.
@@ -68,9 +68,9 @@ def train_demo_run(log_dir, *, noise_multiplier=1.0, epochs=2, steps_per_epoch=2
     sources = synthetic.load(num_train=num_train, num_test=num_eval, seed=seed,
                              image_size=image_size, signal=0.6, noise_std=0.2,
                              group_signal=PLANTED_SIGNAL)
-    train = data.make_train_dataset(sources["train"], expected_batch_size=batch_size,
+    train = pipeline.make_train_dataset(sources["train"], expected_batch_size=batch_size,
                                     seed=seed, microbatch_size=batch_size // 2)
-    held_out = data.make_eval_dataset(sources["test"], batch_size=batch_size)
+    held_out = pipeline.make_eval_dataset(sources["test"], batch_size=batch_size)
     groups = sources["test"].group_spec
     config = dpf.DPConfig(l2_norm_clip=1.0, noise_multiplier=noise_multiplier,
                           expected_batch_size=batch_size, microbatch_size=batch_size // 2,

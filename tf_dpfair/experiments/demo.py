@@ -22,7 +22,7 @@ from absl import flags  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
-from tf_dpfair.fairness import auc_report as reports  # noqa: E402
+from tf_dpfair.fairness import auc_report  # noqa: E402
 from tf_dpfair.datasets import fashion_mnist  # noqa: E402
 from tf_dpfair.experiments import demo_lib  # noqa: E402
 from tf_dpfair.experiments import flags_lib  # noqa: E402
@@ -42,7 +42,7 @@ def main(argv):
     print(f"\nData: {description}")
     for statement in table["privacy.statement"]:
         print(f"- {statement}")
-    print("\n" + reports.to_markdown(pd.read_csv(paths["summary_ema"], dtype={"epsilon": str})))
+    print("\n" + auc_report.to_markdown(pd.read_csv(paths["summary_ema"], dtype={"epsilon": str})))
     print(f"Markdown report: {paths['report']}")
     print(f"Per-run fairness reports: {_WORK_DIR.value}/<run>/report_raw|report_ema/report.md")
     print(f"TensorBoard: tensorboard --logdir {_WORK_DIR.value}")

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 import tf_dpfair as dpf
-from tf_dpfair.data import pipeline as data
+from tf_dpfair.data import pipeline
 from tf_dpfair.datasets import common
 from tf_dpfair.datasets import fashion_mnist
 from tf_dpfair.experiments import report_lib
@@ -30,7 +30,7 @@ def synthetic_sources(num_train, seed=0):
     """A small 10-class stand-in for Fashion-MNIST: smooth prototypes + noise.
 
     Returns:
-      dict "train", "test" -> `data.ExampleSource` of [28, 28, 1] images.
+      dict "train", "test" -> `pipeline.ExampleSource` of [28, 28, 1] images.
     """
     rng = np.random.default_rng(seed)
     # Smooth class prototypes (7x7 upsampled to 28x28): spatial structure a
@@ -41,7 +41,7 @@ def synthetic_sources(num_train, seed=0):
     def make(n):
         y = rng.integers(0, 10, size=n).astype(np.int32)
         x = prototypes[y] + rng.normal(0, 0.3, size=(n, 28, 28, 1))
-        return data.ExampleSource.from_arrays(
+        return pipeline.ExampleSource.from_arrays(
             np.clip(x, 0, 1).astype(np.float32), y)
 
     return {"train": make(num_train), "test": make(num_train // 5)}
@@ -76,7 +76,7 @@ def run(target_epsilon=3.0, delta=1e-5, epochs=3, batch_size=1000,
     """Trains privately and returns a dict of the results."""
     keras.utils.set_random_seed(seed)
     sources, description = load_sources(data_dir, synthetic_examples, seed)
-    train = data.make_train_dataset(
+    train = pipeline.make_train_dataset(
         sources["train"], expected_batch_size=batch_size,
         seed=int.from_bytes(os.urandom(7), "big"),  # secret sampling seed
         mode="poisson", microbatch_size=microbatch_size)
@@ -100,7 +100,7 @@ def run(target_epsilon=3.0, delta=1e-5, epochs=3, batch_size=1000,
     start = time.time()
     model.fit(train.dataset, epochs=epochs, steps_per_epoch=spec.steps_per_epoch,
               callbacks=[logger], verbose=2)
-    test = data.make_eval_dataset(sources["test"], batch_size=1000,
+    test = pipeline.make_eval_dataset(sources["test"], batch_size=1000,
                                   with_groups=False)
     _, accuracy = model.evaluate(test, verbose=0)
     with model.ema_weights():

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tf_dpfair.fairness import auc as fairness
+from tf_dpfair.fairness import auc
 from tf_dpfair.fairness import rates as error_rates
 from tf_dpfair.fairness import predictions as predictions_lib
 from tf_dpfair.fairness import report
@@ -79,7 +79,7 @@ def label_arrays(predictions):
 
 
 def _groups_and_names(predictions, group_spec):
-    """Group ids and names for `fairness.evaluate`; one group "all" when none."""
+    """Group ids and names for `auc.evaluate`; one group "all" when none."""
     groups = predictions["groups"]
     if not groups:
         count = len(predictions["labels"])
@@ -89,7 +89,7 @@ def _groups_and_names(predictions, group_spec):
 
 def auc_evaluation(predictions, group_spec, class_names, multi_label, *, n_bootstrap,
                    seed=0):
-    """Per-group AUC with intervals (`fairness.evaluate`) of one model's predictions.
+    """Per-group AUC with intervals (`auc.evaluate`) of one model's predictions.
 
     Args:
         predictions: output of `predict`.
@@ -101,14 +101,14 @@ def auc_evaluation(predictions, group_spec, class_names, multi_label, *, n_boots
             `auc_report.compare_matched_auc`.
 
     Returns:
-        A `fairness.GroupEvaluation` (one-vs-rest per class for multi-class
+        A `auc.GroupEvaluation` (one-vs-rest per class for multi-class
         data; its summary label "mean" is the macro mean).
     """
     labels = predictions["labels"]
     if not multi_label:
         labels = np.eye(len(class_names))[labels]
     groups, names = _groups_and_names(predictions, group_spec)
-    return fairness.evaluate(labels, predictions["scores"], groups, label_names=class_names,
+    return auc.evaluate(labels, predictions["scores"], groups, label_names=class_names,
                              group_names=names, n_bootstrap=n_bootstrap, seed=seed,
                              split="test", label_mask=predictions.get("label_mask"))
 
@@ -190,7 +190,7 @@ def accuracy_table(predictions, group_spec, *, n_bootstrap, seed=0, confidence=0
         accuracy = float(hits.mean()) if hits.size else np.nan
         draws = (rng.binomial(hits.size, accuracy, n_bootstrap) / hits.size
                  if hits.size else np.full(n_bootstrap, np.nan))
-        low, high = fairness.percentile_interval(draws, confidence)
+        low, high = auc.percentile_interval(draws, confidence)
         rows.append({"attribute": attribute, "group": group, "count": int(hits.size),
                      "accuracy": accuracy, "accuracy_low": low, "accuracy_high": high})
         return accuracy, draws
@@ -203,9 +203,9 @@ def accuracy_table(predictions, group_spec, *, n_bootstrap, seed=0, confidence=0
         present = ~np.isnan(values)
         worst = int(np.nanargmin(values))
         gap_draws = np.nanmax(draws[present], 0) - np.nanmin(draws[present], 0)
-        worst_low, worst_high = fairness.percentile_interval(
+        worst_low, worst_high = auc.percentile_interval(
             np.nanmin(draws[present], 0), confidence)
-        gap_low, gap_high = fairness.percentile_interval(gap_draws, confidence)
+        gap_low, gap_high = auc.percentile_interval(gap_draws, confidence)
         disparities.append({
             "attribute": attribute, "worst_group": names[attribute][worst],
             "worst_accuracy": values[worst], "worst_accuracy_low": worst_low,
@@ -261,7 +261,7 @@ def summarize(evaluation, accuracy=None, rates=None):
     """The figures of one model that go into result.json (plain floats).
 
     Args:
-        evaluation: the model's `fairness.GroupEvaluation`.
+        evaluation: the model's `auc.GroupEvaluation`.
         accuracy: `accuracy_table` output, or None (multi-label data).
         rates: the model's `error_rates.RateEvaluation`, or None.
 

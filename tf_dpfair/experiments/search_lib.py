@@ -35,7 +35,7 @@ import shutil
 import keras
 import numpy as np
 
-from tf_dpfair.privacy import input_sampling as feeding
+from tf_dpfair.privacy import input_sampling
 from tf_dpfair.privacy import sampling
 from tf_dpfair.privacy import search as search_privacy
 from tf_dpfair.experiments import configs
@@ -211,7 +211,7 @@ def _check_trial(name, result, planned, accountant):
     """Refuses a trial whose own statement is not the planned one."""
     spec, total_steps, sigma, delta = planned
     privacy = result["privacy"]
-    want = feeding.planned_ledger(spec, total_steps, sigma).statement(delta, accountant)
+    want = input_sampling.planned_ledger(spec, total_steps, sigma).statement(delta, accountant)
     same = (privacy["private"] and math.isclose(privacy["noise_multiplier"], sigma,
                                                 rel_tol=1e-9)
             and privacy["steps"] == total_steps
@@ -312,7 +312,7 @@ def run_private_search(work_dir, *, config=None, base=None, space, trials,
 
     spec, total_steps, sigma, delta = planned
     trial_event = search_privacy.trial_event(
-        feeding.planned_ledger(spec, total_steps, sigma).dp_event(),
+        input_sampling.planned_ledger(spec, total_steps, sigma).dp_event(),
         None if public_validation else float(score_noise),
         public_validation=public_validation)
     truncated = -math.expm1(total_steps * math.log1p(-spec.overflow_probability))

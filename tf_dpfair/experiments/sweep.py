@@ -36,7 +36,7 @@ tf_startup.quiet_tensorflow()
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-from tf_dpfair.privacy import search as search_privacy  # noqa: E402
+from tf_dpfair.privacy import search  # noqa: E402
 from tf_dpfair.experiments import flags_lib  # noqa: E402
 from tf_dpfair.experiments import search_lib  # noqa: E402
 from tf_dpfair.experiments import sweep_lib  # noqa: E402
@@ -56,7 +56,7 @@ _SELECTION = flags.DEFINE_enum(
     "picking among them is not counted). private: a private hyperparameter search "
     "over --space whose whole cost is counted; only the best trial is released.")
 _SEARCH_TRIALS = flags.DEFINE_enum(
-    "search_trials", None, list(search_privacy.DISTRIBUTIONS),
+    "search_trials", None, list(search.DISTRIBUTIONS),
     "--selection=private: the distribution of the number of trials K (a fixed K "
     "is not covered by the theorem).")
 _SEARCH_MEAN = flags.DEFINE_float("search_mean", None, "E[K], the expected number of trials.")
@@ -93,7 +93,7 @@ def _private_search():
     space = json.loads(_SPACE_JSON.value) if _SPACE_JSON.value else {}
     space.update(sweep_lib.parse_assignments(_SPACE.value, many=True))
     try:
-        trials = search_privacy.TrialCount(_SEARCH_TRIALS.value, _SEARCH_MEAN.value,
+        trials = search.TrialCount(_SEARCH_TRIALS.value, _SEARCH_MEAN.value,
                                            _SEARCH_SHAPE.value)
         out = search_lib.run_private_search(
             _WORK_DIR.value, config=_CONFIG.value,

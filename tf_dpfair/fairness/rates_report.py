@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 
 from tf_dpfair.fairness import engine
 from tf_dpfair.fairness import matching
-from tf_dpfair.fairness import rates as error_rates
+from tf_dpfair.fairness import rates
 
 _KEYS = ["split", "outside_dp_guarantee", "attribute", "group", "label", "count",
          "positives", "negatives", "threshold", "status"]
@@ -76,12 +76,12 @@ def _side_by_side(private, non_private, paired):
     """Per-group and disparity tables of both models, with differences."""
     side = private.groups[_KEYS].copy()
     for prefix, evaluation in (("private_", private), ("non_private_", non_private)):
-        for figure in error_rates.FIGURES:
+        for figure in rates.FIGURES:
             for suffix in ("", "_low", "_high"):
                 side[prefix + figure + suffix] = evaluation.groups[figure + suffix].to_numpy()
     disparities = private.disparities[["split", "outside_dp_guarantee", "attribute",
                                        "label"]].copy()
-    for name in error_rates.DISPARITIES:
+    for name in rates.DISPARITIES:
         for prefix, evaluation in (("private_", private), ("non_private_", non_private)):
             for suffix in ("", "_low", "_high"):
                 disparities[prefix + name + suffix] = evaluation.disparities[
@@ -97,8 +97,8 @@ def _side_by_side(private, non_private, paired):
 
 
 FAMILY = matching.Family(
-    evaluation_type=error_rates.RateEvaluation,
-    source="RateEvaluation from error_rates.evaluate", evaluate=error_rates.evaluate,
+    evaluation_type=rates.RateEvaluation,
+    source="RateEvaluation from rates.evaluate", evaluate=rates.evaluate,
     figure="accuracy", column="accuracy",
     overall=lambda evaluation: evaluation.overall_accuracy, quick=_quick_accuracy,
     same_data=_same_data,
@@ -146,12 +146,12 @@ def shown_labels(evaluation):
     """The labels a report shows: the summary label, and `top1` for multi-class."""
     labels = [evaluation.summary_label]
     if evaluation.multi_class:
-        labels.append(error_rates.TOP1_LABEL)
+        labels.append(rates.TOP1_LABEL)
     return labels
 
 
 def _panels(label):
-    if label == error_rates.TOP1_LABEL:
+    if label == rates.TOP1_LABEL:
         return ["error", "ece", "brier"]
     return ["tpr", "fpr", "ece"]
 
@@ -210,7 +210,7 @@ def plot_rates_attribute(result, attribute, *, label=None, private_name="private
                                                zip(rows["group"], rows["count"])])
         axes.set_title(_TITLES[figure_name], fontsize=10)
         axes.grid(axis="y", alpha=0.3)
-    shown = {engine.MEAN_LABEL: "mean over labels", error_rates.TOP1_LABEL: "top-1"}
+    shown = {engine.MEAN_LABEL: "mean over labels", rates.TOP1_LABEL: "top-1"}
     title = (f"{attribute} ({shown.get(label, label)}; {evaluation.threshold_rule}; "
              f"ECE over {evaluation.n_bins} bins; {100 * evaluation.confidence:g}% intervals)")
     if evaluation.outside_dp_guarantee:

@@ -112,7 +112,7 @@ import os
 
 import keras
 
-from tf_dpfair import workers as cluster
+from tf_dpfair import workers
 
 CHECKPOINT_NAME = "checkpoint.weights.h5"
 LEASE_NAME = "noise_lease.json"
@@ -257,7 +257,7 @@ class DPCheckpoint(keras.callbacks.Callback):
             raise ValueError("Compile the model before restore(): the "
                              "checkpoint holds the optimizer state and EMA.")
         strategy = model.distribute_strategy
-        self._chief = cluster.is_chief(strategy)
+        self._chief = workers.is_chief(strategy)
         found = False
         if self._chief:
             os.makedirs(self.directory, exist_ok=True)
@@ -266,13 +266,13 @@ class DPCheckpoint(keras.callbacks.Callback):
                     os.remove(os.path.join(self.directory, name))
             found = os.path.exists(self.checkpoint_path)
         # On several workers every one follows the chief's files.
-        found = bool(cluster.share_from_chief(strategy, int(found)))
+        found = bool(workers.share_from_chief(strategy, int(found)))
         if found:
             if not model.optimizer.built:
                 model.optimizer.build(model.trainable_variables)
             if self._chief:
                 model.load_weights(self.checkpoint_path)
-            cluster.copy_from_chief(strategy, model.variables
+            workers.copy_from_chief(strategy, model.variables
                                     + model.optimizer.variables)
         count = model.update_count
         rekey = False
@@ -280,7 +280,7 @@ class DPCheckpoint(keras.callbacks.Callback):
             lease = self._read_lease()
             # No lease but a count: the history is unknown, so assume the worst.
             rekey = (count > 0) if lease is None else lease > count
-        self.rekeyed = bool(cluster.share_from_chief(strategy, int(rekey)))
+        self.rekeyed = bool(workers.share_from_chief(strategy, int(rekey)))
         if self.rekeyed:
             _refresh_noise_seed(model)
         self._lease = count
@@ -368,7 +368,7 @@ def fit_resumable(model, make_dataset, *, directory, total_updates,
         `tf.data.Dataset`) of at least `total_updates - start_step` batches
         from update `start_step` on (e.g.
         `lambda s: data.make_train_dataset(..., start_step=s)`; on several
-        workers with the seed of `cluster.share_from_chief`).
+        workers with the seed of `workers.share_from_chief`).
       directory: the checkpoint folder.
       total_updates: the length of the run in updates.
       steps_per_epoch: updates per epoch (epochs only pace the logs).

@@ -22,9 +22,9 @@ import keras
 import tensorflow as tf
 
 from tf_dpfair import workers as cluster
-from tf_dpfair.data import pipeline as data
+from tf_dpfair.data import pipeline
 from tf_dpfair.training import diagnostics
-from tf_dpfair.privacy import input_sampling as feeding
+from tf_dpfair.privacy import input_sampling
 from tf_dpfair.privacy import ledger
 from tf_dpfair.training import ledger_state
 
@@ -39,7 +39,7 @@ class KerasFitting:
 
     @property
     def feeding(self):
-        """The `feeding.Feeding` of the latest `fit` call, or None before any."""
+        """The `input_sampling.Feeding` of the latest `fit` call, or None before any."""
         return self._feeding
 
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto",
@@ -49,10 +49,10 @@ class KerasFitting:
             validation_batch_size=None, validation_freq=1):
         """Like `keras.Model.fit`; also records how the batches are drawn.
 
-        `x` may be the `TrainData` of `data.make_train_dataset` (or its
+        `x` may be the `TrainData` of `pipeline.make_train_dataset` (or its
         dataset): the model then knows the pipeline's `SamplingSpec`, and
         `steps_per_epoch` defaults to the spec's. Every call records its
-        `feeding.Feeding` (`model.feeding`) and opens a segment of the privacy
+        `input_sampling.Feeding` (`model.feeding`) and opens a segment of the privacy
         ledger (`model.privacy_ledger`) that the step itself counts every
         applied update into, so `PrivacyLogger` composes what really ran.
         A batch with more rows of weight > 0 than this call's accounting
@@ -64,16 +64,16 @@ class KerasFitting:
 
         Raises:
           ValueError: the input would break the accounting (see
-            `feeding.resolve`): a pipeline not started at `update_count`, a
+            `input_sampling.resolve`): a pipeline not started at `update_count`, a
             finite pipeline Keras would replay, arrays stated as Poisson; on
             several workers, input other than the package's pipeline, or
             workers whose pipelines would draw different logical batches
             (`cluster.check_workers_agree`); during training, a batch with
             more rows of weight > 0 than this call's accounting allows.
         """
-        if isinstance(x, data.TrainData):
+        if isinstance(x, pipeline.TrainData):
             x = x.dataset
-        tag = feeding.pipeline_tag(x)
+        tag = input_sampling.pipeline_tag(x)
         if cluster.is_multi_worker(self.distribute_strategy):
             refuse_unsliced_input_on_workers(x, tag, self.distribute_strategy)
             cluster.check_workers_agree(self.distribute_strategy, tag, self._dp_config, x.element_spec)
@@ -82,7 +82,7 @@ class KerasFitting:
         if isinstance(callbacks, keras.callbacks.CallbackList):
             callbacks = callbacks.callbacks
         callbacks = list(callbacks or [])
-        fed = feeding.resolve(
+        fed = input_sampling.resolve(
             x=x, batch_size=batch_size,
             epochs=epochs, initial_epoch=initial_epoch,
             steps_per_epoch=steps_per_epoch,
@@ -92,7 +92,7 @@ class KerasFitting:
                             if is_array_input(x) else None),
             stated=[c.stated_sampling for c in callbacks
                     if isinstance(getattr(c, "stated_sampling", None),
-                                  feeding.StatedSampling)])
+                                  input_sampling.StatedSampling)])
         self._attach_diagnostics(callbacks)
         if cluster.is_multi_worker(self.distribute_strategy):
             self._share_ledger_root()
@@ -102,7 +102,7 @@ class KerasFitting:
         # stopped the call.
         fields, row_limit, reason = fed.segment(self._dp_config.noise_multiplier)
         self._open_segment(fields, row_limit=row_limit, reason=reason,
-                           pipeline=fed.kind == feeding.PIPELINE)
+                           pipeline=fed.kind == input_sampling.PIPELINE)
         self._last_segment_id = self._open.segment_id
         # First, so checkpoints written at a step's end hold the ledger of
         # that step.
@@ -219,7 +219,7 @@ def refuse_unsliced_input_on_workers(x, tag, strategy):
 
     Args:
       x: the input given to `fit`.
-      tag: its `feeding.PipelineTag`, or None.
+      tag: its `input_sampling.PipelineTag`, or None.
       strategy: the model's multi-worker strategy.
 
     Raises:
@@ -244,7 +244,7 @@ def refuse_unsliced_input_on_workers(x, tag, strategy):
             f"data (tf.data AutoShardPolicy.DATA: each worker keeps its "
             f"replicas' rows of every batch); it has {policy!r}. With OFF "
             f"every worker trains on the same rows, so each example would "
-            f"count once per worker. data.make_train_dataset sets DATA.")
+            f"count once per worker. tf_dpfair.data.make_train_dataset sets DATA.")
 
 
 def refuse_multi_step_under_strategy(steps_per_execution, strategy):

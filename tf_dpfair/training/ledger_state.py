@@ -12,7 +12,7 @@
   it, a logical batch with more rows of weight > 0 than the accounting of
   this fit assumes (observed, not declared).
 - `dp_ledger`, a Keras weight holding `ledger.Ledger.to_table()`, so
-  checkpoints, `.keras` files and `cluster.copy_from_chief` carry the ledger
+  checkpoints, `.keras` files and `workers.copy_from_chief` carry the ledger
   with the weights. It is only a copy: whatever is assigned to it is merged
   into the live ledger (`Ledger.absorb`), never trusted in its place.
 
@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_dpfair import workers as cluster
+from tf_dpfair import workers
 from tf_dpfair.privacy import ledger as ledger_lib
 
 # The attribute that ties a ledger to the variables it trained.
@@ -251,7 +251,7 @@ class LedgerState:
     def _share_ledger_root(self):
         """On several workers, every worker names new segments as the chief does."""
         ledger = self._bound_ledger()
-        ledger.root = cluster.share_from_chief(self.distribute_strategy,
+        ledger.root = workers.share_from_chief(self.distribute_strategy,
                                                ledger.root)
 
     # ----------------------------------------------------------- Keras hooks

@@ -30,7 +30,7 @@ from tf_dpfair.dpsgd import step
 from tf_dpfair.training import diagnostics
 from tf_dpfair.training import ema
 from tf_dpfair.training import fitting
-from tf_dpfair.training import keras_multiworker as multiworker
+from tf_dpfair.training import keras_multiworker
 from tf_dpfair.training import ledger_state
 from tf_dpfair.training.non_private import GroupedEvaluation
 
@@ -297,7 +297,7 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
 
 
 @keras.saving.register_keras_serializable(package="tf_dpfair")
-class DPModel(multiworker.MultiWorkerFit, DPTraining, keras.Model):
+class DPModel(keras_multiworker.MultiWorkerFit, DPTraining, keras.Model):
     """A functional Keras model trained with DP-SGD by `fit`.
 
     `DPModel(inputs=..., outputs=..., dp_config=cfg)`. For any other model
@@ -331,7 +331,7 @@ class DPModel(multiworker.MultiWorkerFit, DPTraining, keras.Model):
 
 
 @keras.saving.register_keras_serializable(package="tf_dpfair")
-class PrivateModel(multiworker.MultiWorkerFit, DPTraining, keras.Model):
+class PrivateModel(keras_multiworker.MultiWorkerFit, DPTraining, keras.Model):
     """A DPModel that wraps a model without a functional graph (subclassed).
 
     Args:

@@ -10,7 +10,7 @@ from training logs.
 import keras
 
 from tf_dpfair.data import batch
-from tf_dpfair.training import keras_multiworker as multiworker
+from tf_dpfair.training import keras_multiworker
 
 
 class GroupedEvaluation:
@@ -65,7 +65,7 @@ class GroupedEvaluation:
 
 
 @keras.saving.register_keras_serializable(package="tf_dpfair")
-class NonPrivateModel(multiworker.MultiWorkerFit, GroupedEvaluation,
+class NonPrivateModel(keras_multiworker.MultiWorkerFit, GroupedEvaluation,
                       keras.Model):
     """A functional model trained without DP, evaluated like a DPModel.
 

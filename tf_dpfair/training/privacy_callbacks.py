@@ -3,10 +3,10 @@
 import keras
 
 from tf_dpfair.privacy import accounting
-from tf_dpfair import workers as cluster
-from tf_dpfair.privacy import input_sampling as feeding
+from tf_dpfair import workers
+from tf_dpfair.privacy import input_sampling
 from tf_dpfair.privacy import ledger as ledger_lib
-from tf_dpfair.training import checkpoints as resume
+from tf_dpfair.training import checkpoints
 
 OUTSIDE_GUARANTEE_NOTE = (
     "Note: loss, accuracy, clip_fraction and nonfinite_examples of training "
@@ -69,7 +69,7 @@ class PrivacyLogger(keras.callbacks.Callback):
     Raises:
       ValueError: bad arguments (see `accounting.privacy_statement`); at the
         start of `fit`, input whose sampling nobody stated, or statements
-        that contradict the input (see `feeding.resolve`).
+        that contradict the input (see `input_sampling.resolve`).
     """
 
     def __init__(self, *, delta=None, target_epsilon=None, sampling=None,
@@ -110,7 +110,7 @@ class PrivacyLogger(keras.callbacks.Callback):
                                      delta=delta, sampling="poisson",
                                      sampling_probability=1.0,
                                      accountant=accountant)
-        self.stated_sampling = feeding.StatedSampling(
+        self.stated_sampling = input_sampling.StatedSampling(
             sampling=sampling, num_examples=num_examples, spec=sampling_spec,
             accept_shuffle_as_poisson=bool(accept_shuffle_as_poisson))
         self.delta = delta
@@ -134,7 +134,7 @@ class PrivacyLogger(keras.callbacks.Callback):
         fed = getattr(self.model, "feeding", None)
         if fed is None:
             # Not fit in this process (e.g. restored): as stated, if stated.
-            fed = feeding.prospective(
+            fed = input_sampling.prospective(
                 self.stated_sampling,
                 expected_batch_size=self._dp_config().expected_batch_size,
                 update_count=self.model.update_count)
@@ -144,7 +144,7 @@ class PrivacyLogger(keras.callbacks.Callback):
                 "how its batches are drawn is unknown; the statement is made "
                 "during fit (or pass sampling_spec, or sampling and "
                 "num_examples).")
-        if fed.sampling == feeding.UNKNOWN_SAMPLING:
+        if fed.sampling == input_sampling.UNKNOWN_SAMPLING:
             raise ValueError(
                 "fit got an input pipeline the package did not build, and "
                 "nobody stated how it draws examples, so no honest privacy "
@@ -369,9 +369,9 @@ class BudgetGuard(PrivacyLogger):
             after = self.statement(done + self._updates_per_call())
             # Every worker stops at the same update (the count is the
             # job's); only the chief writes the model.
-            chief = cluster.is_chief(self.model.distribute_strategy)
+            chief = workers.is_chief(self.model.distribute_strategy)
             if chief:
-                resume.atomic_save_model(self.model, self.save_path)
+                checkpoints.atomic_save_model(self.model, self.save_path)
             self.stop_reason = (
                 f"Privacy budget reached: stopped after {done} updates at "
                 f"epsilon={now.epsilon:.4g} (delta={now.delta:.3g}); update "

@@ -12,10 +12,13 @@ the logs it is handed, so `History`, `TensorBoard`, `CSVLogger` and every
 other callback still receive every key. `HeadlineProgress`, mixed into the
 package's models, gives `fit` this bar unless the caller passes a
 `keras.callbacks.ProgbarLogger` of their own; `verbose` means what it means
-in Keras (0 silent, 1 a bar, 2 one line per epoch).
+in Keras (0 silent, 1 a bar, 2 one line per epoch). Given a `tf.data`
+pipeline, `fit` passes Keras `shuffle=False`, which Keras ignores for
+pipelines anyway, so that it does not warn about its default.
 """
 
 import keras
+import tensorflow as tf
 
 SEPARATOR = "/"
 
@@ -99,6 +102,10 @@ class HeadlineProgress:
             initial_epoch=0, steps_per_epoch=None, validation_steps=None,
             validation_batch_size=None, validation_freq=1):
         """Like `keras.Model.fit`, with a progress line of headline figures."""
+        # Keras ignores `shuffle` for a tf.data pipeline (the package's draws
+        # its own batches) but warns about its default on every call.
+        if isinstance(getattr(x, "dataset", x), tf.data.Dataset):
+            shuffle = False
         return super().fit(
             x=x, y=y, batch_size=batch_size, epochs=epochs, verbose=verbose,
             callbacks=with_headline_progbar(callbacks, verbose),
