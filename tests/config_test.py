@@ -1,5 +1,6 @@
 """Tests of DPConfig validation and serialization."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -44,6 +45,13 @@ def good(**overrides):
     (dict(augmult=0), r"augmult must be an integer >= 1, got 0\.$"),
     (dict(ema_decay=1.0), r"ema_decay must be in \[0, 1\) or None, got 1\.0\.$"),
     (dict(ema_decay=False), r"ema_decay must be in \[0, 1\) or None, got False \(bool\)\.$"),
+    (dict(ema_warmup=0.5), r"^ema_warmup must be None, 0 \(no warm-up\) or a finite number "
+                           r">= 1, got 0\.5\.$"),
+    (dict(ema_warmup=-10), r"^ema_warmup must be None, 0 \(no warm-up\) or a finite number "
+                           r">= 1, got -10\.0\.$"),
+    (dict(ema_warmup=float("inf")), r"^ema_warmup must be .* >= 1, got inf\.$"),
+    (dict(ema_warmup=True), r"^ema_warmup must be .* >= 1, got True \(bool\)\.$"),
+    (dict(ema_warmup="10"), r"^ema_warmup must be .* >= 1, got '10' \(str\)\.$"),
     # A refused seed is named by its type, never its value (it may be a secret).
     (dict(seed=-1), r"seed must be None or an integer in \[0, 2\*\*62\); got an integer "
                     r"outside that range \(the value is not shown: a seed is secret\)\.$"),
@@ -125,7 +133,8 @@ def test_repr_and_str_hide_the_seed(seed):
     # The other fields stay readable.
     assert shown["repr"] == (
         "DPConfig(l2_norm_clip=1.0, noise_multiplier=1.1, expected_batch_size=256, "
-        "microbatch_size=32, augmult=1, ema_decay=0.99, clipping='auto', seed=<secret>)")
+        "microbatch_size=32, augmult=1, ema_decay=0.99, ema_warmup=10.0, clipping='auto', "
+        "seed=<secret>)")
 
 
 def test_pprint_and_replace_hide_the_seed():
@@ -152,3 +161,36 @@ def test_a_model_repr_and_its_config_hide_the_seed():
     assert model.dp_config.seed == SECRET_SEED
     assert str(SECRET_SEED) not in repr(model.dp_config) + str(model.dp_config)
     assert str(SECRET_SEED) not in json.dumps(model.get_config(), default=str)
+
+
+def test_ema_warmup_default_off_and_other_horizons():
+    assert good().ema_warmup == 10.0  # the warm-up the package always had
+    assert good(ema_warmup=None).ema_warmup is None
+    assert good(ema_warmup=0).ema_warmup is None  # 0 means off, stored as None
+    assert good(ema_warmup=0, seed=7) == good(ema_warmup=None, seed=7)
+    assert hash(good(ema_warmup=0)) == hash(good(ema_warmup=None))
+    assert hash(good(ema_warmup=50)) != hash(good())
+    assert good(ema_warmup=np.int64(1000)).ema_warmup == 1000.0
+    assert type(good(ema_warmup=np.int64(1000)).ema_warmup) is float
+    assert good(ema_warmup=1).ema_warmup == 1.0  # allowed: same as off
+    assert good(ema_warmup=50, seed=7) != good(seed=7)
+    assert "ema_warmup=None" in repr(good(ema_warmup=0, seed=SECRET_SEED))
+    assert str(SECRET_SEED) not in repr(good(ema_warmup=50, seed=SECRET_SEED))
+
+
+@pytest.mark.parametrize("warmup", [10.0, None, 250.0])
+def test_ema_warmup_survives_serialization(warmup):
+    config = good(ema_decay=0.999, ema_warmup=warmup)
+    saved = json.loads(json.dumps(config.get_config()))
+    assert saved["ema_warmup"] == warmup
+    restored = dpf.DPConfig.from_config(saved)
+    assert restored.ema_warmup == warmup
+    assert restored == dataclasses.replace(config, seed=restored.seed)
+
+
+def test_a_config_saved_before_ema_warmup_loads_with_horizon_ten():
+    old = {"l2_norm_clip": 1.0, "noise_multiplier": 1.1, "expected_batch_size": 256,
+           "microbatch_size": 32, "augmult": 1, "ema_decay": 0.99, "clipping": "auto",
+           "seed": None}
+    restored = dpf.DPConfig.from_config(old)
+    assert restored.ema_warmup == 10.0 and restored.ema_decay == 0.99

@@ -33,6 +33,14 @@ class DPConfig:
         views, so clipping stays per example. >= 1.
       ema_decay: decay of the exponential moving average of the trainable
         weights (the paper uses 0.9999), or None for no EMA. In [0, 1).
+      ema_warmup: the warm-up horizon h of the EMA: update t (t updates
+        before it) uses the decay min(ema_decay, (1 + t) / (h + t)). None or 0
+        turns the warm-up off (the decay is `ema_decay` from the first
+        update; 0 is stored as None). Otherwise a finite number >= 1; the
+        default 10 holds the decay well below `ema_decay` for long: 0.69
+        after 20 updates, 0.96 after 200, whatever `ema_decay` says (see
+        `tf_dpfair.training.ema.effective_decay`). Configs saved without it
+        load with 10. Ignored when `ema_decay` is None.
       clipping: how per-example clipped gradients are computed: "vectorized"
         (every example differentiated through the whole model with
         `tf.vectorized_map`), "ghost" (per-example norms and the clipped sum
@@ -53,6 +61,7 @@ class DPConfig:
     microbatch_size: int = 32
     augmult: int = 1
     ema_decay: float | None = None
+    ema_warmup: float | None = 10.0
     clipping: str = "auto"
     # Out of the repr and the hash: `hash(int)` is the int modulo 2**61 - 1
     # and a tuple's hash can be unwound, so hashing the seed would leak it.
@@ -82,6 +91,13 @@ class DPConfig:
             _require(0 <= self.ema_decay < 1,
                      f"ema_decay must be in [0, 1) or None, got "
                      f"{self.ema_decay!r}.")
+        if self.ema_warmup is not None:
+            wanted = "None, 0 (no warm-up) or a finite number >= 1"
+            self._set("ema_warmup", _real("ema_warmup", self.ema_warmup, wanted))
+            _require(self.ema_warmup == 0 or self.ema_warmup >= 1,
+                     f"ema_warmup must be {wanted}, got {self.ema_warmup!r}.")
+            if self.ema_warmup == 0:
+                self._set("ema_warmup", None)
         _require(self.clipping in CLIPPING_MODES,
                  f"clipping must be one of {CLIPPING_MODES}, got "
                  f"{self.clipping!r}.")

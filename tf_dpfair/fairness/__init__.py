@@ -9,8 +9,13 @@
 - `matching`: private vs non-private at matched accuracy, once for both
   families; `auc_report` and `rates_report` hold each family's comparison
   (`compare_matched_auc`, `compare_matched_rates`), figures and CSV tables.
+- `curve`: private gap minus the non-private gap interpolated at the same
+  performance on a curve of checkpoints (`build_curve`, `excess_gap`).
 - `report`: the one writer of report.md (AUC, error rates, accuracy).
 - `predictions`: predict on held-out data, then evaluate both families.
+- `inference`: the statistics behind a report's verdicts: the hierarchical
+  bootstrap (seeds, then examples within groups), Holm, TOST and one-sided
+  tests with a margin, the plateau check, holds / fails / inconclusive.
 - `streaming` (shared base), `streaming_auc`, `streaming_rates`: Keras
   metrics for `fit` / `evaluate`.
 """
@@ -20,9 +25,9 @@ from tf_dpfair import _old_paths
 
 _public_getattr, __dir__, __all__ = _lazy.attach(
         __name__,
-        submodules=("auc", "auc_report", "calibration", "engine", "matching", "predictions",
-                    "rates", "rates_report", "report", "streaming", "streaming_auc",
-                    "streaming_rates", "thresholds"),
+        submodules=("auc", "auc_report", "calibration", "curve", "engine", "inference",
+                    "matching", "predictions", "rates", "rates_report", "report", "streaming",
+                    "streaming_auc", "streaming_rates", "thresholds"),
         names={
             "GroupedAUC": "streaming_auc",
             "GroupedErrorRates": "streaming_rates",
@@ -32,8 +37,20 @@ _public_getattr, __dir__, __all__ = _lazy.attach(
             "evaluate_rates": "rates",
             "compare_matched_auc": "auc_report",
             "compare_matched_rates": "rates_report",
+            "NonPrivateCurve": "curve",
+            "build_curve": "curve",
+            "curve_from_evaluations": "curve",
+            "interpolated_gap": "curve",
+            "excess_gap": "curve",
             "write_report": "report",
             "predict_and_evaluate": "predictions",
+            "hierarchical_bootstrap": "inference",
+            "holm": "inference",
+            "tost_bootstrap": "inference",
+            "tost_normal": "inference",
+            "plateaued": "inference",
+            "Claim": "inference",
+            "verdicts": "inference",
         })
 
 # Names of the former module `tf_dpfair.fairness` (AUC only), now in `auc`.

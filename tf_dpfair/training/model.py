@@ -43,7 +43,10 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
     `isinstance(model, DPTraining)` tells whether a model trains privately.
     Each batch given to `fit` is one logical batch and one optimizer update.
     Training-set loss, metrics and `clip_fraction` in the logs are computed on
-    training data without noise: they are outside the DP guarantee.
+    training data without noise: they are outside the DP guarantee. With EMA
+    on, `ema_decay` in the logs is the decay d_t the update applied (see
+    `ema_decay_reached`); it depends on the update count and the config only,
+    never on data, so it costs no privacy.
     """
 
     def _init_dp(self, dp_config):
@@ -172,13 +175,14 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
         grads = step.normalise(noised, config.expected_batch_size)
         grads, reg_loss = step.add_regularizer_gradients(grads, variables,
                                                          on_first_replica)
-        shadows = self._ema_shadows
+        shadows, decay = self._ema_shadows, None
+        if shadows is not None:  # d_t of update `index` (`ema.warmup_decay`)
+            decay = ema.warmup_decay(config.ema_decay, index, config.ema_warmup)
         step.apply_update(
             self.optimizer, grads, variables, within_limit=within_limit,
             waits=[rows_checked], counter=counter,
             after_apply=None if shadows is None else (
-                lambda: ema.update_shadows(shadows, variables,
-                                           config.ema_decay, index)))
+                lambda: ema.apply_decay(shadows, variables, decay)))
 
         # Diagnostics on training data: outside the DP guarantee.
         count = tf.reduce_sum(weights)
@@ -202,6 +206,8 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
         logs = self.training_logs(x, labels, y_pred, weights)
         logs["clip_fraction"] = tf.math.divide_no_nan(counts[0], counts[1])
         logs["nonfinite_examples"] = tf.cast(self._nonfinite_count.value, tf.float32)
+        if decay is not None:  # From the count and config only: no privacy cost.
+            logs["ema_decay"] = decay
         return logs
 
     # ----------------------------------------------------------- its parts
@@ -294,6 +300,19 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
                              "DPConfig(ema_decay=...) and compile the model.")
         with ema.swapped(self.trainable_variables, self._ema_shadows):
             yield
+
+    @property
+    def ema_decay_reached(self):
+        """The EMA decay the latest update applied (`ema.effective_decay`).
+
+        From `update_count` and the config, as the step computes it; None
+        without EMA or before the first update. Report it (and
+        `ema.effective_averaging_horizon` of it) rather than `ema_decay`.
+        """
+        config, updates = self._dp_config, self.update_count
+        if config.ema_decay is None or updates == 0:
+            return None
+        return ema.effective_decay(config.ema_decay, updates, config.ema_warmup)
 
 
 @keras.saving.register_keras_serializable(package="tf_dpfair")
