@@ -290,3 +290,17 @@ def test_budget_reached_before_the_planned_updates_leaves_nothing_to_train():
     assert train_lib.nothing_left_to_train(model, plain, total_steps=7) == (
         f"The run is finished: all 7 updates were applied (epsilon {epsilon(7):.4g}). "
         f"Nothing left to train.")
+
+
+@pytest.mark.parametrize("warmup, expected", [(10.0, 10.0), (0.0, None), (3.0, 3.0)])
+def test_the_ema_warmup_setting_reaches_the_dp_config(tmp_path, warmup, expected):
+    from tf_dpfair.experiments import inputs_lib
+    from tf_dpfair.experiments import run_model_lib
+    import tensorflow as tf
+
+    settings = train_lib.settings_from(None, {**TINY, "noise_multiplier": 1.0, "ema_decay": 0.9,
+                                              "ema_warmup": warmup, "work_dir": str(tmp_path)})
+    run_data = inputs_lib.load_data(settings)
+    model = run_model_lib.build_run_model(settings, run_data, 1.0, None,
+                                          tf.distribute.get_strategy())
+    assert model.dp_config.ema_warmup == expected

@@ -40,7 +40,8 @@ def build_run_model(settings, run_data, sigma, noise_seed, strategy):
                 l2_norm_clip=settings.clip_norm, noise_multiplier=sigma,
                 expected_batch_size=settings.batch_size,
                 microbatch_size=settings.microbatch_size, augmult=settings.augmult,
-                ema_decay=settings.ema_decay or None, seed=noise_seed)
+                ema_decay=settings.ema_decay or None,
+                ema_warmup=settings.ema_warmup or None, seed=noise_seed)
             model = dpf.make_private(base, config)
         else:
             if settings.augmult > 1:

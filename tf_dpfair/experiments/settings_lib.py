@@ -60,6 +60,8 @@ class Settings:
     microbatch_size: int = _field(32, "Examples per vectorized per-example pass.")
     augmult: int = _field(1, "Augmentation multiplicity K.")
     ema_decay: float = _field(0.0, "EMA decay of the weights (0 = no EMA).")
+    ema_warmup: float = _field(10.0, "Horizon h of the EMA warm-up: update t uses the decay "
+                               "min(ema_decay, (1 + t) / (h + t)); 0 = no warm-up.")
     epochs: int = _field(1, "Epochs (ignored when steps > 0).")
     steps: int = _field(0, "Total updates (0 = use epochs).")
     steps_per_epoch: int = _field(0, "Updates per Keras epoch, the period of evaluation, "
