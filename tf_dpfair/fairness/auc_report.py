@@ -215,9 +215,7 @@ def write_tables(result, directory):
 
 
 # Names of the Markdown report, written by `report` now.
-_IN_REPORT = {"to_markdown": "to_markdown", "write_report": "write_auc_report",
-              "_file_name": "file_name", "_cell": "_cell",
-              "_merge_intervals": "_merge_intervals"}
+_IN_REPORT = {"to_markdown": "to_markdown", "write_report": "write_auc_report"}
 
 
 def __getattr__(name):

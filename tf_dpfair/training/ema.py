@@ -168,21 +168,6 @@ def apply_decay(shadows, variables, d):
         shadow.assign(d * tf.convert_to_tensor(shadow.value) + (1.0 - d) * value)
 
 
-def update_shadows(shadows, variables, decay, step, warmup=DEFAULT_WARMUP):
-    """Applies the warm-up decay d_t of update `step` to the shadows.
-
-    Args:
-      shadows, variables: as for `apply_decay`.
-      decay, step, warmup: as for `warmup_decay`.
-
-    Returns:
-      d_t, the float32 decay applied.
-    """
-    d = warmup_decay(decay, step, warmup)
-    apply_decay(shadows, variables, d)
-    return d
-
-
 @contextlib.contextmanager
 def swapped(variables, shadows):
     """Within the block, `variables` hold the EMA values; restored afterwards.

@@ -24,9 +24,7 @@ it, when a Keras release renames or changes it (tests/multiworker_test.py
 runs it; `MultiWorkerFit` runs it before the first multi-worker build).
 
 When Keras's `fit` runs under MWMS, delete this module and `MultiWorkerFit`
-from the bases of `DPModel`, `PrivateModel` and `NonPrivateModel`, and put
-its base `progress.HeadlineProgress` (the concise progress line of `fit`,
-which those models get through `MultiWorkerFit`) in its place.
+from the bases of `DPModel`, `PrivateModel` and `NonPrivateModel`.
 Multi-worker support that does not work around Keras (which worker is the
 chief, sharing the sampling seed, copying a restored checkpoint to every
 worker) is in `tf_dpfair.workers` and stays.
@@ -36,7 +34,6 @@ import inspect
 
 import tensorflow as tf
 
-from tf_dpfair.training import progress
 
 UPSTREAM_ISSUES = ("keras-team/keras#20585", "tensorflow/tensorflow#72388")
 
@@ -120,12 +117,11 @@ def _with_leading_axis(logs):
         lambda value: tf.expand_dims(tf.convert_to_tensor(value), 0), logs)
 
 
-class MultiWorkerFit(progress.HeadlineProgress):
+class MultiWorkerFit:
     """Mixin for `keras.Model` subclasses: `fit`/`evaluate` under multi-worker MWMS.
 
     Put it first among the bases, so its `train_step` and `test_step` wrap
-    the model's own. Outside multi-worker mode it changes nothing but the
-    progress line of `fit` (`progress.HeadlineProgress`, its base).
+    the model's own. Outside multi-worker mode it changes nothing.
     """
 
     _keras_internals_checked = False

@@ -31,6 +31,7 @@ from tf_dpfair.training import diagnostics
 from tf_dpfair.training import ema
 from tf_dpfair.training import fitting
 from tf_dpfair.training import keras_multiworker
+from tf_dpfair.training import progress
 from tf_dpfair.training import ledger_state
 from tf_dpfair.training.non_private import GroupedEvaluation
 
@@ -316,7 +317,8 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
 
 
 @keras.saving.register_keras_serializable(package="tf_dpfair")
-class DPModel(keras_multiworker.MultiWorkerFit, DPTraining, keras.Model):
+class DPModel(keras_multiworker.MultiWorkerFit, progress.HeadlineProgress,
+              DPTraining, keras.Model):
     """A functional Keras model trained with DP-SGD by `fit`.
 
     `DPModel(inputs=..., outputs=..., dp_config=cfg)`. For any other model
@@ -350,7 +352,8 @@ class DPModel(keras_multiworker.MultiWorkerFit, DPTraining, keras.Model):
 
 
 @keras.saving.register_keras_serializable(package="tf_dpfair")
-class PrivateModel(keras_multiworker.MultiWorkerFit, DPTraining, keras.Model):
+class PrivateModel(keras_multiworker.MultiWorkerFit, progress.HeadlineProgress,
+                   DPTraining, keras.Model):
     """A DPModel that wraps a model without a functional graph (subclassed).
 
     Args:

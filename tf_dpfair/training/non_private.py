@@ -11,6 +11,7 @@ import keras
 
 from tf_dpfair.data import batch
 from tf_dpfair.training import keras_multiworker
+from tf_dpfair.training import progress
 
 
 class GroupedEvaluation:
@@ -65,8 +66,8 @@ class GroupedEvaluation:
 
 
 @keras.saving.register_keras_serializable(package="tf_dpfair")
-class NonPrivateModel(keras_multiworker.MultiWorkerFit, GroupedEvaluation,
-                      keras.Model):
+class NonPrivateModel(keras_multiworker.MultiWorkerFit, progress.HeadlineProgress,
+                      GroupedEvaluation, keras.Model):
     """A functional model trained without DP, evaluated like a DPModel.
 
     The baseline of private-vs-non-private comparisons: plain Keras training
