@@ -43,6 +43,8 @@ class ExampleSource:
         group_spec: `GroupSpec` (or mapping) of the `"groups"` in the elements.
         check_group_ids: add run-time checks that group ids are in range (set
             False only where the ids were validated already).
+        features: the "image" of each element is a float32 feature array
+            of any static shape (`from_features`), not an image.
 
     Attributes:
         num_examples: N.
@@ -56,7 +58,8 @@ class ExampleSource:
             element structure or do not match `group_spec`.
     """
 
-    def __init__(self, num_examples, load_fn, group_spec=None, *, check_group_ids=True):
+    def __init__(self, num_examples, load_fn, group_spec=None, *, check_group_ids=True,
+                 features=False):
         if int(num_examples) != num_examples or num_examples <= 0:
             raise ValueError(f"num_examples must be a positive integer; got {num_examples!r}.")
         self.num_examples = int(num_examples)
@@ -67,7 +70,9 @@ class ExampleSource:
         # Which file each index reads, where examples are files (else None).
         self.paths = None
         self.element_spec = tf.data.Dataset.range(1).map(load_fn).element_spec
-        _check_element_spec(self.element_spec, self.group_spec)
+        # Features (any static float32 shape) instead of images [H, W, C].
+        self.features = bool(features)
+        _check_element_spec(self.element_spec, self.group_spec, self.features)
 
     def load(self, index):
         """Reads one example.
@@ -122,7 +127,8 @@ class ExampleSource:
         table = tf.constant(indices)
         load_fn = self._load_fn
         part = ExampleSource(len(indices), lambda i: load_fn(tf.gather(table, i)),
-                             self.group_spec, check_group_ids=self._check_group_ids)
+                             self.group_spec, check_group_ids=self._check_group_ids,
+                             features=self.features)
         if self.paths is not None:
             part.paths = np.asarray(self.paths)[indices]
         return part
@@ -209,6 +215,41 @@ class ExampleSource:
         tensors = tf.nest.map_structure(tf.constant, columns)
         return cls(num, lambda i: tf.nest.map_structure(lambda t: tf.gather(t, i), tensors),
                    group_spec, check_group_ids=False)
+
+    @classmethod
+    def from_features(cls, features, labels, *, groups=None, group_spec=None,
+                      label_mask=None):
+        """Examples whose "image" is a float32 feature array of any static shape.
+
+        For heads trained on a frozen backbone's features
+        (`tf_dpfair.training.frozen_features`): `[N, F]`, or `[N, K, F]` for K
+        views per example. The pipelines pass them through unchanged.
+
+        Args:
+            features: float array `[N, ...]` (at least one axis after N).
+            labels, groups, group_spec, label_mask: as in `from_arrays`.
+
+        Returns:
+            An `ExampleSource`.
+
+        Raises:
+            ValueError: shapes disagree, or features, labels hold NaN or Inf.
+        """
+        features = np.asarray(features, np.float32)
+        if features.ndim < 2:
+            raise ValueError(f"features must be [N, ...] with at least one feature axis; "
+                             f"got {features.shape}.")
+        _check_finite(features, "features")
+        columns = _label_columns(labels, label_mask, len(features))
+        if columns[LABEL].dtype == np.float32:
+            _check_finite(columns[LABEL], "labels")
+        group_spec = group_spec if isinstance(group_spec, GroupSpec) else GroupSpec(group_spec)
+        columns[GROUPS] = group_spec.check_ids(groups, len(features))
+        columns[IMAGE] = features
+        tensors = tf.nest.map_structure(tf.constant, columns)
+        return cls(len(features),
+                   lambda i: tf.nest.map_structure(lambda t: tf.gather(t, i), tensors),
+                   group_spec, check_group_ids=False, features=True)
 
     @classmethod
     def from_image_files(cls, paths, labels, *, image_size, channels=1, groups=None,
@@ -298,7 +339,7 @@ def _label_columns(labels, label_mask, num):
     return columns
 
 
-def _check_element_spec(spec, group_spec):
+def _check_element_spec(spec, group_spec, features=False):
     if not isinstance(spec, dict) or not {IMAGE, LABEL} <= set(spec):
         raise ValueError(
                 f"An element must be a dict with keys {IMAGE!r}, {LABEL!r} and "
@@ -307,7 +348,12 @@ def _check_element_spec(spec, group_spec):
     if unknown:
         raise ValueError(f"Unknown element keys {sorted(unknown)}.")
     image = spec[IMAGE]
-    if image.shape.rank != 3 or not image.shape.is_fully_defined():
+    if features:
+        if image.dtype != tf.float32 or not image.shape.rank or \
+                not image.shape.is_fully_defined():
+            raise ValueError(f"Element features must be float32 with a static shape; got "
+                             f"{image.dtype.name} {image.shape}.")
+    elif image.shape.rank != 3 or not image.shape.is_fully_defined():
         raise ValueError(f"Element images must have a static [H, W, C] shape; got {image.shape}.")
     if image.dtype not in (tf.uint8, tf.float32):
         raise ValueError(f"Element images must be uint8 or float32; got {image.dtype.name}.")
