@@ -124,3 +124,22 @@ def test_profile_prints_the_plan_and_a_time_per_layer(monkeypatch, capsys):
     assert sum(m.endswith("*") for m in methods) == 1
     assert all(float(value) >= 0 for row in rows for value in row[6:9])
     assert "whole ghost clipped sum" in out
+
+
+def test_frozen_features_benchmark_times_both_probes(monkeypatch, capsys, tmp_path):
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks/frozen_features.py")
+    spec = importlib.util.spec_from_file_location("frozen_features_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out_json = str(tmp_path / "out.json")
+    monkeypatch.setattr(sys, "argv", [
+        "frozen_features.py", "--examples", "64", "--batch", "32", "--microbatch", "16",
+        "--image_size", "32", "--augmult", "2", "--rounds", "1", "--json", out_json])
+    result = bench.main()
+    out = capsys.readouterr().out
+    assert re.search(r"uncached: +\d+\.\d training examples/s", out), out
+    assert re.search(r"cached: +\d+\.\d training examples/s \(\d+\.\dx\)", out), out
+    assert len(result["epoch_seconds"]["cached"]) == len(result["epoch_seconds"]["uncached"]) == 1
+    assert result["speedup"] == pytest.approx(
+        result["examples_per_second"]["cached"] / result["examples_per_second"]["uncached"])
+    assert os.path.exists(out_json)

@@ -180,3 +180,20 @@ def test_refusals_say_why():
         frozen_features.cache_features(backbone, image_source(), views=0)
     with pytest.raises(ValueError, match="features must be"):
         ExampleSource.from_features(np.zeros(4), np.zeros(4, int))
+
+
+def test_the_cut_may_lie_inside_a_nested_model():
+    """As `models.efficientnet_lite0_finetune` builds it: an adapter, then a model."""
+    inner = probe_model(dropout=0.0)
+    inputs = keras.Input((4, 4, 1))
+    outer = keras.Model(inputs, inner(keras.layers.UpSampling2D(2)(inputs)))
+    backbone, head = frozen_features.split_frozen_backbone(outer)
+    assert backbone.outputs[0].shape == (None, 4)  # pooled conv features, not images
+    assert not backbone.trainable_weights
+    x = np.random.default_rng(2).uniform(size=(3, 4, 4, 1)).astype(np.float32)
+    np.testing.assert_allclose(head(backbone(x)), outer(x), atol=1e-6)
+    # Directly after the input, too.
+    inputs = keras.Input((8, 8, 1))
+    direct = keras.Model(inputs, probe_model(dropout=0.0)(inputs))
+    backbone, head = frozen_features.split_frozen_backbone(direct)
+    assert backbone.outputs[0].shape == (None, 4)

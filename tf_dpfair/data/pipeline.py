@@ -153,11 +153,25 @@ def make_train_dataset(source, *, expected_batch_size, seed, mode=sampling.POISS
             x = augment_lib.augment_views(x, example_seed, augmult, augment_fn)
         return x, y, weight
 
+    def logical_batch(step, indices, valid):
+        # The same rows as `example` row by row, read in one gather; padding
+        # rows (valid False) are zeroed as `zeros` would give them.
+        elements = tf.nest.map_structure(
+                lambda t: tf.where(tf.reshape(valid, [-1] + [1] * (t.shape.rank - 1)), t,
+                                   tf.zeros_like(t)),
+                source.load_many(indices))
+        return to_keras_batch(elements, tf.cast(valid, tf.float32), with_groups=with_groups)
+
     rows = sampler.index_dataset(spec, seed, start_step=start_step, num_steps=num_steps)
-    rows = rows.flat_map(lambda step, indices, valid: tf.data.Dataset.from_tensor_slices(
-            (tf.fill(tf.shape(indices), step), indices, valid)))
-    dataset = rows.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    dataset = dataset.batch(spec.padded_batch_size, drop_remainder=True)
+    if source.load_many is not None and augment_fn is None:
+        # In-memory examples without augmentation: a logical batch per gather.
+        dataset = rows.map(logical_batch, num_parallel_calls=tf.data.AUTOTUNE,
+                           deterministic=True)
+    else:
+        rows = rows.flat_map(lambda step, indices, valid: tf.data.Dataset.from_tensor_slices(
+                (tf.fill(tf.shape(indices), step), indices, valid)))
+        dataset = rows.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        dataset = dataset.batch(spec.padded_batch_size, drop_remainder=True)
     dataset = _sharded_by_data(dataset.prefetch(tf.data.AUTOTUNE))
     # The tag lets `DPModel.fit` learn the spec from the dataset itself; set
     # last, on the very object returned (`with_options` makes a new one).

@@ -52,6 +52,10 @@ class ExampleSource:
         element_spec: the `tf.TypeSpec` structure of one element.
         paths: numpy str `[N]`, the file of each index for file-backed
             sources, else None.
+        load_many: for sources held in memory, a traceable
+            `fn(indices: int64 [M]) -> elements batched [M, ...]` reading
+            many examples in one gather (`from_arrays`, `from_features` and
+            their subsets); None otherwise.
 
     Raises:
         ValueError: N is not positive, or the elements do not follow the
@@ -69,6 +73,7 @@ class ExampleSource:
         self._check_group_ids = check_group_ids
         # Which file each index reads, where examples are files (else None).
         self.paths = None
+        self.load_many = None
         self.element_spec = tf.data.Dataset.range(1).map(load_fn).element_spec
         # Features (any static float32 shape) instead of images [H, W, C].
         self.features = bool(features)
@@ -131,6 +136,9 @@ class ExampleSource:
                              features=self.features)
         if self.paths is not None:
             part.paths = np.asarray(self.paths)[indices]
+        if self.load_many is not None:
+            many = self.load_many
+            part.load_many = lambda rows: many(tf.gather(table, rows))
         return part
 
     def split(self, fraction, seed):
@@ -212,9 +220,7 @@ class ExampleSource:
         group_spec = group_spec if isinstance(group_spec, GroupSpec) else GroupSpec(group_spec)
         columns[GROUPS] = group_spec.check_ids(groups, num)
         columns[IMAGE] = images
-        tensors = tf.nest.map_structure(tf.constant, columns)
-        return cls(num, lambda i: tf.nest.map_structure(lambda t: tf.gather(t, i), tensors),
-                   group_spec, check_group_ids=False)
+        return _in_memory(cls, num, columns, group_spec, features=False)
 
     @classmethod
     def from_features(cls, features, labels, *, groups=None, group_spec=None,
@@ -246,10 +252,7 @@ class ExampleSource:
         group_spec = group_spec if isinstance(group_spec, GroupSpec) else GroupSpec(group_spec)
         columns[GROUPS] = group_spec.check_ids(groups, len(features))
         columns[IMAGE] = features
-        tensors = tf.nest.map_structure(tf.constant, columns)
-        return cls(len(features),
-                   lambda i: tf.nest.map_structure(lambda t: tf.gather(t, i), tensors),
-                   group_spec, check_group_ids=False, features=True)
+        return _in_memory(cls, len(features), columns, group_spec, features=True)
 
     @classmethod
     def from_image_files(cls, paths, labels, *, image_size, channels=1, groups=None,
@@ -293,6 +296,18 @@ class ExampleSource:
         source = cls(num, load, group_spec, check_group_ids=False)
         source.paths = paths
         return source
+
+
+def _in_memory(cls, num, columns, group_spec, *, features):
+    """A source over in-memory columns (ids already checked), with `load_many`."""
+    tensors = tf.nest.map_structure(tf.constant, columns)
+
+    def gather(indices):
+        return tf.nest.map_structure(lambda t: tf.gather(t, indices), tensors)
+
+    source = cls(num, gather, group_spec, check_group_ids=False, features=features)
+    source.load_many = gather
+    return source
 
 
 def _check_image_size(image_size):

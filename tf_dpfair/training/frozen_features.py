@@ -91,11 +91,6 @@ def _trailing_chain(model):
                 f"The trainable weights of {model.name!r} are not all in a chain of "
                 "single-input layers at its end; cached features need a frozen backbone "
                 "followed by a trained head (finetune='head').")
-    if _producer(tensor)[0] is None or isinstance(_producer(tensor)[0], keras.layers.InputLayer):
-        raise ValueError(
-                f"Every layer of {model.name!r} with weights trains (or sits after one that "
-                "does): there is no frozen backbone whose features could be cached. Use "
-                "finetune='head'.")
     return chain[::-1]
 
 
@@ -126,17 +121,47 @@ def split_frozen_backbone(model):
                          f"input and one output; got {type(model).__name__}.")
     chain = _trailing_chain(model)
     cut = chain[0][1]
-    backbone = keras.Model(model.inputs, cut, name=model.name + "_backbone")
-    if backbone.trainable_weights and {id(v) for v in backbone.trainable_weights} & {
-            id(v) for v in model.trainable_weights}:
+    first = chain[0][0]
+    inner = _split_nested(first)
+    if inner is None and _is_model_input(cut):
+        raise ValueError(
+                f"Every layer of {model.name!r} with weights trains (or sits after one that "
+                "does): there is no frozen backbone whose features could be cached. Use "
+                "finetune='head'.")
+    if inner is None:
+        backbone = keras.Model(model.inputs, cut, name=model.name + "_backbone")
+        head_layers = [layer for layer, _ in chain]
+    else:  # the cut lies inside a nested model (an input adapter before it)
+        inner_backbone, inner_head = inner
+        backbone = keras.Model(model.inputs, inner_backbone(cut),
+                               name=model.name + "_backbone")
+        head_layers = [inner_head] + [layer for layer, _ in chain[1:]]
+    trained = {id(v) for v in model.trainable_weights}
+    if {id(v) for v in backbone.trainable_weights} & trained:
         raise ValueError(f"The backbone of {model.name!r} shares trainable weights with "
                          "its head; its features would change during training.")
-    features = keras.Input(tuple(cut.shape[1:]), name="features")
+    features = keras.Input(tuple(backbone.outputs[0].shape[1:]), name="features")
     x = features
-    for layer, _ in chain:
+    for layer in head_layers:
         x = layer(x)
     head = keras.Model(features, x, name=model.name + "_head")
     return backbone, head
+
+
+def _is_model_input(tensor):
+    layer, _ = _producer(tensor)
+    return layer is None or isinstance(layer, keras.layers.InputLayer)
+
+
+def _split_nested(layer):
+    """`split_frozen_backbone(layer)` for a nested functional model with frozen parts, else None."""
+    if not isinstance(layer, keras.Model) or len(getattr(layer, "inputs", None) or []) != 1 \
+            or not layer.non_trainable_weights:
+        return None
+    try:
+        return split_frozen_backbone(layer)
+    except ValueError:  # every weighted layer inside trains: keep it whole in the head
+        return None
 
 
 def check_same_in_both_modes(backbone, x):
