@@ -74,10 +74,32 @@ def test_run_hparams_records_the_privacy_and_training_settings():
     (dict(evaluation_data=tf.data.Dataset.range(1)), "evaluation_data needs group_names"),
     (dict(n_bootstrap=0), "n_bootstrap must be an integer >= 1"),
     (dict(confidence=1.0), r"confidence must lie in \(0, 1\)"),
+    (dict(evaluate_every=0), "evaluate_every must be an integer >= 1"),
 ])
 def test_bad_dashboard_arguments_are_refused(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         dashboards.FairnessDashboard(str(tmp_path), **kwargs)
+
+
+def test_exact_evaluations_every_few_epochs_and_at_the_last(tmp_path, monkeypatch):
+    board = dashboards.FairnessDashboard(
+        str(tmp_path), evaluation_data=tf.data.Dataset.range(1),
+        group_names={"g": ["a", "b"]}, evaluate_every=3)
+    board.set_params({"epochs": 7})
+    seen = []
+    monkeypatch.setattr(board, "_writes", lambda: True)
+    monkeypatch.setattr(board, "_step", lambda: 0)
+    monkeypatch.setattr(board, "_evaluate", lambda ema: seen.append(ema) or (None, None))
+    monkeypatch.setattr(board, "write_evaluation", lambda *a, **k: None)
+    monkeypatch.setattr(board, "_write_layout", lambda *a, **k: None)
+    monkeypatch.setattr(board, "_ema_on", lambda: False)
+    evaluated = []
+    for epoch in range(7):
+        before = len(seen)
+        board.on_epoch_end(epoch, {})
+        if len(seen) > before:
+            evaluated.append(epoch + 1)
+    assert evaluated == [3, 6, 7]
 
 
 def test_write_evaluation_refuses_training_data(tmp_path):

@@ -116,3 +116,21 @@ def test_binary_runs_a_grid_from_flags(tmp_path):
     assert sorted(table["epsilon"].round(3).tolist())[1] == math.inf
     assert set(json.loads((tmp_path / "sweep.json").read_text())["runs"]) == {
         "epsilon=3", "epsilon=inf"}
+
+
+@pytest.mark.parametrize("name", __import__("tf_dpfair.experiments.configs",
+                                            fromlist=["NAMES"]).NAMES)
+def test_every_config_and_every_run_of_its_grid_is_valid(name):
+    """A study's config must not fail at run 40 of 75 on a setting refused at its start."""
+    from tf_dpfair.experiments import settings_lib
+
+    runs = sweep_lib.expand_grid(sweep_lib.sweep_grid(name))
+    assert runs
+    names = [run for run, _ in runs]
+    assert len(set(names)) == len(names)
+    for run, overrides in runs:
+        settings = settings_lib.settings_from(name, {**overrides, "work_dir": "/tmp/unused"})
+        for key, value in overrides.items():
+            assert getattr(settings, key) == value or (
+                isinstance(value, float) and math.isinf(value)
+                and math.isinf(getattr(settings, key))), (run, key)

@@ -82,6 +82,10 @@ class FairnessDashboard(keras.callbacks.Callback):
         from_logits: the model outputs logits; a sigmoid (softmax with
             `multi_class`) gives the probabilities that thresholds and
             calibration need (AUC does not change).
+        evaluate_every: with `evaluation_data`, epochs between exact
+            evaluations (1 = every epoch; the last epoch of `fit` is always
+            evaluated). Each one predicts the whole split and bootstraps;
+            on a long sweep of fast epochs it can cost more than training.
 
     Raises:
         ValueError: `evaluation_data` without `group_names`, a threshold
@@ -90,8 +94,12 @@ class FairnessDashboard(keras.callbacks.Callback):
 
     def __init__(self, log_dir, *, privacy_logger=None, hparams=None, evaluation_data=None,
                  group_names=None, n_bootstrap=200, confidence=0.95, ema_prefix="val_ema_",
-                 threshold=None, multi_class=False, from_logits=False):
+                 threshold=None, multi_class=False, from_logits=False, evaluate_every=1):
         super().__init__()
+        if isinstance(evaluate_every, bool) or not isinstance(evaluate_every, int) \
+                or evaluate_every < 1:
+            raise ValueError(f"evaluate_every must be an integer >= 1; got {evaluate_every!r}.")
+        self.evaluate_every = evaluate_every
         if evaluation_data is not None and group_names is None:
             raise ValueError("evaluation_data needs group_names (a dict attribute -> names, "
                              "or the source's GroupSpec) to name the group ids.")
@@ -167,6 +175,12 @@ class FairnessDashboard(keras.callbacks.Callback):
                 hp.hparams(values, trial_id=os.path.basename(os.path.normpath(self.log_dir)))
             self._hparams_written = True
 
+    def _evaluates(self, epoch):
+        """Whether epoch `epoch` (0-based) gets an exact evaluation."""
+        last = (self.params or {}).get("epochs")
+        return (epoch + 1) % self.evaluate_every == 0 or (last is not None
+                                                           and epoch + 1 == last)
+
     def on_epoch_end(self, epoch, logs=None):
         if not self._writes():
             return
@@ -177,7 +191,7 @@ class FairnessDashboard(keras.callbacks.Callback):
         prefix = summaries.VAL_PREFIX
         logged_rates = any(summaries.is_rate_log(k[len(prefix):])
                            for k in logs if k.startswith(prefix))
-        if self.evaluation_data is not None:
+        if self.evaluation_data is not None and self._evaluates(epoch):
             groups = self.group_names
             for ema in (False, True) if self._ema_on() else (False,):
                 evaluation, rates = self._evaluate(ema=ema)

@@ -1,7 +1,9 @@
 """Exact evaluation of a run on its test split: predictions, per-group figures, reports.
 
-It is about 420 lines because it is the one place where a run's predictions
-become every figure reported for it (listed below), in one order.
+It is about 490 lines because it is the one place where a run's predictions
+become every figure reported for it (listed below), in one order, and where
+its checkpoints are scored during training (`EpochEvaluation`, which
+`evaluate_final` reuses for the final scores).
 
 Figures reported for every run (raw weights, and EMA weights where kept):
 
@@ -21,9 +23,17 @@ Figures reported for every run (raw weights, and EMA weights where kept):
   calibration); multi-label data: the given threshold `THRESHOLD` on each
   label's probability (the runs have no validation split to choose one on).
 
-Everything here is computed on held-out test data.
+Everything here is computed on held-out test data, except the validation
+figures of `EpochEvaluation` (a run with `validation_fraction > 0`): at every
+checkpoint it scores the validation split carved from the training data
+(`selection_lib.carve_validation`) and saves and logs those scores. They are
+exact figures on held-out private data, used by the sweep report for its
+choices (learning rate) and its plateau check; like the test figures they
+are outside the DP guarantee unless the run declares the split public
+(`public_validation`). Keep them with the person training the model.
 """
 
+import glob
 import os
 
 import keras
@@ -31,6 +41,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from tf_dpfair.data import pipeline as data_pipeline
 from tf_dpfair.fairness import auc
 from tf_dpfair.fairness import rates as error_rates
 from tf_dpfair.fairness import predictions as predictions_lib
@@ -331,54 +342,128 @@ def write_run_report(evaluation, accuracy, directory, title, rates=None):
 
 
 class EpochEvaluation(keras.callbacks.Callback):
-    """Scores the test split every few epochs: logs and per-epoch checkpoints.
+    """Scores the test (and validation) split at checkpoints: logs and saved scores.
 
-    Adds `test_accuracy` / `test_auc` (and `ema_test_*`) to the epoch logs and
-    saves the scores as `checkpoints/epoch_NNN.npz`, so that a non-private
-    run offers every evaluated epoch to the matched-accuracy comparison.
+    A checkpoint is taken every `every` epochs (`checkpoints/epoch_NNN.npz`)
+    and, with `every_updates` N > 0, every N optimizer updates
+    (`checkpoints/update_NNNNNN.npz`, from `on_train_batch_end`: one Keras
+    step is one update, counted by `model.optimizer.iterations`). Every file
+    holds "scores" (test, raw weights, float32 `[N_test, L]`), "ema_scores"
+    (where the model keeps EMA), "updates" and "epoch" (the 1-based epoch
+    the checkpoint was taken in), and with a validation split "val_scores"
+    (and "ema_val_scores"). Labels and groups are saved once, in
+    `labels.npz` and `val_labels.npz`. Evaluated epochs add `test_accuracy`
+    / `test_auc`, `validation_accuracy` / `validation_auc` (named so as not
+    to clash with Keras' own `val_` keys) and their `ema_` forms to the
+    epoch logs. At the start of training (a resumed run included), files of
+    checkpoints beyond the model's update count are deleted: they belong to
+    updates the backup lost, and the resumed run writes them anew.
     """
 
-    def __init__(self, dataset, run_data, directory, every):
+    def __init__(self, dataset, run_data, directory, every, *, every_updates=0,
+                 validation=None, validation_batch_size=500):
         super().__init__()
         self.dataset, self.run_data = dataset, run_data
-        self.directory, self.every = directory, every
+        self.directory, self.every, self.every_updates = directory, every, every_updates
+        self.validation = None
+        if validation is not None:
+            self.validation = (data_pipeline.make_eval_dataset(
+                validation, batch_size=validation_batch_size), validation.num_examples)
+        self._epoch, self._period, self._last = 0, 0, None
 
     def set_model(self, model):
         super().set_model(model)
         self._forward = forward_fn(model)
 
-    def scores(self, ema):
-        """Test predictions (see `predict`), EMA weights if `ema`."""
-        data = self.run_data
+    def _predict(self, dataset, num_examples, ema):
+        multi_label = self.run_data.multi_label
         if ema:
             with self.model.ema_weights():
-                return predict(self._forward, self.dataset,
-                                              data.test.num_examples, data.multi_label)
-        return predict(self._forward, self.dataset, data.test.num_examples,
-                                      data.multi_label)
+                return predict(self._forward, dataset, num_examples, multi_label)
+        return predict(self._forward, dataset, num_examples, multi_label)
+
+    def scores(self, ema):
+        """Test predictions (see `predict`), EMA weights if `ema`."""
+        return self._predict(self.dataset, self.run_data.test.num_examples, ema)
+
+    def _updates(self):
+        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def _figures(self, predictions, name, with_auc=True):
+        """`{name}_auc` (and `{name}_accuracy` for multi-class data) of predictions.
+
+        Without `with_auc` (checkpoints between epochs), multi-class data
+        gets its accuracy only: per-group AUCs cost far more than a small
+        model's few updates, and the report reads the saved scores anyway.
+        """
+        data = self.run_data
+        figures = {}
+        if with_auc or data.multi_label:
+            figures[f"{name}_auc"] = auc_evaluation(
+                predictions, data.group_spec, data.class_names, data.multi_label,
+                n_bootstrap=0).overall_auc
+        if not data.multi_label:
+            correct = predictions["scores"].argmax(1) == predictions["labels"]
+            figures[f"{name}_accuracy"] = float(correct.mean())
+        return figures
+
+    def _evaluate(self, with_auc=True):
+        """`(arrays to save, figures to log)` of the model now; writes the label files."""
+        saved, figures = {"epoch": self._epoch + 1, "updates": self._updates()}, {}
+        splits = [("", "test", self.dataset, self.run_data.test.num_examples, "labels")]
+        if self.validation is not None:
+            splits.append(("val_", "validation", *self.validation, "val_labels"))
+        for key, name, dataset, count, labels_name in splits:
+            for prefix, ema in (("", False), ("ema_", True)):
+                if ema and getattr(self.model, "_ema_shadows", None) is None:
+                    continue
+                predictions = self._predict(dataset, count, ema)
+                saved[f"{prefix}{key}scores"] = predictions["scores"].astype(np.float32)
+                figures.update({prefix + k: v
+                                for k, v in self._figures(predictions, name,
+                                                          with_auc).items()})
+            labels_path = os.path.join(self.directory, f"{labels_name}.npz")
+            if not os.path.exists(labels_path):
+                os.makedirs(self.directory, exist_ok=True)
+                np.savez(labels_path, **label_arrays(predictions))
+        return saved, figures
+
+    def on_train_begin(self, logs=None):
+        updates = self._updates()
+        self._period = updates // self.every_updates if self.every_updates else 0
+        if not self.directory:
+            return
+        for path in glob.glob(os.path.join(self.directory, "*_*.npz")):
+            name = os.path.basename(path)
+            if name.startswith(("epoch_", "update_")):
+                with np.load(path) as saved:
+                    stale = int(saved["updates"]) > updates
+                if stale:
+                    os.remove(path)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.every_updates:
+            return
+        updates = self._updates()
+        if updates // self.every_updates <= self._period:
+            return
+        self._period = updates // self.every_updates
+        self._last = (updates, *self._evaluate(with_auc=False))
+        np.savez(os.path.join(self.directory, f"update_{updates:06d}.npz"), **self._last[1])
 
     def on_epoch_end(self, epoch, logs=None):
         if not self.every or (epoch + 1) % self.every:
             return
-        saved = {"epoch": epoch + 1,
-                 "updates": int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))}
-        for prefix, ema in (("", False), ("ema_", True)):
-            if ema and getattr(self.model, "_ema_shadows", None) is None:
-                continue
-            predictions = self.scores(ema)
-            evaluation = auc_evaluation(
-                predictions, self.run_data.group_spec, self.run_data.class_names,
-                self.run_data.multi_label, n_bootstrap=0)
-            saved[prefix + "scores"] = predictions["scores"].astype(np.float32)
-            if logs is not None:
-                logs[prefix + "test_auc"] = evaluation.overall_auc
-                if not self.run_data.multi_label:
-                    correct = predictions["scores"].argmax(1) == predictions["labels"]
-                    logs[prefix + "test_accuracy"] = float(correct.mean())
-        os.makedirs(self.directory, exist_ok=True)
-        labels_path = os.path.join(self.directory, "labels.npz")
-        if not os.path.exists(labels_path):
-            np.savez(labels_path, **label_arrays(predictions))
+        if self._last is not None and self._last[0] == self._updates() and (
+                self.run_data.multi_label):
+            saved, figures = self._last[1:]  # Scored at this update by on_train_batch_end.
+        else:
+            saved, figures = self._evaluate()
+        if logs is not None:
+            logs.update(figures)
         np.savez(os.path.join(self.directory, f"epoch_{epoch + 1:03d}.npz"), **saved)
 
 

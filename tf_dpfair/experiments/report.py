@@ -7,7 +7,9 @@ non-private checkpoints, private vs non-private at matched performance
 rates and calibration per run, per-group tables with confidence intervals,
 and the PAIR explorable's figures where the sweep's axes allow (privacy
 sensitivity of test examples, per-class accuracy against epsilon, the
-subgroup heatmap).
+subgroup heatmap), and the verdicts (`verdicts.md`: holds / fails /
+inconclusive per claim, Holm-corrected; learning rates chosen on validation
+in `choices.md`).
 
 Example (installed as `tf-dpfair-report`; from a checkout,
 `python -m tf_dpfair.experiments.report` takes the same flags):
@@ -28,6 +30,7 @@ from absl import flags  # noqa: E402
 from tf_dpfair.experiments import flags_lib  # noqa: E402
 from tf_dpfair.experiments import report_lib  # noqa: E402
 from tf_dpfair.experiments import sweep_lib  # noqa: E402
+from tf_dpfair.experiments import verdicts_lib  # noqa: E402
 
 # Not `required=True`: a required flag fails the parsing of every binary that
 # shares the flag registry (tests import several binaries into one process).
@@ -43,6 +46,25 @@ _PROJECTION = flags.DEFINE_enum("projection", None, ["umap", "pca", "tsne"],
                                 "umap-learn is installed, else pca).")
 _IMAGES = flags.DEFINE_integer("grid_images", 6, "Images per class in each grid of "
                                "privacy-sensitive examples.")
+_ACCURACY_MARGIN = flags.DEFINE_float(
+    "accuracy_margin", 0.03, "Verdicts: equivalence margin of the accuracy gap "
+    "(non-private - private; mean AUC for multi-label data), TOST.")
+_DISPARITY_MARGIN = flags.DEFINE_float(
+    "disparity_margin", 0.02, "Verdicts: margin of the excess disparity at matched "
+    "accuracy (private gap - interpolated non-private gap); the claim is that it is smaller.")
+_ALPHA = flags.DEFINE_float("alpha", 0.05, "Verdicts: family-wise level; Holm across every "
+                            "tested claim of the report.")
+_PLATEAU_WINDOW = flags.DEFINE_integer(
+    "plateau_window", 3, "Verdicts: checkpoints in the last segment of each seed's "
+    "validation curve checked for a plateau.")
+_PLATEAU_TOLERANCE = flags.DEFINE_float(
+    "plateau_tolerance", 0.005, "Verdicts: the last segment must gain less than this over "
+    "the best validation figure before it for the arm to count as plateaued.")
+_WEIGHTS = flags.DEFINE_enum("weights", "raw", ["raw", "ema"], "Verdicts: weights of the "
+                             "private final models (ema where a run kept EMA; non-private "
+                             "runs have none).")
+_VERDICT_BOOTSTRAP = flags.DEFINE_integer("verdict_bootstrap", 1000, "Verdicts: hierarchical "
+                                          "bootstrap draws per claim.")
 
 
 def main(argv):
@@ -51,10 +73,18 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not _SWEEP_DIR.value:
         raise app.UsageError("--sweep_dir is required.")
+    try:
+        verdicts = verdicts_lib.VerdictOptions(
+            accuracy_margin=_ACCURACY_MARGIN.value, disparity_margin=_DISPARITY_MARGIN.value,
+            alpha=_ALPHA.value, plateau_window=_PLATEAU_WINDOW.value,
+            plateau_tolerance=_PLATEAU_TOLERANCE.value, weights=_WEIGHTS.value,
+            n_bootstrap=_VERDICT_BOOTSTRAP.value)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
     explorable = {"facets": sweep_lib.parse_assignments(_SETTING.value) or None,
                   "projection": _PROJECTION.value, "count": _IMAGES.value}
     paths = report_lib.write_sweep_report(_SWEEP_DIR.value, _OUT_DIR.value, _BOOTSTRAP.value,
-                                          explorable=explorable)
+                                          explorable=explorable, verdicts=verdicts)
     print(f"Report: {paths['report']}")
     for name, path in sorted(paths.items()):
         if name != "report":

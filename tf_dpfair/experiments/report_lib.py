@@ -9,12 +9,17 @@ From a sweep folder (`sweep_lib.run_sweep`) `write_sweep_report` writes:
 - `metric_vs_epsilon.png`: overall and per-group figure against epsilon.
 - `disparity_vs_overall.png`: gap against overall figure, for private runs
   and for every evaluated checkpoint of the non-private runs.
-- `matched.md/.csv` and `matched/<run>_<weights>/`: each private model
-  against the checkpoint of its non-private counterpart (same settings
-  but epsilon) with the closest overall AUC (`auc_report.compare_matched_auc`,
-  paired intervals), and against the checkpoint of closest accuracy, whose
-  error-rate and calibration gaps are compared too
-  (`rates_report.compare_matched_rates`, paired intervals).
+- `verdicts.md/.csv` (`verdicts_lib`): holds / fails / inconclusive per
+  claim (accuracy gap; excess disparity at matched accuracy, interpolated
+  on the non-private checkpoint curve), Holm-corrected across the report;
+  `choices.md/.csv` when the grid varies a learning rate (chosen on the
+  validation split).
+- `matched.md/.csv` and `matched/<run>_<weights>/`: descriptive; each
+  private model against the checkpoint of its non-private counterpart (same
+  settings but epsilon) with the closest overall test AUC
+  (`auc_report.compare_matched_auc`, paired intervals), and against the
+  checkpoint of closest accuracy, whose error-rate and calibration gaps are
+  compared too (`rates_report.compare_matched_rates`, paired intervals).
 - `rates.csv`: per run, per-group top-1 error and ECE (multi-label: error,
   TPR, FPR and ECE at the threshold `evaluation_lib.THRESHOLD`), and per
   attribute the equal-opportunity and equalized-odds differences and the
@@ -25,9 +30,10 @@ From a sweep folder (`sweep_lib.run_sweep`) `write_sweep_report` writes:
   subgroup heatmap with links to per-run tables.
 
 The figure is accuracy for multi-class data and (mean) AUC for multi-label
-data; see `evaluation_lib` for how AUC is computed per group.
+data; see `evaluation_lib` for how AUC is computed per group. Every section
+names the split its figures come from.
 
-It is about 560 lines because it holds one short function per table and
+It is about 590 lines because it holds one short function per table and
 figure listed above, all reading the one table `load_sweep` returns; the
 explorable's figures already live apart (`explorable_lib`).
 """
@@ -49,9 +55,11 @@ from tf_dpfair.fairness import report
 from tf_dpfair.experiments import evaluation_lib
 from tf_dpfair.experiments import explorable_lib
 from tf_dpfair.experiments import sweep_lib
+from tf_dpfair.experiments import verdicts_lib
 from tf_dpfair.data.groups import GroupSpec
 
 _NOT_FACETS = ("epsilon", "non_private", "noise_multiplier", "seed")
+_TEST = "Split: test."
 
 
 def load_sweep(sweep_dir):
@@ -474,7 +482,34 @@ def _accuracy_matched(private_scores, checkpoints, labels, attribute):
             "non_private_accuracy_gap": points[name][1]}
 
 
-def write_sweep_report(sweep_dir, out_dir=None, n_bootstrap=200, explorable=None):
+def _write_matched(table, keys, sweep_dir, out_dir, n_bootstrap):
+    """matched.csv/.md (`matched_comparisons`): `(paths, lines of report.md)`."""
+    matched = matched_comparisons(table, keys, sweep_dir, out_dir, n_bootstrap)
+    if matched.empty:
+        return {}, []
+    paths = {"matched": os.path.join(out_dir, "matched.csv"),
+             "matched_md": os.path.join(out_dir, "matched.md")}
+    matched.to_csv(paths["matched"], index=False)
+    closest = "" if _metric(table) == "auc" else ", and with the closest accuracy"
+    section = [
+        "## Private vs non-private at matched performance (nearest checkpoint)", "",
+        _TEST + " Descriptive: each private model is matched with the non-private "
+        "checkpoint nearest by test AUC (and accuracy), picked on the test split, one "
+        "checkpoint per run; the verdict table's comparison, interpolated on the "
+        "checkpoint curve, is the one to read (`verdicts.md`).", "",
+        "Each private model against the checkpoint of its non-private counterpart "
+        "with the closest overall AUC (gap difference = private - non-private, "
+        f"paired 95% interval){closest}; at the checkpoint of closest accuracy, the "
+        "differences of the equalized-odds difference (eodds) and of the ECE gap, "
+        "paired 95% intervals. Each comparison's full report is in `matched/`.", "",
+        report.to_markdown(matched)]
+    with open(paths["matched_md"], "w") as f:
+        f.write("\n".join(["# " + section[0][3:]] + section[1:]))
+    return paths, section
+
+
+def write_sweep_report(sweep_dir, out_dir=None, n_bootstrap=200, explorable=None,
+                       verdicts=None):
     """Writes the sweep's tables and figures (see the module docstring).
 
     Args:
@@ -483,6 +518,8 @@ def write_sweep_report(sweep_dir, out_dir=None, n_bootstrap=200, explorable=None
         n_bootstrap: bootstrap replicates of the matched comparisons.
         explorable: keyword arguments of `explorable_lib.write_explorable`
             (`facets`, `projection`, `count`).
+        verdicts: `verdicts_lib.VerdictOptions` of the verdict table (default:
+            its defaults).
 
     Returns:
         dict name -> path of what was written ("report" is report.md).
@@ -498,40 +535,36 @@ def write_sweep_report(sweep_dir, out_dir=None, n_bootstrap=200, explorable=None
     lines = [f"# Sweep report: {os.path.abspath(sweep_dir)}", "",
              f"{len(table)} finished runs. Figure: test {metric} "
              f"({'mean AUC over labels' if metric == 'auc' else 'top-1'}). Epsilon as "
-             "accounted; inf = non-private. All figures on the held-out test split.", ""]
+             "accounted; inf = non-private. Each section names the split its figures come "
+             "from (test, validation or training diagnostics).", ""]
     for variant, title in (("ema", "EMA weights (where kept; raw otherwise)"),
                            ("raw", "raw weights")):
         frame = summary_table(table, keys, variant)
         paths[f"summary_{variant}"] = os.path.join(out_dir, f"summary_{variant}.csv")
         frame.to_csv(paths[f"summary_{variant}"], index=False)
-        lines += [f"## Summary, {title}", "", report.to_markdown(frame)]
+        lines += [f"## Summary, {title}", "", _TEST, "", report.to_markdown(frame)]
     paths["metric_vs_epsilon"] = os.path.join(out_dir, "metric_vs_epsilon.png")
     plot_metric_vs_epsilon(table, keys, paths["metric_vs_epsilon"])
-    lines += [f"## {metric} against epsilon", "", "![](metric_vs_epsilon.png)", ""]
+    lines += [f"## {metric} against epsilon", "", _TEST, "", "![](metric_vs_epsilon.png)",
+              ""]
     disparity_path = os.path.join(out_dir, "disparity_vs_overall.png")
     if plot_disparity(table, keys, sweep_dir, disparity_path):
         paths["disparity_vs_overall"] = disparity_path
-        lines += ["## Disparity against overall performance", "",
+        lines += ["## Disparity against overall performance", "", _TEST, "",
                   "![](disparity_vs_overall.png)", ""]
-    matched = matched_comparisons(table, keys, sweep_dir, out_dir, n_bootstrap)
-    if not matched.empty:
-        paths["matched"] = os.path.join(out_dir, "matched.csv")
-        matched.to_csv(paths["matched"], index=False)
-        lines += ["## Private vs non-private at matched performance", "",
-                  "Each private model against the checkpoint of its non-private counterpart "
-                  "with the closest overall AUC (gap difference = private - non-private, "
-                  "paired 95% interval)"
-                  + ("" if metric == "auc" else ", and with the closest accuracy")
-                  + "; at the checkpoint of closest accuracy, the differences of the "
-                  "equalized-odds difference (eodds) and of the ECE gap, paired 95% "
-                  "intervals. Each comparison's full report is in `matched/`.", "",
-                  report.to_markdown(matched)]
+    verdict_paths, verdict_lines = verdicts_lib.write_verdicts(sweep_dir, table, keys,
+                                                               out_dir, verdicts)
+    paths.update(verdict_paths)
+    lines += verdict_lines
+    matched_paths, matched_lines = _write_matched(table, keys, sweep_dir, out_dir, n_bootstrap)
+    paths.update(matched_paths)
+    lines += matched_lines
     rates = rates_table(table, keys, sweep_dir)
     paths["rates"] = os.path.join(out_dir, "rates.csv")
     rates.to_csv(paths["rates"], index=False)
     decision = ("top-1 class" if metric == "accuracy"
                 else f"score >= {evaluation_lib.THRESHOLD:g} (given)")
-    lines += ["## Error rates and calibration", "",
+    lines += ["## Error rates and calibration", "", _TEST, "",
               f"Decision: {decision}; ECE over 10 equal-width bins of [0, 1]"
               + (" of the top-1 confidence; EO diff and EOdds diff: means over classes "
                  "(one-vs-rest) of the max - min TPR and of max(TPR, FPR differences)"
@@ -546,7 +579,8 @@ def write_sweep_report(sweep_dir, out_dir=None, n_bootstrap=200, explorable=None
         paths["diagnostics"] = os.path.join(out_dir, "diagnostics.csv")
         diagnostics.to_csv(paths["diagnostics"], index=False)
         lines += ["## Training diagnostics (training data, outside the DP guarantee)", "",
-                  "Last epoch of each private run with group diagnostics: each group's "
+                  "Split: training diagnostics (training batches). Last epoch of each "
+                  "private run with group diagnostics: each group's "
                   "share of the training examples, the fraction of its examples whose "
                   "gradient was clipped, their median pre-clip gradient norm and mean "
                   "loss (and, where measured, its share of the clipped sum and the "
@@ -556,7 +590,7 @@ def write_sweep_report(sweep_dir, out_dir=None, n_bootstrap=200, explorable=None
     if not groups.empty:
         paths["groups"] = os.path.join(out_dir, "groups.csv")
         groups.to_csv(paths["groups"], index=False)
-        lines += ["## Per-group figures (95% bootstrap intervals)", "",
+        lines += ["## Per-group figures (95% bootstrap intervals)", "", _TEST, "",
                   report.to_markdown(groups)]
     paths["report"] = os.path.join(out_dir, "report.md")
     with open(paths["report"], "w") as f:

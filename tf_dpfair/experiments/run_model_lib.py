@@ -17,7 +17,7 @@ from tf_dpfair.experiments import evaluation_lib
 from tf_dpfair.experiments import inputs_lib
 
 
-def build_run_model(settings, run_data, sigma, noise_seed, strategy):
+def build_run_model(settings, run_data, sigma, noise_seed, strategy, base=None):
     """The compiled model of a run: `DPModel`, or the non-private baseline.
 
     Args:
@@ -26,6 +26,8 @@ def build_run_model(settings, run_data, sigma, noise_seed, strategy):
         sigma: the noise multiplier (private runs).
         noise_seed: the noise seed, or None for a fresh secret one.
         strategy: the `tf.distribute.Strategy` whose scope holds the model.
+        base: the Keras model to train, built in that scope (the head of
+            cached features, `features_lib`); None builds the run's model.
 
     Returns:
         The compiled Keras model.
@@ -34,7 +36,7 @@ def build_run_model(settings, run_data, sigma, noise_seed, strategy):
         ValueError: augmult > 1 for a non-private run.
     """
     with strategy.scope():
-        base = inputs_lib.build_model(settings, run_data)
+        base = base or inputs_lib.build_model(settings, run_data)
         if settings.private:
             config = dpf.DPConfig(
                 l2_norm_clip=settings.clip_norm, noise_multiplier=sigma,
@@ -55,8 +57,9 @@ def extra_callbacks(settings, work_dir, *, privacy_logger, run_data, test):
     """The TensorBoard fairness dashboard of a run (and its diagnostics).
 
     With group attributes, the dashboard evaluates the test split exactly
-    each epoch: per-group AUC and error rates with bootstrap bands
-    (`tf_dpfair.dashboards.callback`), at the top-1 class for multi-class data and at
+    every `dashboard_every` epochs (and at the last; never with 0): per-group
+    AUC and error rates with bootstrap bands (`tf_dpfair.dashboards.callback`),
+    at the top-1 class for multi-class data and at
     `evaluation_lib.THRESHOLD` for multi-label data. Private runs with
     `group_diagnostics` also get `diagnostics.GroupDiagnostics` first, so the
     dashboard shows the training-set figures in their own category.
@@ -70,7 +73,8 @@ def extra_callbacks(settings, work_dir, *, privacy_logger, run_data, test):
     found.append(dpf.dashboards.FairnessDashboard(
         os.path.join(work_dir, "tensorboard"), privacy_logger=privacy_logger,
         hparams={"dataset": settings.dataset, "model": settings.model},
-        evaluation_data=test if grouped else None,
+        evaluation_data=test if grouped and settings.dashboard_every else None,
+        evaluate_every=settings.dashboard_every or 1,
         group_names=run_data.group_spec if grouped else None,
         n_bootstrap=max(1, settings.n_bootstrap // 5),
         threshold=None if multi_class else evaluation_lib.THRESHOLD,

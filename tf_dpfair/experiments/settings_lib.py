@@ -48,6 +48,12 @@ class Settings:
                              "file, or '' for random initialisation.")
     finetune: str = _field("all", "Trainable layers: head, last_blocks, all.")
     finetune_blocks: int = _field(1, "Blocks trained by finetune=last_blocks.")
+    cache_features: bool = _field(False, "finetune=head: compute the frozen backbone's "
+                                  "features once (augmult views per training example, "
+                                  "drawn once, not per update) and train the head on them; "
+                                  "the DP step, sampling and accounting are unchanged.")
+    feature_cache_dir: str = _field("", "Folder of cached features, shared by runs with "
+                                    "the same data and backbone ('' = <work_dir>/features).")
     non_private: bool = _field(False, "Train without DP (NonPrivateModel, epsilon = inf).")
     epsilon: float = _field(None, "Target epsilon; the noise multiplier is calibrated "
                             "to it. inf means non-private.")
@@ -82,7 +88,14 @@ class Settings:
                                  "(reproducible, NOT private: for tests).")
     eval_batch_size: int = _field(500, "Evaluation batch size.")
     eval_every: int = _field(1, "Evaluate on test every N epochs (0 = final only).")
+    checkpoint_every_updates: int = _field(0, "Also score and save a checkpoint every N "
+                                           "optimizer updates (checkpoints/update_NNNNNN"
+                                           ".npz), for a dense non-private curve and "
+                                           "validation curve; 0 = evaluated epochs only.")
     n_bootstrap: int = _field(200, "Bootstrap replicates of the report's intervals.")
+    dashboard_every: int = _field(1, "Epochs between the TensorBoard dashboard's exact "
+                                  "evaluations of the test split (0 = none; the logged "
+                                  "figures are still written).")
     group_diagnostics: bool = _field(False, "Private runs: per-group training diagnostics "
                                      "(clip fraction, gradient norms, loss per group) in the "
                                      "epoch logs and dashboards; outside the DP guarantee.")
@@ -114,6 +127,9 @@ class Settings:
         for, so runs without one write the same files as before they existed.
         """
         values = dataclasses.asdict(self)
+        for name in _CACHE_FIELDS:  # as before they existed, unless used
+            if values[name] == _DEFAULTS[name]:
+                del values[name]
         if not self.validation_fraction:
             for name in _SELECTION_FIELDS:
                 if values[name] == _DEFAULTS[name]:
@@ -122,6 +138,7 @@ class Settings:
 
 
 _SELECTION_FIELDS = ("validation_fraction", "score_noise", "public_validation")
+_CACHE_FIELDS = ("cache_features", "feature_cache_dir", "dashboard_every")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}
 
 
@@ -171,7 +188,39 @@ def _validate(s):
             raise ValueError(f"{name} must be one of {allowed}; got {getattr(s, name)!r}.")
     if s.epochs < 1 and s.steps < 1:
         raise ValueError("epochs or steps must be >= 1.")
+    _validate_checkpoints(s)
     _validate_selection(s)
+    _validate_cache(s)
+    _validate_dashboard(s)
+
+
+def _validate_dashboard(s):
+    value = s.dashboard_every
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"dashboard_every must be an integer >= 0 (epochs; 0 = no exact "
+                         f"evaluation on the dashboard); got {value!r}.")
+
+
+def _validate_cache(s):
+    if not s.cache_features:
+        if s.feature_cache_dir:
+            raise ValueError("feature_cache_dir is the folder of cache_features; it needs "
+                             "cache_features=True.")
+        return
+    if s.finetune != "head":
+        raise ValueError(f"cache_features needs a frozen backbone (finetune='head'); got "
+                         f"finetune={s.finetune!r}, whose backbone changes as it trains.")
+    if s.strategy in ("multi_worker", "tpu"):
+        raise ValueError(f"cache_features runs on one machine (strategy 'default' or "
+                         f"'mirrored'); got {s.strategy!r}.")
+
+
+def _validate_checkpoints(s):
+    value = s.checkpoint_every_updates
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"checkpoint_every_updates must be an integer >= 0 (a period in "
+                         f"optimizer updates; 0 = checkpoints at evaluated epochs only); "
+                         f"got {value!r}.")
 
 
 def _validate_selection(s):

@@ -8,6 +8,7 @@
 present) and resumes an interrupted one from its last backup.
 """
 
+import dataclasses
 import itertools
 import json
 import math
@@ -137,8 +138,8 @@ def run_sweep(work_dir, *, config=None, base=None, grid=None, callbacks=(), verb
         ValueError: bad settings (checked for every run before any trains).
     """
     runs = expand_grid(grid or {})
-    plan = [(name, train_lib.settings_from(config, {
-        **(base or {}), **overrides, "work_dir": os.path.join(work_dir, name)}))
+    plan = [(name, _shared_cache(work_dir, train_lib.settings_from(config, {
+        **(base or {}), **overrides, "work_dir": os.path.join(work_dir, name)})))
         for name, overrides in runs]
     os.makedirs(work_dir, exist_ok=True)
     parts = grid if isinstance(grid, (list, tuple)) else [grid or {}]
@@ -156,6 +157,18 @@ def run_sweep(work_dir, *, config=None, base=None, grid=None, callbacks=(), verb
             keras.backend.clear_session()  # Free the last run's graphs.
         collect_results(work_dir)
     return collect_results(work_dir)
+
+
+def _shared_cache(work_dir, settings):
+    """Runs of a sweep with cached features share `<sweep>/features` unless given a folder.
+
+    Each split's file is keyed by everything its features depend on, so
+    sharing never mixes data (`features_lib`).
+    """
+    if not settings.cache_features or settings.feature_cache_dir:
+        return settings
+    return dataclasses.replace(settings,
+                               feature_cache_dir=os.path.join(work_dir, "features"))
 
 
 def collect_results(work_dir):

@@ -50,6 +50,7 @@ import tensorflow as tf
 import tf_dpfair as dpf
 from tf_dpfair.data import pipeline
 from tf_dpfair.experiments import evaluation_lib
+from tf_dpfair.experiments import features_lib
 from tf_dpfair.experiments import inputs_lib
 from tf_dpfair.experiments import selection_lib
 # Importable from here, as before the settings, the backup and the model
@@ -198,7 +199,9 @@ def _train_data(settings, run_data, sampling_seed, replicas, start_step):
     return pipeline.make_train_dataset(
         run_data.train, expected_batch_size=settings.batch_size, seed=sampling_seed,
         mode=settings.sampling, microbatch_size=settings.microbatch_size,
-        num_replicas=replicas, augmult=settings.augmult, start_step=start_step,
+        num_replicas=replicas, start_step=start_step,
+        # Cached features hold their views already (`features_lib`).
+        augmult=1 if run_data.train.features else settings.augmult,
         # Groups reach training batches only for the opt-in diagnostics.
         with_groups=settings.group_diagnostics and settings.private)
 
@@ -237,6 +240,19 @@ def _plan_run(settings, strategy):
                  sigma=sigma)
 
 
+def _cached_plan(settings, plan, strategy, chief):
+    """The plan on the frozen backbone's features: (plan, head to train, what to record)."""
+    with strategy.scope():
+        model = inputs_lib.build_model(settings, plan.run_data)
+    cached = features_lib.cached_run(settings, plan.run_data, plan.validation, model,
+                                     write=chief)
+    record = {"views_per_training_example": settings.augmult,
+              "views_drawn": "once per example (not per update)",
+              "files": cached.files}
+    return (dataclasses.replace(plan, run_data=cached.run_data, validation=cached.validation),
+            cached.head, record)
+
+
 def _privacy_logger(settings, model, plan, chief):
     """The `PrivacyLogger` of a private run, its model set; None when non-private."""
     if not settings.private:
@@ -258,7 +274,9 @@ def _standard_callbacks(settings, plan, test, logger, backup_dir, chief):
         return standard
     work_dir = settings.work_dir
     standard += [evaluation_lib.EpochEvaluation(
-        test, plan.run_data, os.path.join(work_dir, "checkpoints"), settings.eval_every)]
+        test, plan.run_data, os.path.join(work_dir, "checkpoints"), settings.eval_every,
+        every_updates=settings.checkpoint_every_updates, validation=plan.validation,
+        validation_batch_size=settings.eval_batch_size)]
     standard += extra_callbacks(settings, work_dir, privacy_logger=logger,
                                 run_data=plan.run_data, test=test)
     standard += [keras.callbacks.TensorBoard(os.path.join(work_dir, "tensorboard"),
@@ -349,8 +367,11 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
         write_json(os.path.join(settings.work_dir, "settings.json"), settings.to_json())
     keras.utils.set_random_seed(settings.seed)
     plan = _plan_run(settings, strategy)
+    base, features = None, None
+    if settings.cache_features:
+        plan, base, features = _cached_plan(settings, plan, strategy, chief)
     model = build_run_model(settings, plan.run_data, plan.sigma, plan.noise_seed,
-                            strategy)
+                            strategy, base=base)
     backup_dir = os.path.join(settings.work_dir, "backup")
     # Outside the scope: there Keras's load_weights runs collective ops, which
     # the other workers (not loading) would never join.
@@ -372,6 +393,7 @@ def run(settings, *, callbacks=(), strategy=None, verbose=2):
                 "total_steps": plan.total_steps, "replicas": plan.replicas,
                 "workers": dpf.workers.num_workers(strategy),
                 "seconds_this_session": train_seconds,
+                "cached_features": features,
                 # Training data, outside the DP guarantee (last epoch).
                 "diagnostics": diagnostics}
     return _write_result(settings, model, plan, test, privacy, training, backup_dir)

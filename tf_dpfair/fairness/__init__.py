@@ -45,6 +45,7 @@ _public_getattr, __dir__, __all__ = _lazy.attach(
             "write_report": "report",
             "predict_and_evaluate": "predictions",
             "hierarchical_bootstrap": "inference",
+            "hierarchical_copies": "inference",
             "holm": "inference",
             "tost_bootstrap": "inference",
             "tost_normal": "inference",

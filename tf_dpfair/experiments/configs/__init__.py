@@ -10,14 +10,18 @@ dict with "grid" (field -> list of values, crossed) for `tf-dpfair-sweep`.
   explorable's rotated subgroup), `subgroup_heatmap` (its heatmap: size x
   epsilon x rotated share), `pretrained_study` (DP fine-tuning of
   ImageNet-pretrained EfficientNet-Lite0, the head only) and
-  `pretrained_finetune_study` (the same with every layer fine-tuned).
+  `pretrained_finetune_study` (the same with every layer fine-tuned);
+  Study 2 redone as pre-registered in docs/study2_redo/preregistration.md:
+  `probe_study` (Stage A, a probe on cached features) and `finetune_study`
+  (Stage B, every layer trained).
 - `demo`: the short runs of `make demo`.
 """
 
 import importlib
 
 NAMES = ("chexpert", "mimic_cxr", "imagenet", "places365", "rotated_study",
-         "pretrained_study", "pretrained_finetune_study", "subgroup_heatmap", "demo")
+         "pretrained_study", "pretrained_finetune_study", "subgroup_heatmap", "probe_study",
+         "finetune_study", "demo")
 
 
 def load(name):
