@@ -4,6 +4,8 @@ import collections
 
 import tensorflow as tf
 
+from tf_dpfair.dpsgd import adaptive
+
 ClippedSum = collections.namedtuple(
     "ClippedSum", ["gradient_sum", "losses", "outputs", "norms", "nonfinite"])
 ClippedSum.__doc__ = """Result of `clipped_gradient_sum` over m examples.
@@ -53,7 +55,8 @@ def global_norms(per_example_grads):
     return tf.sqrt(tf.add_n(squares))
 
 
-def clipped_gradient_sum(loss_fn, variables, inputs, weights, l2_norm_clip):
+def clipped_gradient_sum(loss_fn, variables, inputs, weights, l2_norm_clip,
+                         threshold=None):
     """Sums per-example gradients, each clipped to L2 norm `l2_norm_clip`.
 
     Example i contributes `weights[i] * g_i * min(1, C / ||g_i||)`, whose norm
@@ -66,6 +69,9 @@ def clipped_gradient_sum(loss_fn, variables, inputs, weights, l2_norm_clip):
       inputs: nest of tensors with leading dimension m.
       weights: [m] float32 weights in [0, 1]; 0 marks padding.
       l2_norm_clip: C > 0.
+      threshold: None, or the "global_adapt" threshold T: example i is then
+        scaled by C / max(||g_i||, T) (`adaptive.clip_factors`), still at
+        most C in norm.
 
     Returns:
       A `ClippedSum`.
@@ -73,7 +79,7 @@ def clipped_gradient_sum(loss_fn, variables, inputs, weights, l2_norm_clip):
     grads, losses, outputs = per_example_gradients(loss_fn, variables, inputs)
     norms = global_norms(grads)
     finite = tf.math.is_finite(norms)
-    scale = tf.minimum(1.0, l2_norm_clip / norms) * weights
+    scale = adaptive.clip_factors(norms, l2_norm_clip, threshold) * weights
     scale = tf.where(finite, scale, tf.zeros_like(scale))
     gradient_sum = []
     for g in grads:

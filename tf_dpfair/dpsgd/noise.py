@@ -46,3 +46,31 @@ def gaussian_noise(shapes, stddev, seed, step):
         noises.append(stddev * tf.random.stateless_normal(
             shape, seed=var_seed, dtype=tf.float32, alg=ALGORITHM))
     return noises
+
+
+# The count stream's root: update indices are >= 0, so no update's gradient
+# key, fold_in(seed, t), is ever this root.
+_COUNT_STREAM = -1
+
+
+def count_noise(stddev, seed, step):
+    """Draws the N(0, stddev^2) noise of update `step`'s count (adaptive clipping).
+
+    Keyed by (secret run seed, a stream of its own, update index), so it is
+    independent of the gradient noise of every update and, like it, never
+    reused.
+
+    Args:
+      stddev: the count's noise standard deviation (count_noise_multiplier).
+      seed: the secret 62-bit run seed (Python int).
+      step: int64 scalar tensor, the index of the update being made.
+
+    Returns:
+      A float32 scalar.
+    """
+    root = tf.random.experimental.stateless_fold_in(
+        _seed_pair(seed), tf.constant(_COUNT_STREAM, tf.int64), alg=ALGORITHM)
+    key = tf.random.experimental.stateless_fold_in(root, tf.cast(step, tf.int64),
+                                                   alg=ALGORITHM)
+    return stddev * tf.random.stateless_normal([], seed=key, dtype=tf.float32,
+                                               alg=ALGORITHM)

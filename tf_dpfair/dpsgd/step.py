@@ -47,6 +47,14 @@ for each real example i (padding examples carry weight 0):
 
 Sensitivity of the noised sum to adding or removing one example is C, so
 the accountant sees a Gaussian mechanism with multiplier sigma per update.
+
+Adaptive clipping (`DPConfig.adaptive_clipping`, `tf_dpfair.dpsgd.adaptive`)
+changes step 2's factor (the clip norm is this update's threshold T_t, or
+each example is scaled by C / max(||g||, T_t)), adds to step 3's all-reduce
+the count of examples at or below T_t, and after the update sets T_{t+1}
+from that count plus its own Gaussian noise (`adapt_threshold`); the sum
+then gets the noise sigma_g of `DPConfig.gradient_noise_multiplier`, so that
+sum and count together are one Gaussian mechanism of multiplier sigma.
 Anything else the step computes (training loss, `clip_fraction`, non-finite
 counts, per-group diagnostics) is on training data without noise, outside
 the guarantee, and never feeds the update.
@@ -55,6 +63,7 @@ the guarantee, and never feeds the update.
 import keras
 import tensorflow as tf
 
+from tf_dpfair.dpsgd import adaptive
 from tf_dpfair.dpsgd import clipping
 from tf_dpfair.dpsgd import ghost
 from tf_dpfair.dpsgd import noise
@@ -147,12 +156,15 @@ def inference_losses(model, micro, augmult, losses_fn):
 
 
 def microbatch_clipper(variables, l2_norm_clip, augmult, *, example_loss,
-                       losses_fn, ghost_state=None):
+                       losses_fn, ghost_state=None, threshold=None):
     """The clipping of one micro-batch: ghost where prepared, else vectorized.
 
     Args:
       variables: the trainable variables.
-      l2_norm_clip: C.
+      l2_norm_clip: C (with adaptive_clipping="quantile", this update's
+        threshold).
+      threshold: None, or this update's "global_adapt" threshold T
+        (`adaptive.clip_factors`: each example scaled by C / max(||g||, T)).
       augmult: views per example.
       example_loss: `example_loss(example) -> (loss, prediction)` for ONE
         example (`example_loss` above, bound to the model); vectorized path.
@@ -169,12 +181,14 @@ def microbatch_clipper(variables, l2_norm_clip, augmult, *, example_loss,
             return ghost.clipped_gradient_sum(
                 ghost_state.taps, ghost_state.probe, variables,
                 lambda t, p: losses_fn(t["label"], p, t.get("mask")),
-                micro[0], micro[1], micro_weights, l2_norm_clip, augmult)
+                micro[0], micro[1], micro_weights, l2_norm_clip, augmult,
+                threshold=threshold)
         return clip
 
     def clip(micro, micro_weights):
         return clipping.clipped_gradient_sum(
-            example_loss, variables, micro, micro_weights, l2_norm_clip)
+            example_loss, variables, micro, micro_weights, l2_norm_clip,
+            threshold=threshold)
     return clip
 
 
@@ -268,23 +282,35 @@ def replica():
     return context, tf.cast(tf.equal(replica_id, 0), tf.float32)
 
 
-def all_reduced_counts(context, weights, norms, nonfinite, l2_norm_clip):
+def all_reduced_counts(context, weights, norms, nonfinite, l2_norm_clip,
+                       count_threshold=None):
     """Clipped, real and non-finite rows over all replicas, in one all-reduce.
 
     The real rows (weight > 0) are what the update really holds, checked
     against the accounting before it is applied; the others are
-    training-set diagnostics.
+    training-set diagnostics. With adaptive clipping, a fourth entry is the
+    count that adapts the threshold, `adaptive.count_at_most`: it is
+    released only with noise (`adaptive.adapt_threshold`).
+
+    Args:
+      l2_norm_clip: rows with a larger norm count as clipped.
+      count_threshold: None, or the adaptive threshold T_t.
 
     Returns:
-      float32 [3]: (clipped real rows, real rows, non-finite real rows).
+      float32 [3] (clipped real rows, real rows, non-finite real rows), or
+      [4] with the weighted count of rows whose norm is at most T_t.
     """
     real = weights > 0
-    counts = tf.stack([
+    entries = [
         tf.reduce_sum(tf.cast(tf.logical_and(
             real, norms > l2_norm_clip), tf.float32)),
         tf.reduce_sum(tf.cast(real, tf.float32)),
         tf.reduce_sum(tf.cast(tf.logical_and(real, nonfinite), tf.float32)),
-    ])
+    ]
+    if count_threshold is not None:
+        entries.append(adaptive.count_at_most(weights, norms, nonfinite,
+                                              count_threshold))
+    counts = tf.stack(entries)
     if context is not None:
         counts = context.all_reduce(tf.distribute.ReduceOp.SUM, counts)
     return counts
@@ -293,7 +319,8 @@ def all_reduced_counts(context, weights, norms, nonfinite, l2_norm_clip):
 # -------------------------------------------------- 4. noise
 
 
-def add_noise(sums, variables, config, index, on_first_replica):
+def add_noise(sums, variables, config, index, on_first_replica,
+              l2_norm_clip=None):
     """Adds the update's Gaussian noise to this replica's clipped sum.
 
     The only place noise enters the update: N(0, (sigma * C)^2) per
@@ -307,14 +334,18 @@ def add_noise(sums, variables, config, index, on_first_replica):
       config: the `DPConfig` (noise multiplier, clip norm, seed).
       index: int64 scalar, the ledger's index of this update.
       on_first_replica: float32 1.0 on replica 0, else 0.0.
+      l2_norm_clip: None for `config.l2_norm_clip`, or this update's clip
+        norm (adaptive_clipping="quantile": its threshold, a tensor). The
+        stddev is `config.gradient_noise_multiplier` times it.
 
     Returns:
       The noised sums (the sums unchanged when the noise multiplier is 0).
     """
     if config.noise_multiplier > 0:
+        stddev = (config.noise_stddev if l2_norm_clip is None
+                  else config.gradient_noise_multiplier * l2_norm_clip)
         noises = noise.gaussian_noise(
-            [v.shape for v in variables], config.noise_stddev, config.seed,
-            index)
+            [v.shape for v in variables], stddev, config.seed, index)
         sums = [s + on_first_replica * z for s, z in zip(sums, noises)]
     return sums
 

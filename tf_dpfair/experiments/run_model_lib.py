@@ -43,7 +43,8 @@ def build_run_model(settings, run_data, sigma, noise_seed, strategy, base=None):
                 expected_batch_size=settings.batch_size,
                 microbatch_size=settings.microbatch_size, augmult=settings.augmult,
                 ema_decay=settings.ema_decay or None,
-                ema_warmup=settings.ema_warmup or None, seed=noise_seed)
+                ema_warmup=settings.ema_warmup or None, seed=noise_seed,
+                **adaptive_options(settings))
             model = dpf.make_private(base, config)
         else:
             if settings.augmult > 1:
@@ -51,6 +52,23 @@ def build_run_model(settings, run_data, sigma, noise_seed, strategy, base=None):
             model = dpf.make_non_private(base)
         compile_model(model, settings, run_data)
     return model
+
+
+def adaptive_options(settings):
+    """The DPConfig fields of `adaptive_clipping` (none for a fixed clip norm).
+
+    The count's noise defaults to batch_size / 20 (Andrew et al. 2021);
+    `noise_multiplier` stays the noise the accountant sees (calibrated to
+    the target epsilon), of which the count takes its share.
+    """
+    if not settings.adaptive_clipping:
+        return {}
+    return {"adaptive_clipping": settings.adaptive_clipping,
+            "count_noise_multiplier": (settings.count_noise_multiplier
+                                       or settings.batch_size / 20.0),
+            "target_quantile": settings.target_quantile or None,
+            "threshold_learning_rate": settings.threshold_learning_rate,
+            "initial_threshold": settings.clip_norm}
 
 
 def extra_callbacks(settings, work_dir, *, privacy_logger, run_data, test):

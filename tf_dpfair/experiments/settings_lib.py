@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from tf_dpfair.config import ADAPTIVE_CLIPPING
 from tf_dpfair.experiments import configs
 from tf_dpfair.experiments import inputs_lib
 from tf_dpfair.privacy import sampling
@@ -60,6 +61,20 @@ class Settings:
     noise_multiplier: float = _field(None, "Noise multiplier (instead of epsilon).")
     delta: float = _field(None, "Target delta (default 1/N).")
     clip_norm: float = _field(1.0, "Per-example gradient clip norm C.")
+    adaptive_clipping: str = _field("", "'' (fixed clip norm), 'quantile' (the clip norm "
+                                    "follows a private quantile of the gradient norms) or "
+                                    "'global_adapt' (DPSGD-Global-Adapt: gradients below an "
+                                    "adapted threshold Z scaled by C / Z, above it clipped "
+                                    "to C); see DPConfig.")
+    count_noise_multiplier: float = _field(0.0, "Adaptive clipping: noise stddev of the "
+                                           "count that adapts the threshold (0 = "
+                                           "batch_size / 20); must exceed the noise "
+                                           "multiplier, whose budget it shares.")
+    target_quantile: float = _field(0.0, "Adaptive clipping: share of examples whose "
+                                    "gradient norm should be at most the threshold "
+                                    "(0 = 0.5 for quantile, 0.9 for global_adapt).")
+    threshold_learning_rate: float = _field(0.2, "Adaptive clipping: learning rate of "
+                                            "the threshold's geometric update.")
     accountant: str = _field("rdp", "Accountant: rdp or pld.")
     sampling: str = _field("poisson", "Logical batches: poisson or shuffle.")
     batch_size: int = _field(256, "Logical (expected) batch size per update.")
@@ -138,7 +153,9 @@ class Settings:
 
 
 _SELECTION_FIELDS = ("validation_fraction", "score_noise", "public_validation")
-_CACHE_FIELDS = ("cache_features", "feature_cache_dir", "dashboard_every")
+_CACHE_FIELDS = ("cache_features", "feature_cache_dir", "dashboard_every",
+                 "adaptive_clipping", "count_noise_multiplier", "target_quantile",
+                 "threshold_learning_rate")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}
 
 
@@ -192,6 +209,19 @@ def _validate(s):
     _validate_selection(s)
     _validate_cache(s)
     _validate_dashboard(s)
+    _validate_adaptive(s)
+
+
+def _validate_adaptive(s):
+    if s.adaptive_clipping not in ("",) + ADAPTIVE_CLIPPING:
+        raise ValueError(f"adaptive_clipping must be '' or one of {ADAPTIVE_CLIPPING}; got "
+                         f"{s.adaptive_clipping!r}.")
+    if not s.adaptive_clipping and (s.count_noise_multiplier or s.target_quantile):
+        raise ValueError("count_noise_multiplier and target_quantile set the adaptive "
+                         "threshold; they need adaptive_clipping.")
+    if s.adaptive_clipping and not s.private:
+        raise ValueError("adaptive_clipping is a clipping mode of private runs; a "
+                         "non-private run clips nothing.")
 
 
 def _validate_dashboard(s):

@@ -126,7 +126,18 @@ def _privacy(settings, model, logger, sigma, spec, delta, total_steps):
                 "sampling": spec.accounting_sampling, "accountant": None,
                 "statement": "Not private (trained without DP-SGD): epsilon = inf."}
     statement = logger.statement()
-    return {"private": True, "epsilon": statement.epsilon,
+    config = model.dp_config
+    split = None
+    if config.adaptive_clipping:
+        split = {"mode": config.adaptive_clipping,
+                 "sum_noise_multiplier": config.gradient_noise_multiplier,
+                 "count_noise_multiplier": config.count_noise_multiplier,
+                 "target_quantile": config.target_quantile,
+                 "final_threshold": float(keras.ops.convert_to_numpy(model._clip_threshold)),
+                 "note": "sum and count of each update are one Gaussian mechanism of "
+                         "multiplier noise_multiplier: 1/sigma^2 = 1/sigma_sum^2 + "
+                         "1/sigma_count^2."}
+    return {"private": True, "epsilon": statement.epsilon, "adaptive_clipping": split,
             "epsilon_label": f"{statement.epsilon:.3g}", "target_epsilon": settings.epsilon,
             "delta": statement.delta, "target_delta": delta, "noise_multiplier": sigma,
             "sampling_probability": statement.sampling_probability,

@@ -15,6 +15,12 @@ it is refused, and so is any model whose training-mode output, loss or loss
 gradient for one example depends on another example of a micro-batch
 (`checks.check_separable`, at the training micro-batch size), since both
 clipping paths bound one example's influence only when it does not.
+
+The module is about 450 lines: the step's orchestration, its parts (the
+clipped sum over micro-batches, ghost state, the clip norm or adaptive
+threshold of each update), EMA and serialization of the one mixin, and the
+two thin model classes that carry it; everything else it needs already lives
+in the modules named above.
 """
 
 import contextlib
@@ -24,6 +30,7 @@ import tensorflow as tf
 
 from tf_dpfair.config import DPConfig
 from tf_dpfair.data import batch
+from tf_dpfair.dpsgd import adaptive
 from tf_dpfair.dpsgd import checks
 from tf_dpfair.dpsgd import ghost
 from tf_dpfair.dpsgd import step
@@ -69,6 +76,9 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
         self._nonfinite_count = self.add_weight(
             shape=(), dtype="int64", initializer="zeros", trainable=False,
             name="dp_nonfinite_examples", aggregation="only_first_replica")
+        # The adaptive clipping threshold T_t of the next update
+        # (`tf_dpfair.dpsgd.adaptive`); saved and restored with the weights.
+        self._clip_threshold = adaptive.create_threshold(self, dp_config)
         self._feeding = None
         self._last_segment_id = None  # the ledger segment of the latest fit
         self._diagnostics = None  # a diagnostics.GroupDiagnostics during fit
@@ -159,6 +169,7 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
             diagnosed.check_groups(groups)
 
         # 1-3. Clipped per-example gradients, summed over micro-batches.
+        clip_norm, threshold = self._clip_norm_and_threshold()
         sums, losses, y_pred, norms, nonfinite, aligned = self._per_example_pass()(
             x, targets, weights, groups if diagnosed is not None else None)
         context, on_first_replica = step.replica()
@@ -166,24 +177,36 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
         # a restore, so no noise draw is ever reused (`ledger_state`).
         counter = self._step_counter()
         index = counter.read_value()
-        counts = step.all_reduced_counts(context, weights, norms, nonfinite,
-                                         config.l2_norm_clip)
+        # Rows above the threshold are the clipped ones; with adaptive
+        # clipping the count at or below it adapts the next threshold.
+        adapted = clip_norm if threshold is None else threshold
+        counts = step.all_reduced_counts(
+            context, weights, norms, nonfinite, adapted,
+            count_threshold=None if self._clip_threshold is None else adapted)
         rows_checked, within_limit = checks.check_rows(
             counts[1], self._step_row_limit().read_value(),
             ledger_state.ROW_LIMIT_MARKER)
         # 4. Noise, once for the job. 5-6. Normalise, regularize, apply.
-        noised = step.add_noise(sums, variables, config, index, on_first_replica)
+        noised = step.add_noise(sums, variables, config, index, on_first_replica,
+                                l2_norm_clip=clip_norm)
         grads = step.normalise(noised, config.expected_batch_size)
         grads, reg_loss = step.add_regularizer_gradients(grads, variables,
                                                          on_first_replica)
         shadows, decay = self._ema_shadows, None
         if shadows is not None:  # d_t of update `index` (`ema.warmup_decay`)
             decay = ema.warmup_decay(config.ema_decay, index, config.ema_warmup)
+        share = []
+
+        def after_apply():
+            if shadows is not None:
+                ema.apply_decay(shadows, variables, decay)
+            if self._clip_threshold is not None:  # from the NOISY count only
+                share.append(adaptive.adapt_threshold(
+                    self._clip_threshold, counts[3], config, index, within_limit)[0])
+
         step.apply_update(
             self.optimizer, grads, variables, within_limit=within_limit,
-            waits=[rows_checked], counter=counter,
-            after_apply=None if shadows is None else (
-                lambda: ema.apply_decay(shadows, variables, decay)))
+            waits=[rows_checked], counter=counter, after_apply=after_apply)
 
         # Diagnostics on training data: outside the DP guarantee.
         count = tf.reduce_sum(weights)
@@ -209,6 +232,11 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
         logs["nonfinite_examples"] = tf.cast(self._nonfinite_count.value, tf.float32)
         if decay is not None:  # From the count and config only: no privacy cost.
             logs["ema_decay"] = decay
+        if self._clip_threshold is not None:
+            # This update's threshold and its released noisy share: functions
+            # of noisy counts only (post-processing, no further privacy cost).
+            logs["clip_threshold"] = tf.cast(adapted, tf.float32)
+            logs["threshold_noisy_share"] = share[0]
         return logs
 
     # ----------------------------------------------------------- its parts
@@ -256,10 +284,11 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
         """
         config = self._dp_config
         variables = self.trainable_variables
+        clip_norm, threshold = self._clip_norm_and_threshold()
         clip = step.microbatch_clipper(
-            variables, config.l2_norm_clip, config.augmult,
+            variables, clip_norm, config.augmult,
             example_loss=self._example_loss, losses_fn=self._per_example_losses,
-            ghost_state=self._ghost_state())
+            ghost_state=self._ghost_state(), threshold=threshold)
         alignment = None
         diagnosed = self._diagnostics
         if diagnosed is not None and diagnosed.alignment:
@@ -277,6 +306,10 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
         return step.clipped_sum_over_microbatches(
             x, targets, weights, variables, config.microbatch_size, clip,
             alignment)
+
+    def _clip_norm_and_threshold(self):
+        """(clip norm, threshold) of this update (`adaptive.clip_norm_and_threshold`)."""
+        return adaptive.clip_norm_and_threshold(self._dp_config, self._clip_threshold)
 
     def _ghost_state(self):
         """The ghost-clipping taps of this model, or None for vectorized.

@@ -37,6 +37,7 @@ import logging
 import keras
 import tensorflow as tf
 
+from tf_dpfair.dpsgd import adaptive
 from tf_dpfair.dpsgd import clipping
 from tf_dpfair.dpsgd.ghost import dense_conv
 from tf_dpfair.dpsgd.ghost import depthwise
@@ -158,7 +159,7 @@ def make_clipper(tap, m, views=1, keep_budget=None, method=None):
 
 
 def clipped_gradient_sum(taps, probe, variables, loss_fn, inputs, targets,
-                         weights, l2_norm_clip, views=1):
+                         weights, l2_norm_clip, views=1, threshold=None):
     """Sum of per-example clipped gradients by ghost clipping.
 
     Args:
@@ -171,6 +172,8 @@ def clipped_gradient_sum(taps, probe, variables, loss_fn, inputs, targets,
       weights: [m] weights in [0, 1]; m must be static.
       l2_norm_clip: C.
       views: augmentation multiplicity K.
+      threshold: None, or the "global_adapt" threshold (see
+        `adaptive.clip_factors`).
 
     Returns:
       A `clipping.ClippedSum`.
@@ -197,7 +200,7 @@ def clipped_gradient_sum(taps, probe, variables, loss_fn, inputs, targets,
         sq += clipper.sq_norms(a, y, tf.cast(g, tf.float32), m)
     norms_ = tf.sqrt(sq)
     finite = tf.math.is_finite(norms_)
-    scale = tf.minimum(1.0, l2_norm_clip / norms_) * weights
+    scale = adaptive.clip_factors(norms_, l2_norm_clip, threshold) * weights
     scale = tf.where(finite, scale, tf.zeros_like(scale))
     keep = scale > 0
     sums = {}
