@@ -297,3 +297,34 @@ def test_train_runs_global_adapt_from_its_flags(tmp_path):
     with pytest.raises(ValueError, match="need adaptive_clipping"):
         settings_lib.settings_from(overrides={**TINY, "epsilon": 1.0,
                                               "count_noise_multiplier": 3.0})
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_group_diagnostics_use_the_updates_threshold(trial):
+    """Per-group clip fractions count the examples above T_t, not above C."""
+    from tf_dpfair.training import diagnostics
+
+    rng = np.random.default_rng(8 + trial)
+    keras.utils.set_random_seed(trial)
+    n = 16
+    x = (rng.normal(size=(n, 4)) * rng.uniform(0.05, 8.0, size=(n, 1))).astype(np.float32)
+    y = rng.integers(0, 3, n)
+    groups = rng.integers(0, 2, n).astype(np.int32)
+    config = adaptive_config("global_adapt", expected_batch_size=n, microbatch_size=8,
+                             initial_threshold=2.5, l2_norm_clip=0.5)
+    inputs = keras.Input((4,))
+    model = dpf.make_private(keras.Model(inputs, keras.layers.Dense(3)(inputs)), config)
+    model.compile(optimizer=keras.optimizers.SGD(0.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    spec = {"g": ("a", "b")}
+    data = tf.data.Dataset.from_tensors((x, {"label": y, "groups": {"g": groups}}))
+    history = model.fit(data, epochs=1, verbose=0,
+                        callbacks=[diagnostics.GroupDiagnostics(spec, alignment=True)])
+    logs = {k: v[-1] for k, v in history.history.items()}
+    # By hand: softmax cross-entropy gradient norms of a linear model.
+    kernel, bias = (v.numpy() for v in model.trainable_variables)
+    dz = softmax(x @ kernel + bias) - np.eye(3)[y]
+    norms = np.sqrt((x ** 2).sum(1) * (dz ** 2).sum(1) + (dz ** 2).sum(1))
+    for g, name in enumerate(spec["g"]):
+        key = next(k for k in logs if k.endswith(f"g/{name}/clip_fraction"))
+        assert logs[key] == pytest.approx(np.mean(norms[groups == g] > 2.5), abs=1e-6)

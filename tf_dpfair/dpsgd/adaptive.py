@@ -82,7 +82,7 @@ def next_threshold(threshold, share, config):
                               * (share - config.target_quantile))
 
 
-def adapt_threshold(threshold, count, config, index, within_limit):
+def adapt_threshold(threshold, current, count, config, index, within_limit):
     """Sets the adaptive threshold of the next update from this one's NOISY count.
 
     T <- T * exp(-eta * ((count + z) / B - gamma)), z ~ N(0, sigma_b^2) drawn
@@ -93,6 +93,9 @@ def adapt_threshold(threshold, count, config, index, within_limit):
 
     Args:
       threshold: the model's threshold variable (scalar float32).
+      current: its value read at the start of this update (the T_t that
+        clipped it and was counted against); the assignment waits for
+        every use of it.
       count: the all-reduced count of rows at or below T (exact: only the
         noisy share derived here is ever used).
       config: the `DPConfig` (count noise, target quantile, learning rate).
@@ -102,10 +105,10 @@ def adapt_threshold(threshold, count, config, index, within_limit):
     Returns:
       `(share, assign op)`: the released noisy share, and the assignment.
     """
-    old = tf.cast(threshold.value, tf.float32)
     share = noisy_share(count, config, index)
-    new = next_threshold(old, share, config)
-    return share, threshold.assign(tf.where(within_limit > 0, new, old))
+    new = next_threshold(current, share, config)
+    with tf.control_dependencies([current, count]):
+        return share, threshold.assign(tf.where(within_limit > 0, new, current))
 
 
 def create_threshold(model, config):
@@ -130,7 +133,10 @@ def clip_norm_and_threshold(config, threshold):
     """
     if threshold is None:
         return config.l2_norm_clip, None
-    current = tf.cast(threshold.value, tf.float32)
+    # One read, as a tensor: `tf.cast` would hand back the variable itself,
+    # and each use would then read it again, possibly after the update's
+    # assignment.
+    current = tf.identity(tf.convert_to_tensor(threshold.value))
     if config.adaptive_clipping == QUANTILE:
         return current, None
     return config.l2_norm_clip, current

@@ -171,7 +171,7 @@ class GroupDiagnostics(keras.callbacks.Callback):
                 tf.reshape(hist, [size, NUM_BINS])))
         return ops
 
-    def coefficients(self, norms, weights, nonfinite, groups, l2_norm_clip):
+    def coefficients(self, norms, weights, nonfinite, groups, l2_norm_clip, threshold=None):
         """The per-example coefficients of the alignment sums of one micro-batch.
 
         Rows, in order: for each attribute and group, weight * clip factor *
@@ -182,15 +182,20 @@ class GroupDiagnostics(keras.callbacks.Callback):
         Args:
           norms, weights, nonfinite: `[m]`, as for `update_examples`.
           groups: dict attribute -> int `[m]` group ids.
-          l2_norm_clip: C.
+          l2_norm_clip: C (the update's threshold with adaptive "quantile").
+          threshold: None, or the "global_adapt" threshold: the factor is then
+            C / max(||g||, T), as in the step (`dpsgd.adaptive.clip_factors`).
 
         Returns:
           float32 `[K, m]`.
         """
         finite = tf.logical_not(nonfinite)
         weights = tf.where(finite, weights, 0.0)
-        factor = tf.where(norms > l2_norm_clip,
-                          l2_norm_clip / tf.maximum(norms, 1e-30), 1.0)
+        if threshold is None:
+            factor = tf.where(norms > l2_norm_clip,
+                              l2_norm_clip / tf.maximum(norms, 1e-30), 1.0)
+        else:
+            factor = l2_norm_clip / tf.maximum(norms, threshold)
         members = [tf.one_hot(self._ids(groups, attribute),
                               self.group_spec.num_groups(attribute), axis=0)
                    for attribute in self.group_spec.attributes]

@@ -171,7 +171,8 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
         # 1-3. Clipped per-example gradients, summed over micro-batches.
         clip_norm, threshold = self._clip_norm_and_threshold()
         sums, losses, y_pred, norms, nonfinite, aligned = self._per_example_pass()(
-            x, targets, weights, groups if diagnosed is not None else None)
+            x, targets, weights, groups if diagnosed is not None else None,
+            clip_norm, threshold)
         context, on_first_replica = step.replica()
         # The ledger's counter: this update's noise index, never lowered by
         # a restore, so no noise draw is ever reused (`ledger_state`).
@@ -202,7 +203,8 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
                 ema.apply_decay(shadows, variables, decay)
             if self._clip_threshold is not None:  # from the NOISY count only
                 share.append(adaptive.adapt_threshold(
-                    self._clip_threshold, counts[3], config, index, within_limit)[0])
+                    self._clip_threshold, adapted, counts[3], config, index,
+                    within_limit)[0])
 
         step.apply_update(
             self.optimizer, grads, variables, within_limit=within_limit,
@@ -219,7 +221,7 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
             self._nonfinite_count.assign_add(tf.cast(counts[2], tf.int64))
             if diagnosed is not None:
                 diagnosed.update_examples(norms, losses, weights, nonfinite,
-                                          groups, config.l2_norm_clip)
+                                          groups, adapted)
                 if aligned is not None:
                     if context is not None:
                         aligned = context.all_reduce(tf.distribute.ReduceOp.SUM,
@@ -269,7 +271,8 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
         return tf.function(self._clipped_sum_over_microbatches,
                            jit_compile=True, autograph=False)
 
-    def _clipped_sum_over_microbatches(self, x, targets, weights, groups=None):
+    def _clipped_sum_over_microbatches(self, x, targets, weights, groups=None,
+                                       clip_norm=None, threshold=None):
         """Steps 1-3 of the update: `step.clipped_sum_over_microbatches`.
 
         Each micro-batch is clipped by ghost clipping where the model allows
@@ -284,7 +287,8 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
         """
         config = self._dp_config
         variables = self.trainable_variables
-        clip_norm, threshold = self._clip_norm_and_threshold()
+        if clip_norm is None:  # read once per update by train_step, else here
+            clip_norm, threshold = self._clip_norm_and_threshold()
         clip = step.microbatch_clipper(
             variables, clip_norm, config.augmult,
             example_loss=self._example_loss, losses_fn=self._per_example_losses,
@@ -301,7 +305,7 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
                     variables,
                     diagnosed.coefficients(result.norms, micro_weights,
                                            result.nonfinite, micro_groups,
-                                           config.l2_norm_clip))
+                                           clip_norm, threshold))
             alignment = (diagnosed.num_coefficients, extra)
         return step.clipped_sum_over_microbatches(
             x, targets, weights, variables, config.microbatch_size, clip,
