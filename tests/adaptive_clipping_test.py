@@ -328,3 +328,27 @@ def test_group_diagnostics_use_the_updates_threshold(trial):
     for g, name in enumerate(spec["g"]):
         key = next(k for k in logs if k.endswith(f"g/{name}/clip_fraction"))
         assert logs[key] == pytest.approx(np.mean(norms[groups == g] > 2.5), abs=1e-6)
+
+
+def test_dashboard_writes_the_threshold_over_training(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+    from tf_dpfair.dashboards import layout, summaries
+
+    config = adaptive_config("quantile", expected_batch_size=8, microbatch_size=8)
+    inputs = keras.Input((4,))
+    model = dpf.make_private(keras.Model(inputs, keras.layers.Dense(3)(inputs)), config)
+    model.compile(optimizer="sgd",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    board = dpf.dashboards.FairnessDashboard(str(tmp_path))
+    history = model.fit(rng.normal(size=(16, 4)).astype(np.float32), rng.integers(0, 3, 16),
+                        batch_size=8, epochs=3, verbose=0, callbacks=[board])
+    run = tmp_path / summaries.FAIRNESS_RUN
+    events = event_accumulator.EventAccumulator(str(run), size_guidance={"tensors": 0})
+    events.Reload()
+    written = [float(tf.make_ndarray(e.tensor_proto))
+               for e in events.Tensors(summaries.THRESHOLD_TAG)]
+    np.testing.assert_allclose(written, history.history["clip_threshold"], rtol=1e-6)
+    charts = [c for c in layout.privacy_category().chart
+              if summaries.THRESHOLD_TAG in c.multiline.tag[0]]
+    assert len(charts) == 1

@@ -253,6 +253,10 @@ class FairnessDashboard(keras.callbacks.Callback):
                 tf.summary.scalar(summaries.EPSILON_TAG, float(epsilon), step=step)
             tf.summary.scalar(summaries.NOISE_TAG,
                               float(config.noise_multiplier) if config else 0.0, step=step)
+            for key, tag in (("clip_threshold", summaries.THRESHOLD_TAG),
+                             ("threshold_noisy_share", summaries.THRESHOLD_SHARE_TAG)):
+                if key in logs:
+                    tf.summary.scalar(tag, float(logs[key]), step=step)
         return summaries.groups_in_logs(logs)
 
     def _write_auc_vs_epsilon(self, run, auc, epsilon):

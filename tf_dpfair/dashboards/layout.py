@@ -158,6 +158,9 @@ def privacy_category():
                    f"^{summaries.AUC_VS_EPSILON_TAG}$"),
         _multiline("overall AUC vs step", "^auc$"),
         _multiline("noise multiplier", f"^{summaries.NOISE_TAG}$"),
+        _multiline("adaptive clipping: threshold T of each update, and the noisy share "
+                   "of examples at or below it",
+                   f"^({summaries.THRESHOLD_TAG}|{summaries.THRESHOLD_SHARE_TAG})$"),
     ])
 
 

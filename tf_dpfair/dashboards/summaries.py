@@ -36,7 +36,9 @@ Error rates and calibration (`fairness.rates`, `fairness.streaming_rates`):
   (`fairness.rates_report.plot_attribute`).
 
 Privacy (run `fairness`): `privacy/epsilon` (from `PrivacyLogger`; not
-written while infinite), `privacy/noise_multiplier`, and
+written while infinite), `privacy/noise_multiplier`, with adaptive clipping
+`privacy/clip_threshold` and `privacy/threshold_noisy_share` (functions of
+noisy counts only), and
 `privacy/auc_vs_epsilon_x1000`: overall AUC at step round(1000 * epsilon),
 so that TensorBoard draws AUC against epsilon (also in `fairness_ema`).
 
@@ -63,6 +65,9 @@ VAL_PREFIX = "val_"
 # Privacy.
 EPSILON_TAG = "privacy/epsilon"
 NOISE_TAG = "privacy/noise_multiplier"
+# Adaptive clipping: the threshold each update used, and the released share.
+THRESHOLD_TAG = "privacy/clip_threshold"
+THRESHOLD_SHARE_TAG = "privacy/threshold_noisy_share"
 AUC_VS_EPSILON_TAG = "privacy/auc_vs_epsilon_x1000"
 EPSILON_STEP_SCALE = 1000
 
