@@ -352,3 +352,35 @@ def test_dashboard_writes_the_threshold_over_training(tmp_path):
     charts = [c for c in layout.privacy_category().chart
               if summaries.THRESHOLD_TAG in c.multiline.tag[0]]
     assert len(charts) == 1
+
+
+def test_a_crashed_run_resumes_to_the_uninterrupted_threshold_and_model(tmp_path):
+    """Backups carry T: the resumed run ends where the uninterrupted one does."""
+    import json
+    import os
+
+    from experiment_fixtures import TINY
+    from sweep_test import InterruptAt
+    from tf_dpfair.experiments import sweep_lib
+
+    base = {**TINY, "adaptive_clipping": "global_adapt", "count_noise_multiplier": 25.0}
+    grid = {"epsilon": [2.0]}
+    crashed = str(tmp_path / "crashed")
+    with pytest.raises(RuntimeError, match="simulated crash at update 5"):
+        sweep_lib.run_sweep(crashed, base=base, grid=grid, callbacks=[InterruptAt(5)],
+                            verbose=0)
+    sweep_lib.run_sweep(crashed, base=base, grid=grid, verbose=0)
+    straight = str(tmp_path / "straight")
+    sweep_lib.run_sweep(straight, base=base, grid=grid, verbose=0)
+    results = []
+    for folder in (crashed, straight):
+        with open(os.path.join(folder, "epsilon=2", "result.json")) as f:
+            results.append(json.load(f)["privacy"])
+        with np.load(os.path.join(folder, "epsilon=2", "predictions.npz")) as saved:
+            results.append(saved["scores_raw"])
+    got, got_scores, want, want_scores = results
+    assert got["adaptive_clipping"]["final_threshold"] == pytest.approx(
+        want["adaptive_clipping"]["final_threshold"], rel=1e-5)
+    assert got["adaptive_clipping"]["final_threshold"] != 1.0
+    np.testing.assert_allclose(got_scores, want_scores, rtol=1e-4, atol=1e-6)
+    assert got["steps"] == want["steps"] == 6
