@@ -1,0 +1,64 @@
+"""Writes a sweep's validation figures, one row per finished run, for the study's choices.
+
+Reads only validation figures (the last checkpoint's `val_scores` and
+`ema_val_scores` against `val_labels.npz`), never test figures, so that a
+pre-registered choice (docs/study2_redo/preregistration.md) can be made and
+checked from the table alone:
+
+  python tools/validation_table.py SWEEP_DIR OUT.csv
+
+Columns: the run's folder, the grid settings that vary, the update count of
+the last checkpoint, validation accuracy with raw and with EMA weights, and
+the training seconds of the run.
+"""
+
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+
+
+def run_row(run_dir, axes):
+    """One finished run's validation figures (None when unfinished or without them)."""
+    result_path = os.path.join(run_dir, "result.json")
+    labels_path = os.path.join(run_dir, "checkpoints", "val_labels.npz")
+    checkpoints = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "epoch_*.npz")))
+    if not (os.path.exists(result_path) and os.path.exists(labels_path) and checkpoints):
+        return None
+    with open(result_path) as f:
+        result = json.load(f)
+    with np.load(labels_path) as saved:
+        labels = saved["labels"]
+    row = {"run": os.path.basename(run_dir)}
+    row.update({axis: result["settings"].get(axis) for axis in axes})
+    with np.load(checkpoints[-1]) as last:
+        row["updates"] = int(last["updates"])
+        for weights, key in (("raw", "val_scores"), ("ema", "ema_val_scores")):
+            row[f"validation_accuracy_{weights}"] = (
+                float((last[key].argmax(1) == labels).mean()) if key in last.files else None)
+    row["train_seconds"] = result["training"]["seconds_this_session"]
+    return row
+
+
+def validation_table(sweep_dir):
+    """The table of `run_row` over a sweep folder's runs (axes from its sweep.json)."""
+    with open(os.path.join(sweep_dir, "sweep.json")) as f:
+        axes = json.load(f)["axes"]
+    rows = [run_row(os.path.join(sweep_dir, name), axes)
+            for name in sorted(os.listdir(sweep_dir))]
+    return pd.DataFrame([r for r in rows if r is not None])
+
+
+def main(argv):
+    if len(argv) != 3:
+        raise SystemExit(__doc__)
+    table = validation_table(argv[1])
+    table.to_csv(argv[2], index=False)
+    print(f"{len(table)} finished runs written to {argv[2]}.")
+
+
+if __name__ == "__main__":
+    main(sys.argv)
