@@ -59,15 +59,19 @@ def test_coverage_of_the_90_percent_interval_is_nominal_within_monte_carlo_error
 @pytest.mark.slow
 @pytest.mark.parametrize("runs, m, tau_factor", [(5, 20, 4.0), (20, 10, 19.0)])
 def test_coverage_on_1000_datasets_follows_a_t_with_2_r_minus_2_degrees(runs, m, tau_factor):
-    # tau^2 = (R - 1) s: the draws' variance is right on average, but its
-    # seed part is estimated from R runs per arm, so a 90% interval covers
+    # tau^2 = (R - 1) s: the raw draws' variance is right on average, but its
+    # seed part is estimated from R runs per arm, so a raw 90% interval covers
     # about P(|t| < z_0.95) for t with 2 (R - 1) degrees of freedom: 0.862
-    # with 5 seeds, 0.892 with 20 (measured 0.856 and 0.873). Tolerance: 3
-    # binomial sd over 1000 datasets (0.03).
+    # with 5 seeds, 0.892 with 20 (measured 0.856 and 0.873); widened by
+    # t / z (the default), it covers 0.90. Tolerance: 3 binomial sd over
+    # 1000 datasets (0.03).
+    raw, _ = _simulate(1000, runs=runs, m=m, tau_factor=tau_factor, n_bootstrap=500,
+                       seed=1, small_sample=False)
+    predicted = 2 * t_distribution.cdf(norm.ppf(0.95), df=2 * (runs - 1)) - 1
+    assert abs(raw - predicted) <= 3 * math.sqrt(predicted * (1 - predicted) / 1000)
     coverage, _ = _simulate(1000, runs=runs, m=m, tau_factor=tau_factor, n_bootstrap=500,
                             seed=1)
-    predicted = 2 * t_distribution.cdf(norm.ppf(0.95), df=2 * (runs - 1)) - 1
-    assert abs(coverage - predicted) <= 3 * math.sqrt(predicted * (1 - predicted) / 1000)
+    assert abs(coverage - 0.9) <= 3 * math.sqrt(0.9 * 0.1 / 1000)
 
 
 @pytest.mark.parametrize("tau_factor, kwargs, expected", [
@@ -79,8 +83,23 @@ def test_coverage_on_1000_datasets_follows_a_t_with_2_r_minus_2_degrees(runs, m,
 def test_variance_of_the_draws_follows_the_two_level_formula(tau_factor, kwargs, expected):
     # Mean over 150 datasets of the draws' variance; its relative Monte Carlo
     # error is about 0.12 / sqrt(150) * sqrt(2 * 4) < 0.04 at the worst; tolerance 12%.
-    _, ratio = _simulate(150, tau_factor=tau_factor, n_bootstrap=200, seed=3, **kwargs)
+    # The raw two-level draws, before the small-sample widening.
+    _, ratio = _simulate(150, tau_factor=tau_factor, n_bootstrap=200, seed=3,
+                         small_sample=False, **kwargs)
     assert ratio == pytest.approx(expected, rel=0.12)
+
+
+def test_small_sample_widening_is_t_over_z_and_restores_the_level():
+    # 5 and 5 runs: df 8; at 90% t_8(0.95) / z(0.95) = 1.8595 / 1.6449.
+    assert inf.small_sample_factor([5, 5], 0.9) == pytest.approx(1.8595 / 1.6449, rel=1e-4)
+    assert inf.small_sample_factor([1, 1], 0.9) == 1.0
+    assert inf.small_sample_factor([20, 20], 0.95) == pytest.approx(
+        t_distribution.ppf(0.975, 38) / norm.ppf(0.975))
+    draws = np.array([0.0, 1.0, 2.0, 3.0])
+    np.testing.assert_allclose(inf.widened(draws, 2.0), [-1.5, 0.5, 2.5, 4.5])
+    _, raw = _simulate(40, n_bootstrap=200, seed=5, small_sample=False)
+    _, wide = _simulate(40, n_bootstrap=200, seed=5)
+    assert wide / raw == pytest.approx(inf.small_sample_factor([5, 5], 0.9) ** 2, rel=1e-6)
 
 
 def test_estimate_is_the_difference_of_mean_gaps_over_runs():
