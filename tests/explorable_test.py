@@ -73,11 +73,11 @@ TEST_SETTINGS = {"dataset": "mnist", "train_examples": 100, "test_examples": 40,
 SIZES, EPSILONS, SHARES = (100, 400), (1.0, math.inf), (0.1, 0.3)
 
 
-def _fake_run(run_dir, size, epsilon, share, labels, rotated, rng):
+def _fake_run(run_dir, size, epsilon, share, labels, rotated, rng, seed=0):
     """A finished run without training: scores, result.json, settings.json."""
     os.makedirs(run_dir)
     settings = {**TEST_SETTINGS, "train_examples": size, "rotated_fraction": share,
-                "epsilon": epsilon, "work_dir": run_dir}
+                "epsilon": epsilon, "seed": seed, "work_dir": run_dir}
     with open(os.path.join(run_dir, "settings.json"), "w") as f:
         json.dump(train_lib.settings_from(None, settings).to_json(), f)
     # Accuracy rises with epsilon and size; rotated images are harder.
@@ -110,14 +110,20 @@ def _fake_run(run_dir, size, epsilon, share, labels, rotated, rng):
     return use
 
 
+def _test_split(work_dir, seed=0):
+    """(labels, rotated) of the test split that TEST_SETTINGS draw with `seed`."""
+    run_data = inputs_lib.load_data(train_lib.settings_from(None, {
+        **TEST_SETTINGS, "rotated_fraction": 0.1, "epsilon": 1.0, "seed": seed,
+        "work_dir": work_dir}))
+    elements = list(run_data.test.elements())
+    labels = np.array([int(e["label"]) for e in elements])
+    return labels, np.array([int(e["groups"]["orientation"]) == 1 for e in elements])
+
+
 @pytest.fixture(scope="module")
 def fake_sweep(tmp_path_factory):
     sweep_dir = str(tmp_path_factory.mktemp("fake_sweep"))
-    run_data = inputs_lib.load_data(train_lib.settings_from(None, {
-        **TEST_SETTINGS, "rotated_fraction": 0.1, "epsilon": 1.0, "work_dir": sweep_dir}))
-    elements = list(run_data.test.elements())
-    labels = np.array([int(e["label"]) for e in elements])
-    rotated = np.array([int(e["groups"]["orientation"]) == 1 for e in elements])
+    labels, rotated = _test_split(sweep_dir)
     rng = np.random.default_rng(0)
     grid = {"train_examples": list(SIZES), "epsilon": list(EPSILONS),
             "rotated_fraction": list(SHARES)}
@@ -195,6 +201,111 @@ def test_no_explorable_figures_without_an_epsilon_axis(fake_sweep, tmp_path):
     with pytest.raises(ValueError, match="No runs with"):
         explorable_lib.write_explorable(sweep_dir, table, keys, str(tmp_path),
                                         projection="pca", facets={"train_examples": 7})
+
+
+# ------------------------------------------- runs on different test splits
+
+SEEDS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def seed_sweep(tmp_path_factory):
+    """Runs at two seeds, each scoring its own test split: with test_examples=40
+    and test_rotated_fraction=0.5, the seed draws other digits and rotates
+    others."""
+    sweep_dir = str(tmp_path_factory.mktemp("seed_sweep"))
+    splits = {seed: _test_split(sweep_dir, seed) for seed in SEEDS}
+    rng = np.random.default_rng(1)
+    grid = {"epsilon": list(EPSILONS), "seed": list(SEEDS), "rotated_fraction": list(SHARES)}
+    for name, values in sweep_lib.expand_grid(grid):
+        _fake_run(os.path.join(sweep_dir, name), 100, values["epsilon"],
+                  values["rotated_fraction"], *splits[values["seed"]], rng,
+                  seed=values["seed"])
+    with open(os.path.join(sweep_dir, sweep_lib.SWEEP_FILE), "w") as f:
+        json.dump({"axes": list(grid)}, f)
+    return sweep_dir, splits
+
+
+def _right(sweep_dir, run, labels):
+    saved = np.load(os.path.join(sweep_dir, run, "predictions.npz"))
+    return saved["scores_raw"].argmax(1) == labels
+
+
+def test_write_explorable_with_a_test_split_per_seed(seed_sweep, tmp_path):
+    # Failed before with "evaluated on other test examples than the first run".
+    sweep_dir, splits = seed_sweep
+    assert not np.array_equal(splits[0][0], splits[1][0])  # Two test splits indeed.
+    table, keys = report_lib.load_sweep(sweep_dir)
+    paths, lines = explorable_lib.write_explorable(
+        sweep_dir, table, keys, str(tmp_path), projection="pca", count=2,
+        facets={"rotated_fraction": 0.3})
+    text = "\n".join(lines)
+    assert "The runs scored 2 different test splits (seed=0; seed=1)" in text
+    assert "of the split **seed=0** only" in text
+    for name in ("sensitivity_grid", "sensitivity_projection", "per_class", "heatmap"):
+        assert os.path.getsize(paths[name]) > 5000, name
+    # Each split's sensitivity from its own runs only, by hand.
+    frame = pd.read_csv(paths["sensitivity"], keep_default_na=False)
+    for seed, (labels, rotated) in splits.items():
+        rows = frame[frame["test_split"] == f"seed={seed}"]
+        assert rows["test_index"].tolist() == list(range(len(labels)))
+        assert rows["label"].tolist() == labels.tolist()
+        assert rows["group_orientation"].tolist() == rotated.astype(int).tolist()
+        right = {e: _right(sweep_dir, f"epsilon={e}__seed={seed}__rotated_fraction=0.3",
+                           labels) for e in ("1", "inf")}
+        expected = np.where(right["inf"] & right["1"], "1",
+                            np.where(right["inf"], "inf", "never"))
+        assert rows["sensitivity (rotated_fraction=0.3)"].tolist() == expected.tolist()
+    # Per-class accuracy: every run, each on the labels it scored.
+    per_class = pd.read_csv(paths["per_class_csv"]).set_index("run")
+    run = "epsilon=inf__seed=1__rotated_fraction=0.3"
+    labels = splits[1][0]
+    common = int(np.bincount(labels).argmax())
+    assert per_class.loc[run, str(common)] == pytest.approx(
+        _right(sweep_dir, run, labels)[labels == common].mean())
+    assert len(per_class) == len(table)
+    # The heatmap cell of the two seeds: the mean of their figures, both linked.
+    cells = explorable_lib.heatmap_cells(table)
+    cell = cells[(cells["epsilon"] == 1.0) & (cells["rotated_fraction"] == 0.3)]
+    assert sorted(cell["seed"]) == list(SEEDS)
+    assert (f"{cell['rare_accuracy'].mean():.3f} ({cell['gap'].mean():.3f}): "
+            "[seed 0](runs/epsilon=1__seed=0__rotated_fraction=0.3.md), "
+            "[seed 1](runs/epsilon=1__seed=1__rotated_fraction=0.3.md)") in text
+
+
+def _predictions(labels, rotated):
+    labels = np.asarray(labels)
+    return explorable_lib.RunPredictions(np.eye(3)[labels], labels,
+                                         {"orientation": np.asarray(rotated)})
+
+
+def test_runs_share_a_test_split_when_examples_and_drawing_settings_agree():
+    same, other = ([0, 1, 2, 1], [0, 0, 1, 1]), ([0, 1, 2, 2], [0, 0, 1, 1])
+    table = pd.DataFrame({
+        "run": ["a", "b", "c", "d", "e", "f"],
+        "settings.seed": [0, 1, 0, 1, 0, 0],
+        "settings.test_examples": [0, 0, 4, 4, 0, 0],
+        "settings.rotated_fraction": [0.0, 0.0, 0.0, 0.0, 0.0, 0.5],
+        "settings.test_rotated_fraction": [None, None, None, None, None, None]})
+    predictions = {run: _predictions(*same) for run in "abcdf"}
+    predictions["e"] = _predictions(*other)
+    splits = explorable_lib.group_by_test_split(table, predictions)
+    # a, b: the whole test split, unrotated: the seed draws nothing. c, d: the
+    # seed draws a subset (same arrays by chance). e: other labels. f: the
+    # training share rotates test images too (test_rotated_fraction unset).
+    assert [runs for _, runs in splits] == [["a", "b"], ["c"], ["d"], ["e"], ["f"]]
+    assert len({name for name, _ in splits}) == 5
+    one = explorable_lib.group_by_test_split(table.iloc[:2], predictions)
+    assert one == [("", ["a", "b"])]
+
+
+def test_test_images_must_be_the_split_the_run_scored(fake_sweep):
+    sweep_dir, labels, _ = fake_sweep
+    run_dir = os.path.join(sweep_dir, "train_examples=100__epsilon=inf__rotated_fraction=0.1")
+    images, _ = explorable_lib.load_test_images(run_dir, expected_labels=labels)
+    assert len(images) == len(labels)
+    with pytest.raises(ValueError, match="is not the one its predictions.npz scored"):
+        explorable_lib.load_test_images(run_dir, expected_labels=labels[::-1])
 
 
 @pytest.mark.slow

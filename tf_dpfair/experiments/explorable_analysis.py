@@ -7,9 +7,11 @@ subgroup heatmap's cells; and the reading of a sweep's runs they need
 `explorable_lib` writes the report from these, `explorable_figures` draws.
 """
 
+import hashlib
 import json
 import math
 import os
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -21,6 +23,7 @@ from tf_dpfair.experiments import settings_lib
 NEVER = math.inf  # sensitivity of an example the largest epsilon misclassifies
 PROJECTIONS = ("umap", "pca", "tsne")
 _NOT_FACETS = ("epsilon", "non_private", "noise_multiplier", "seed")
+_SPLIT_SETTINGS = ("test_examples", "test_rotated_fraction", "seed")
 
 
 def privacy_sensitivity(correct, epsilons):
@@ -157,33 +160,116 @@ def _use(row, metric="accuracy"):
     return "ema" if not pd.isna(row.get(f"metrics.ema.{metric}")) else "raw"
 
 
+class RunPredictions(NamedTuple):
+    """A run's saved test predictions (`predictions.npz`).
+
+    Attributes:
+        scores: `[N, K]` probabilities (EMA weights where the run kept them).
+        labels: `[N]` class ids.
+        groups: dict attribute -> group ids `[N]`.
+    """
+
+    scores: np.ndarray
+    labels: np.ndarray
+    groups: dict
+
+
 def load_run_predictions(sweep_dir, table):
-    """Per run: test scores (EMA where kept) and the shared labels and groups.
+    """Every run's test predictions, each on the test examples it scored.
+
+    Runs need not share their test examples: a run with `test_examples` > 0
+    or a rotated test share draws them with its seed. `group_by_test_split`
+    tells which runs do.
 
     Args:
         sweep_dir: the sweep folder.
         table: its results table (`sweep_lib.collect_results`).
 
     Returns:
-        `(scores, labels, groups)`: dict run -> `[N, K]` probabilities, class
-        ids `[N]`, dict attribute -> ids `[N]`.
-
-    Raises:
-        ValueError: the runs were not evaluated on the same test examples.
+        dict run -> `RunPredictions`.
     """
-    scores, labels, groups = {}, None, None
+    out = {}
     for _, row in table.iterrows():
         saved = np.load(os.path.join(sweep_dir, row["run"], "predictions.npz"))
-        scores[row["run"]] = saved[f"scores_{_use(row)}"].astype(np.float64)
-        run_groups = {k[len("group_"):]: saved[k] for k in saved.files
-                      if k.startswith("group_")}
-        if labels is None:
-            labels, groups = saved["labels"], run_groups
-        elif (not np.array_equal(labels, saved["labels"]) or set(groups) != set(run_groups)
-              or any(not np.array_equal(groups[a], run_groups[a]) for a in groups)):
-            raise ValueError(f"Run {row['run']} was evaluated on other test examples than "
-                             "the first run: per-example figures need one test split.")
-    return scores, labels, groups
+        out[row["run"]] = RunPredictions(
+            saved[f"scores_{_use(row)}"].astype(np.float64), saved["labels"],
+            {k[len("group_"):]: saved[k] for k in saved.files if k.startswith("group_")})
+    return out
+
+
+def _setting(row, key, default):
+    """`settings.<key>` of a results row; `default` where absent or None/NaN."""
+    value = row.get(f"settings.{key}")
+    return default if value is None or (np.isscalar(value) and pd.isna(value)) else value
+
+
+def split_settings(row):
+    """The settings that draw a run's test split (`inputs_lib.load_data`).
+
+    Returns:
+        dict with `test_examples`, `test_rotated_fraction` (the training
+        share where unset, as the loader does) and `seed`: None where
+        nothing is drawn at random (all test examples, none rotated), since
+        the seed then leaves the split alone. Cautious elsewhere: a seed that
+        draws the whole split (`test_examples` >= its size) still counts.
+    """
+    examples = int(_setting(row, "test_examples", 0))
+    fraction = float(_setting(row, "test_rotated_fraction",
+                              _setting(row, "rotated_fraction", 0.0)))
+    seed = int(_setting(row, "seed", 0)) if examples or fraction else None
+    return {"test_examples": examples, "test_rotated_fraction": fraction, "seed": seed}
+
+
+def _examples_digest(prediction):
+    """A digest of the saved labels and groups, in order: equal for one split."""
+    digest = hashlib.sha256()
+    for name, values in [("labels", prediction.labels), *sorted(prediction.groups.items())]:
+        values = np.ascontiguousarray(values)
+        digest.update(f"{name}:{values.dtype}:{values.shape}".encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()
+
+
+def _split_names(settings_of_splits):
+    """One name per split, from the split settings that tell the splits apart.
+
+    Args:
+        settings_of_splits: per split, the `split_settings` of its runs.
+    """
+    seen = [{k: "/".join(sorted({"-" if s[k] is None else f"{s[k]}" for s in runs}))
+             for k in _SPLIT_SETTINGS} for runs in settings_of_splits]
+    differing = [k for k in _SPLIT_SETTINGS if len({v[k] for v in seen}) > 1]
+    names = [", ".join(f"{k}={v[k]}" for k in differing) for v in seen]
+    if len(set(names)) < len(names):  # Told apart by the saved arrays alone.
+        names = [f"test split {i + 1}" + (f" ({n})" if n else "") for i, n in enumerate(names)]
+    return names
+
+
+def group_by_test_split(table, predictions):
+    """The runs grouped by the test examples they scored.
+
+    Two runs share a split when their saved labels and groups agree element
+    by element, in order, and so do their `split_settings`: the arrays alone
+    could agree by chance on a small random subset, and the settings alone
+    would need every loader's rules.
+
+    Args:
+        table: the results table.
+        predictions: `load_run_predictions` output.
+
+    Returns:
+        `[(name, runs)]` in table order: runs of one split scored the same
+        examples in the same order. Names tell the splits apart ("seed=1");
+        "" when there is one split.
+    """
+    splits = {}
+    for _, row in table.iterrows():
+        settings = split_settings(row)
+        key = (_examples_digest(predictions[row["run"]]), tuple(sorted(
+            (k, str(v)) for k, v in settings.items())))
+        splits.setdefault(key, []).append((row["run"], settings))
+    names = _split_names([[s for _, s in runs] for runs in splits.values()])
+    return [(name, [run for run, _ in runs]) for name, runs in zip(names, splits.values())]
 
 
 def facet_combinations(table, keys):
@@ -209,11 +295,27 @@ def _load_settings(run_dir):
     return settings_lib.settings_from(None, values)
 
 
-def load_test_images(run_dir):
-    """The test images of a run `[N, H, W, C]` (floats in [0, 1] or uint8)."""
+def load_test_images(run_dir, expected_labels=None):
+    """The test images of a run `[N, H, W, C]` (floats in [0, 1] or uint8).
+
+    Args:
+        run_dir: the run's folder (its `settings.json` draws the split again).
+        expected_labels: optional `[N]` labels the run saved, in order.
+
+    Returns:
+        `(images, class names)`.
+
+    Raises:
+        ValueError: the split drawn again has other labels than `expected_labels`.
+    """
     run_data = inputs_lib.load_data(_load_settings(run_dir))
-    images = [element["image"].numpy() for element in run_data.test.elements()]
-    return np.stack(images), list(run_data.class_names)
+    elements = list(run_data.test.elements())
+    if expected_labels is not None:
+        labels = np.array([np.asarray(e["label"]) for e in elements])
+        if not np.array_equal(labels, expected_labels):
+            raise ValueError(f"The test split drawn from {run_dir}/settings.json is not the "
+                             "one its predictions.npz scored (other labels or order).")
+    return np.stack([e["image"].numpy() for e in elements]), list(run_data.class_names)
 
 
 def penultimate_embeddings(run_dir, dataset_images, batch_size=1000):
@@ -261,7 +363,7 @@ def heatmap_cells(table, attribute="orientation", rare="rotated", common="uprigh
     when the rare group trails). EMA weights where the run kept them.
 
     Returns:
-        A DataFrame with columns run, train_examples, rotated_fraction,
+        A DataFrame with columns run, seed, train_examples, rotated_fraction,
         epsilon, weights, rare_accuracy, common_accuracy, gap.
     """
     rows = []
@@ -270,10 +372,29 @@ def heatmap_cells(table, attribute="orientation", rare="rotated", common="uprigh
         prefix = f"metrics.{use}.groups.{attribute}."
         rare_accuracy = r.get(prefix + f"{rare}.accuracy")
         common_accuracy = r.get(prefix + f"{common}.accuracy")
-        rows.append({"run": r["run"],
+        rows.append({"run": r["run"], "seed": _setting(r, "seed", 0),
                      "train_examples": int(r["data.num_train"]),
                      "rotated_fraction": float(r["settings.rotated_fraction"]),
                      "epsilon": epsilon_of(r), "weights": use,
                      "rare_accuracy": rare_accuracy, "common_accuracy": common_accuracy,
                      "gap": common_accuracy - rare_accuracy})
     return pd.DataFrame(rows)
+
+
+def heatmap_means(cells):
+    """The heatmap's cells with several runs (seeds) merged: their means.
+
+    Each run's accuracies are of its own test split, so means of per-run
+    figures are taken, never figures of pooled examples.
+
+    Args:
+        cells: `heatmap_cells` output.
+
+    Returns:
+        A DataFrame, one row per (rotated_fraction, train_examples, epsilon):
+        rare_accuracy and gap (means over its runs), runs and seeds (lists).
+    """
+    keys = ["rotated_fraction", "train_examples", "epsilon"]
+    return cells.groupby(keys, sort=True).agg(
+        rare_accuracy=("rare_accuracy", "mean"), gap=("gap", "mean"),
+        runs=("run", list), seeds=("seed", list)).reset_index()

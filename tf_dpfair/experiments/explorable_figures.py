@@ -8,6 +8,7 @@ reads files.
 """
 
 import math
+import warnings
 
 import matplotlib
 import numpy as np
@@ -109,8 +110,20 @@ def plot_projection(points, sensitivity, method, rare=None):
     return figure
 
 
+def _mean_per_epsilon(x, accuracy):
+    """Distinct x, ascending, and the mean accuracy of the runs at each: `[E]`, `[E, K]`."""
+    levels = np.unique(x)
+    with warnings.catch_warnings():  # A class no run at a level saw stays NaN.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return levels, np.stack([np.nanmean(accuracy[x == v], axis=0) for v in levels])
+
+
 def plot_per_class(panels, class_names):
-    """Per-class accuracy against epsilon, one panel per `(title, epsilons, [M, K])`."""
+    """Per-class accuracy against epsilon, one panel per `(title, epsilons, [M, K])`.
+
+    Several runs at one epsilon (seeds): the line joins their means, and each
+    run is a dot.
+    """
     figure = Figure(figsize=(4.6 * len(panels), 4.0))
     FigureCanvasAgg(figure)
     palette = matplotlib.colormaps["tab10"]
@@ -119,17 +132,20 @@ def plot_per_class(panels, class_names):
     for p, (title, epsilons, accuracy) in enumerate(panels):
         axes = figure.add_subplot(1, len(panels), p + 1)
         x = np.array([inf_x if math.isinf(e) else e for e in epsilons])
-        order = np.argsort(x)
+        levels, means = _mean_per_epsilon(x, np.asarray(accuracy, dtype=float))
+        several = len(levels) < len(x)
         for k, name in enumerate(class_names):
-            axes.plot(x[order], accuracy[order, k], "o-", color=palette(k % 10), label=name,
-                      markersize=3)
-        ticks = sorted(set(x))
+            color = palette(k % 10)
+            axes.plot(levels, means[:, k], "o-", color=color, label=name, markersize=3)
+            if several:
+                axes.scatter(x, accuracy[:, k], s=10, color=color, alpha=0.5, linewidths=0)
         axes.set_xscale("log")
-        axes.set_xticks(ticks, [epsilon_text(inf_x if t == inf_x else t)
-                                if t != inf_x else "non-\nprivate" for t in ticks])
+        axes.set_xticks(levels, [epsilon_text(t) if t != inf_x else "non-\nprivate"
+                                 for t in levels])
         axes.minorticks_off()
         axes.set_xlabel("epsilon")
-        axes.set_title(title, fontsize=9)
+        axes.set_title(title + ("\nline: mean over runs; dots: runs" if several else ""),
+                       fontsize=9)
         axes.set_ylim(0, 1)
         axes.grid(alpha=0.3)
     figure.axes[0].set_ylabel("test accuracy of the class")
@@ -139,7 +155,12 @@ def plot_per_class(panels, class_names):
 
 
 def plot_heatmap(cells):
-    """Rare-group accuracy (top row) and its gap (bottom row) per rotated share."""
+    """Rare-group accuracy (top row) and its gap (bottom row) per rotated share.
+
+    Args:
+        cells: one row per (rotated_fraction, train_examples, epsilon) with
+            rare_accuracy and gap (`explorable_analysis.heatmap_means`).
+    """
     shares = sorted(cells["rotated_fraction"].unique())
     sizes = sorted(cells["train_examples"].unique())
     epsilons = sorted(cells["epsilon"].unique())
@@ -175,6 +196,6 @@ def plot_heatmap(cells):
             axes.set_title(f"{title}\n{share:.0%} of training images rotated", fontsize=8)
         box = axes.get_position()
         figure.colorbar(image, cax=figure.add_axes([0.9, box.y0, 0.012, box.height]))
-    figure.suptitle("Rotated group on held-out test images (the same in every run); "
-                    "EMA weights where kept", fontsize=9)
+    figure.suptitle("Rotated group on held-out test images; EMA weights where kept; "
+                    "several runs (seeds) in a cell: their mean", fontsize=9)
     return figure
