@@ -45,3 +45,17 @@ def test_table_has_the_last_checkpoints_validation_accuracy(tmp_path):
     assert table.loc["lr=1", "validation_accuracy_raw"] == pytest.approx(0.25)
     assert table.loc["lr=1", "learning_rate"] == 1.0 and table.loc["lr=1", "updates"] == 4
     assert "test" not in " ".join(table.columns)
+
+
+def test_choice_per_arm_takes_the_best_run_and_weights():
+    import pandas as pd
+
+    table = pd.DataFrame({
+        "run": ["a", "b", "c", "d"], "rotated_fraction": [0.1] * 4,
+        "epsilon": [1.0, 1.0, 1.0, 8.0], "learning_rate": [0.1, 0.3, 1.0, 0.1],
+        "validation_accuracy_raw": [0.80, 0.84, 0.70, 0.9],
+        "validation_accuracy_ema": [0.81, 0.83, 0.86, None]})
+    chosen = _tool().choices(table).set_index("epsilon")
+    assert chosen.loc[1.0, "run"] == "c" and chosen.loc[1.0, "weights"] == "ema"
+    assert chosen.loc[1.0, "at_grid_end"] == "high" and chosen.loc[1.0, "candidates"] == 3
+    assert chosen.loc[8.0, "run"] == "d" and chosen.loc[8.0, "weights"] == "raw"

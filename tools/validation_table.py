@@ -5,11 +5,14 @@ Reads only validation figures (the last checkpoint's `val_scores` and
 pre-registered choice (docs/study2_redo/preregistration.md) can be made and
 checked from the table alone:
 
-  python tools/validation_table.py SWEEP_DIR OUT.csv
+  python tools/validation_table.py SWEEP_DIR OUT.csv [CHOICES.csv]
 
 Columns: the run's folder, the grid settings that vary, the update count of
 the last checkpoint, validation accuracy with raw and with EMA weights, and
-the training seconds of the run.
+the training seconds of the run. With CHOICES.csv, also the pre-registered
+choice of each arm (rotated share and epsilon): the run and weights (raw or
+EMA) of highest validation accuracy, and whether its learning rate is an end
+of the grid (then the grid is extended once on that side).
 """
 
 import glob
@@ -52,12 +55,42 @@ def validation_table(sweep_dir):
     return pd.DataFrame([r for r in rows if r is not None])
 
 
+ARM = ("rotated_fraction", "epsilon")
+
+
+def choices(table, arm=ARM, rate="learning_rate"):
+    """Per arm, the run and weights of highest validation accuracy.
+
+    Ties go to the first run in the table's order. `at_grid_end` says
+    whether the chosen learning rate is the smallest or largest tried for
+    that arm.
+    """
+    rows = []
+    for key, runs in table.groupby(list(arm), sort=True):
+        scored = runs.melt(id_vars=[c for c in runs.columns if not c.startswith(
+            "validation_accuracy_")], var_name="weights", value_name="validation_accuracy")
+        scored = scored.dropna(subset=["validation_accuracy"])
+        best = scored.loc[scored["validation_accuracy"].idxmax()]
+        rates = sorted(runs[rate].unique())
+        end = ("low" if best[rate] == rates[0] else
+               "high" if best[rate] == rates[-1] else "")
+        rows.append({**dict(zip(arm, key if isinstance(key, tuple) else (key,))),
+                     "run": best["run"], "weights": best["weights"].split("_")[-1],
+                     "validation_accuracy": best["validation_accuracy"],
+                     "candidates": len(runs), "at_grid_end": end})
+    return pd.DataFrame(rows)
+
+
 def main(argv):
-    if len(argv) != 3:
+    if len(argv) not in (3, 4):
         raise SystemExit(__doc__)
     table = validation_table(argv[1])
     table.to_csv(argv[2], index=False)
     print(f"{len(table)} finished runs written to {argv[2]}.")
+    if len(argv) == 4:
+        chosen = choices(table)
+        chosen.to_csv(argv[3], index=False)
+        print(chosen.to_string(index=False))
 
 
 if __name__ == "__main__":
