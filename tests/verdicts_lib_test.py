@@ -407,3 +407,14 @@ def test_a_tiny_sweep_with_validation_and_dense_checkpoints_gets_its_verdicts(tm
     text = open(paths["report"]).read()
     assert "## Verdicts" in text and text.count("Split: test.") >= 5
     assert "the one to read (`verdicts.md`)" in open(paths["matched_md"]).read()
+
+
+def test_plateau_window_may_be_a_share_of_each_runs_checkpoints():
+    assert verdicts_lib.plateau_checkpoints(3, 100) == 3
+    assert verdicts_lib.plateau_checkpoints(3.0, 100) == 3
+    assert verdicts_lib.plateau_checkpoints(0.25, 245) == 62  # ceil(61.25)
+    assert verdicts_lib.plateau_checkpoints(0.25, 2) == 1
+    verdicts_lib.VerdictOptions(plateau_window=0.25)
+    verdicts_lib.VerdictOptions(plateau_window=4.0)
+    with pytest.raises(ValueError, match="or a share in"):
+        verdicts_lib.VerdictOptions(plateau_window=1.5)

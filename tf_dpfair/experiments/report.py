@@ -54,9 +54,10 @@ _DISPARITY_MARGIN = flags.DEFINE_float(
     "accuracy (private gap - interpolated non-private gap); the claim is that it is smaller.")
 _ALPHA = flags.DEFINE_float("alpha", 0.05, "Verdicts: family-wise level; Holm across every "
                             "tested claim of the report.")
-_PLATEAU_WINDOW = flags.DEFINE_integer(
-    "plateau_window", 3, "Verdicts: checkpoints in the last segment of each seed's "
-    "validation curve checked for a plateau.")
+_PLATEAU_WINDOW = flags.DEFINE_float(
+    "plateau_window", 3, "Verdicts: the last segment of each seed's validation curve "
+    "checked for a plateau: a number of checkpoints (>= 1), or a share of them in (0, 1), "
+    "e.g. 0.25 for the last quarter.")
 _PLATEAU_TOLERANCE = flags.DEFINE_float(
     "plateau_tolerance", 0.005, "Verdicts: the last segment must gain less than this over "
     "the best validation figure before it for the arm to count as plateaued.")

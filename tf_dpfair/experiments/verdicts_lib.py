@@ -72,7 +72,10 @@ class VerdictOptions:
         accuracy_margin: TOST margin of the accuracy gap (> 0).
         disparity_margin: margin of the excess disparity (> 0).
         alpha: family-wise level across the claims, in (0, 0.5).
-        plateau_window: checkpoints in the last segment of a validation curve (>= 1).
+        plateau_window: the last segment of a validation curve: a number of
+            checkpoints (an integer >= 1), or a share of each run's
+            checkpoints in (0, 1) (at least one), e.g. 0.25 for "the last
+            quarter" when runs are checkpointed densely.
         plateau_tolerance: the smallest validation gain that counts (> 0).
         weights: "raw", or "ema" (private runs' EMA weights where kept).
         n_bootstrap: bootstrap draws per claim (>= 1).
@@ -101,8 +104,10 @@ class VerdictOptions:
             ("disparity_margin", number(self.disparity_margin) and self.disparity_margin > 0,
              "a number > 0 (a difference of gaps, e.g. 0.02)"),
             ("alpha", number(self.alpha) and 0 < self.alpha < 0.5, "in (0, 0.5)"),
-            ("plateau_window", integer(self.plateau_window) and self.plateau_window >= 1,
-             "an integer >= 1"),
+            ("plateau_window", number(self.plateau_window) and (
+                (self.plateau_window >= 1 and float(self.plateau_window).is_integer())
+                or 0 < self.plateau_window < 1),
+             "an integer >= 1 (checkpoints) or a share in (0, 1)"),
             ("plateau_tolerance", number(self.plateau_tolerance) and self.plateau_tolerance > 0,
              "a number > 0"),
             ("weights", self.weights in WEIGHTS, f"one of {WEIGHTS}"),
@@ -132,9 +137,20 @@ def arm_plateaued(sweep_dir, arm, multi_label, options):
                                              options.weights if arm.private else "raw")
         if values is None:
             return None
-        flat.append(inference.plateaued(values, window=options.plateau_window,
-                                        tolerance=options.plateau_tolerance))
+        flat.append(inference.plateaued(values, window=plateau_checkpoints(
+            options.plateau_window, len(values)), tolerance=options.plateau_tolerance))
     return all(flat)
+
+
+def _window_words(window):
+    return f"{window:g}" if window >= 1 else f"{100 * window:g}% of the"
+
+
+def plateau_checkpoints(window, count):
+    """The checkpoints of a curve's last segment: `window` itself, or a share of `count`."""
+    if window >= 1:
+        return int(window)
+    return max(1, int(math.ceil(window * count)))
 
 
 def _attributes(table):
@@ -365,7 +381,8 @@ def _header(entries, options, notes, multi_label):
         f"across the {tested} tested claims at alpha = {options.alpha:g}; the interval "
         f"is simultaneous (1 - 2 alpha / {max(tested, 1)}). \"inconclusive\" is not "
         f"evidence either way; \"{OUTSIDE}\" claims are not tested and count neither "
-        f"way. Plateau: the last {options.plateau_window} validation checkpoints gain "
+        f"way. Plateau: the last "
+        f"{_window_words(options.plateau_window)} validation checkpoints gain "
         f"less than {options.plateau_tolerance:g} over the best before them, for every "
         f"seed.", ""] + ([f"- {n}" for n in notes] + [""] if notes else [])
 
