@@ -418,3 +418,18 @@ def test_plateau_window_may_be_a_share_of_each_runs_checkpoints():
     verdicts_lib.VerdictOptions(plateau_window=4.0)
     with pytest.raises(ValueError, match="or a share in"):
         verdicts_lib.VerdictOptions(plateau_window=1.5)
+
+
+def test_a_clip_only_arm_is_described_not_judged(two_arms):
+    """Clipping without noise (epsilon inf) has no DP guarantee: no claim, a note."""
+    sweep, _ = two_arms
+    for seed in (0, 1):
+        write_run(sweep, f"epsilon=clip__seed={seed}", private=True, seed=seed,
+                  final=(0.85, 0.7), settings={"noise_multiplier": 0.0, "epsilon": None})
+        path = sweep / f"epsilon=clip__seed={seed}" / "result.json"
+        result = json.loads(path.read_text())
+        result["privacy"]["epsilon"] = "inf"
+        path.write_text(json.dumps(result))
+    frame, _, notes = _judge(sweep)
+    assert len(frame) == 2  # the epsilon-2 arm's two claims only
+    assert any("clipped without noise" in n for n in notes), notes

@@ -146,6 +146,13 @@ def _window_words(window):
     return f"{window:g}" if window >= 1 else f"{100 * window:g}% of the"
 
 
+def _without_noise(table, arm):
+    """Whether an arm's runs added no noise (a clip-only baseline: epsilon infinite)."""
+    runs = table[table["run"].isin(arm.runs)]
+    epsilons = pd.to_numeric(runs["epsilon"], errors="coerce")
+    return bool(np.isinf(epsilons).all())
+
+
 def plateau_checkpoints(window, count):
     """The checkpoints of a curve's last segment: `window` itself, or a share of `count`."""
     if window >= 1:
@@ -317,6 +324,10 @@ def judge(sweep_dir, table, keys, options):
                      "and reading the best of them would choose on the test split.")
     entries = []
     for arm in [a for a in arms if a.private]:
+        if _without_noise(table, arm):
+            notes.append(f"Arm {arm.name}: clipped without noise (no DP guarantee); "
+                         f"described in the other tables, not judged here.")
+            continue
         other, reason = arms_lib.counterpart(arm, arms)
         if other is None:
             notes.append(f"Private arm {arm.name}: no claim ({reason}).")
