@@ -41,6 +41,12 @@ the run's released selection score where result.json has one (noisy for a
 private run with `score_noise`), else its last checkpoint's validation
 scores. Test figures never enter a choice. Groups without validation
 figures keep every candidate, each compared separately.
+
+The module is about 440 lines: its options, the two claims, the plateau
+check, the judging of a sweep's arms (choices, clip-only arms, counterparts)
+and the tables are one procedure from a sweep folder to `verdicts.md`; the
+readers of saved runs and the arms already live apart (`claims_lib`,
+`arms_lib`).
 """
 
 import dataclasses
