@@ -82,33 +82,29 @@ def next_threshold(threshold, share, config):
                               * (share - config.target_quantile))
 
 
-def adapt_threshold(threshold, current, count, config, index, within_limit):
-    """Sets the adaptive threshold of the next update from this one's NOISY count.
+def adapt_threshold(threshold, current, share, config, within_limit):
+    """Sets the threshold of the next update from this one's released noisy share.
 
-    T <- T * exp(-eta * ((count + z) / B - gamma)), z ~ N(0, sigma_b^2) drawn
-    from (secret seed, update `index`) on the count's own stream; the same on every replica, which all hold the all-reduced
-    count. A batch refused by the row check (`within_limit` 0) leaves T as
-    it was. Call it among the update's writes (`apply_update`'s
-    `after_apply`), which wait for the step's checks.
+    T <- T * exp(-eta * (share - gamma)), `share` from `noisy_share` (the
+    count plus its own Gaussian noise, the same on every replica). A batch
+    refused by the row check (`within_limit` 0) leaves T as it was. Call it
+    among the update's writes (`apply_update`'s `after_apply`), which wait
+    for the step's checks.
 
     Args:
       threshold: the model's threshold variable (scalar float32).
       current: its value read at the start of this update (the T_t that
-        clipped it and was counted against); the assignment waits for
-        every use of it.
-      count: the all-reduced count of rows at or below T (exact: only the
-        noisy share derived here is ever used).
-      config: the `DPConfig` (count noise, target quantile, learning rate).
-      index: int64 scalar, the ledger's index of this update.
+        clipped it and was counted against); the assignment waits for it.
+      share: the noisy share (`noisy_share`), never the exact count.
+      config: the `DPConfig` (target quantile, learning rate).
       within_limit: float32 1.0 / 0.0 from `checks.check_rows`.
 
     Returns:
-      `(share, assign op)`: the released noisy share, and the assignment.
+      The assignment.
     """
-    share = noisy_share(count, config, index)
     new = next_threshold(current, share, config)
-    with tf.control_dependencies([current, count]):
-        return share, threshold.assign(tf.where(within_limit > 0, new, current))
+    with tf.control_dependencies([current, share]):
+        return threshold.assign(tf.where(within_limit > 0, new, current))
 
 
 def create_threshold(model, config):

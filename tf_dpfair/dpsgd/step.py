@@ -52,8 +52,8 @@ Adaptive clipping (`DPConfig.adaptive_clipping`, `tf_dpfair.dpsgd.adaptive`)
 changes step 2's factor (the clip norm is this update's threshold T_t, or
 each example is scaled by C / max(||g||, T_t)), adds to step 3's all-reduce
 the count of examples at or below T_t, and after the update sets T_{t+1}
-from that count plus its own Gaussian noise (`adapt_threshold`); the sum
-then gets the noise sigma_g of `DPConfig.gradient_noise_multiplier`, so that
+from that count plus its own Gaussian noise (`adaptive.noisy_share`,
+`adaptive.adapt_threshold`); the sum then gets the noise sigma_g of `DPConfig.gradient_noise_multiplier`, so that
 sum and count together are one Gaussian mechanism of multiplier sigma.
 Anything else the step computes (training loss, `clip_fraction`, non-finite
 counts, per-group diagnostics) is on training data without noise, outside

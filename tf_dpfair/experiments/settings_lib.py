@@ -142,7 +142,7 @@ class Settings:
         for, so runs without one write the same files as before they existed.
         """
         values = dataclasses.asdict(self)
-        for name in _CACHE_FIELDS:  # as before they existed, unless used
+        for name in _OMITTED_AT_DEFAULT:  # newer fields, as before they existed
             if values[name] == _DEFAULTS[name]:
                 del values[name]
         if not self.validation_fraction:
@@ -153,7 +153,7 @@ class Settings:
 
 
 _SELECTION_FIELDS = ("validation_fraction", "score_noise", "public_validation")
-_CACHE_FIELDS = ("cache_features", "feature_cache_dir", "dashboard_every",
+_OMITTED_AT_DEFAULT = ("cache_features", "feature_cache_dir", "dashboard_every",
                  "adaptive_clipping", "count_noise_multiplier", "target_quantile",
                  "threshold_learning_rate")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}

@@ -196,15 +196,16 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
         shadows, decay = self._ema_shadows, None
         if shadows is not None:  # d_t of update `index` (`ema.warmup_decay`)
             decay = ema.warmup_decay(config.ema_decay, index, config.ema_warmup)
-        share = []
+        share = None
+        if self._clip_threshold is not None:  # released from the NOISY count only
+            share = adaptive.noisy_share(counts[3], config, index)
 
         def after_apply():
             if shadows is not None:
                 ema.apply_decay(shadows, variables, decay)
-            if self._clip_threshold is not None:  # from the NOISY count only
-                share.append(adaptive.adapt_threshold(
-                    self._clip_threshold, adapted, counts[3], config, index,
-                    within_limit)[0])
+            if share is not None:
+                adaptive.adapt_threshold(self._clip_threshold, adapted, share, config,
+                                         within_limit)
 
         step.apply_update(
             self.optimizer, grads, variables, within_limit=within_limit,
@@ -238,7 +239,7 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
             # This update's threshold and its released noisy share: functions
             # of noisy counts only (post-processing, no further privacy cost).
             logs["clip_threshold"] = tf.cast(adapted, tf.float32)
-            logs["threshold_noisy_share"] = share[0]
+            logs["threshold_noisy_share"] = share
         return logs
 
     # ----------------------------------------------------------- its parts
@@ -271,8 +272,8 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
         return tf.function(self._clipped_sum_over_microbatches,
                            jit_compile=True, autograph=False)
 
-    def _clipped_sum_over_microbatches(self, x, targets, weights, groups=None,
-                                       clip_norm=None, threshold=None):
+    def _clipped_sum_over_microbatches(self, x, targets, weights, groups, clip_norm,
+                                       threshold):
         """Steps 1-3 of the update: `step.clipped_sum_over_microbatches`.
 
         Each micro-batch is clipped by ghost clipping where the model allows
@@ -287,8 +288,6 @@ class DPTraining(fitting.KerasFitting, ledger_state.LedgerState,
         """
         config = self._dp_config
         variables = self.trainable_variables
-        if clip_norm is None:  # read once per update by train_step, else here
-            clip_norm, threshold = self._clip_norm_and_threshold()
         clip = step.microbatch_clipper(
             variables, clip_norm, config.augmult,
             example_loss=self._example_loss, losses_fn=self._per_example_losses,
