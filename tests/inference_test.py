@@ -261,6 +261,31 @@ def test_verdicts_adjust_across_claims():
     assert [v.verdict for v in inf.verdicts(claims[:2])] == ["holds", "holds"]
 
 
+def test_differs_claims_say_which_way_or_no_difference_detected():
+    # Normal form: est -0.02, se 0.008: z = -2.5, two-sided p = 2 * Phi(-2.5) = 0.012419.
+    lower = inf.Claim("narrows", "differs", 0.0, -0.02, standard_error=0.008)
+    assert lower.p_value() == pytest.approx(2 * norm.cdf(-2.5))
+    assert lower.p_value() == pytest.approx(0.0124193, abs=1e-7)
+    # Bootstrap: 99 draws, 10 <= 0 and 90 >= 0: p = 2 * 11 / 100 = 0.22 (as above).
+    higher = inf.Claim("widens", "differs", 0.0, 0.3, draws=np.arange(-9, 90, dtype=float))
+    assert higher.p_value() == pytest.approx(0.22)
+    sure = inf.Claim("sure", "differs", 0.0, 0.5, draws=np.full(99, 0.5))
+    out = inf.verdicts([lower, higher, sure], alpha=0.05)
+    # Holm over 0.0124, 0.22, 0.02: sorted 0.0124 * 3, 0.02 * 2, 0.22 -> 0.0373, 0.04, 0.22.
+    assert [v.adjusted_p_value for v in out] == pytest.approx([3 * 2 * norm.cdf(-2.5), 0.22, 0.04])
+    assert [v.verdict for v in out] == ["lower", "no difference detected", "higher"]
+    assert "not evidence that d = 0" in out[1].reason
+    assert out[0].margin == 0.0 and out[0].kind == "differs"
+    # An arm that had not plateaued makes it inconclusive whatever the test says.
+    flat = inf.Claim("flat", "differs", 0.0, 0.5, draws=np.full(99, 0.5),
+                     plateaued={"quantile": False})
+    assert inf.verdicts([flat])[0].verdict == "inconclusive"
+    with pytest.raises(ValueError, match="has no margin"):
+        inf.Claim("x", "differs", 0.01, 0.0, standard_error=0.1)
+    with pytest.raises(ValueError, match="margin must be a finite number > 0"):
+        inf.Claim("x", "no_larger_than", 0.0, 0.0, standard_error=0.1)
+
+
 def test_claim_from_a_bootstrap_difference():
     rng = np.random.default_rng(4)
     diff = inf.hierarchical_bootstrap(_arm(rng, 5, 200, 0.0, 0.02), _arm(rng, 5, 200, 0.0, 0.02),

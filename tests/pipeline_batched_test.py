@@ -71,3 +71,30 @@ def test_augmentation_keeps_the_row_by_row_path():
     for a, b in zip(_batches(batched, **kwargs), _batches(row_by_row, **kwargs)):
         np.testing.assert_array_equal(a[0], b[0])
         assert a[0].shape[1] == 2  # the views axis
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_gathered_evaluation_batches_equal_row_by_row_batches(trial):
+    rng = np.random.default_rng(100 + trial)
+    kind = ("uint8", "multi_label", "features")[trial % 3]
+    n = int(rng.integers(20, 90))
+    batched, row_by_row = _sources(kind, rng, n)
+    if trial >= 3:
+        keep = np.sort(rng.choice(n, size=n // 2, replace=False))
+        batched, row_by_row = batched.subset(keep), row_by_row.subset(keep)
+    replicas = int(rng.integers(1, 3))
+    kwargs = dict(batch_size=2 * replicas * int(rng.integers(2, 9)), microbatch_size=2,
+                  num_replicas=replicas, with_groups=bool(trial % 2))
+    got = [tf.nest.map_structure(lambda t: t.numpy(), b)
+           for b in pipeline.make_eval_dataset(batched, **kwargs)]
+    want = [tf.nest.map_structure(lambda t: t.numpy(), b)
+            for b in pipeline.make_eval_dataset(row_by_row, **kwargs)]
+    assert len(got) == len(want) == -(-batched.num_examples // kwargs["batch_size"])
+    for a, b in zip(got, want):
+        tf.nest.assert_same_structure(a, b)
+        for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b)):
+            assert x.dtype == y.dtype and x.shape == y.shape
+            np.testing.assert_array_equal(x, y)
+    # Every example once, in order, then weight-0 padding.
+    weights = np.concatenate([b[2] for b in got])
+    assert weights.sum() == batched.num_examples and weights[:batched.num_examples].all()

@@ -1,6 +1,6 @@
 """Statistics behind a report's verdicts: holds, fails or inconclusive.
 
-About 840 lines, half of them docstrings: the five steps from runs to a
+About 920 lines, half of them docstrings: the five steps from runs to a
 verdict (bootstrap, Holm, equivalence and one-sided tests, plateau, verdict)
 share their checks and conventions (the +1 p-value rule, `p <= alpha`), so
 they stay in one module that a reader can check against its formulas in one
@@ -61,6 +61,13 @@ verdict on it:
   <= alpha; else "fails" when the simultaneous (Bonferroni, 1 - 2 alpha / m
   for m claims) interval lies wholly on the wrong side of the margin; else
   "inconclusive".
+- A claim of kind "differs" asks which way d lies, not whether it is
+  negligible (e.g. "does a clipping mode narrow the gap?"): it has no
+  margin, its p-value is the two-sided `bootstrap_p_value` of d = 0 (or
+  2 (1 - Phi(|est| / se))), and its verdict is "lower" or "higher" (d < 0
+  or d > 0, by the estimate's sign) when the Holm-adjusted p-value is
+  <= alpha, else "no difference detected", which is not evidence of
+  equality; "inconclusive" when an arm had not plateaued.
 
 What a reader may conclude. "holds": the claim is supported at family-wise
 level alpha across the report's claims, under the bootstrap's model (seeds
@@ -85,8 +92,11 @@ from tf_dpfair.fairness import engine
 
 NO_LARGER_THAN = "no_larger_than"
 EQUIVALENT = "equivalent"
-CLAIM_KINDS = (NO_LARGER_THAN, EQUIVALENT)
+DIFFERS = "differs"
+CLAIM_KINDS = (NO_LARGER_THAN, EQUIVALENT, DIFFERS)
 HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
+# Verdicts of a "differs" claim (two-sided, no margin).
+LOWER, HIGHER, NO_DIFFERENCE = "lower", "higher", "no difference detected"
 
 # Resampling weights are built in chunks of at most this many entries.
 _CHUNK_ENTRIES = 4_000_000
@@ -112,6 +122,16 @@ def _check_margin(margin):
         raise ValueError(f"margin must be a finite number > 0 (the difference treated "
                          f"as negligible); got {margin!r}.")
     return float(margin)
+
+
+def _check_claim_margin(kind, margin):
+    """A margin > 0, or exactly 0 for a "differs" claim (which has none)."""
+    if kind == DIFFERS:
+        if margin != 0:
+            raise ValueError(f"a {DIFFERS!r} claim has no margin: give margin=0; "
+                             f"got {margin!r}.")
+        return 0.0
+    return _check_margin(margin)
 
 
 def _check_draws(draws):
@@ -717,9 +737,9 @@ class Claim:
 
     Attributes:
         name: how the report names the claim.
-        kind: "no_larger_than" (d < margin, one-sided) or "equivalent"
-            (|d| < margin, TOST).
-        margin: the difference treated as negligible, > 0.
+        kind: "no_larger_than" (d < margin, one-sided), "equivalent"
+            (|d| < margin, TOST) or "differs" (d != 0, two-sided: which way).
+        margin: the difference treated as negligible, > 0 (0 for "differs").
         estimate: the estimated difference.
         draws: bootstrap draws of d, or None.
         standard_error: the standard error of `estimate`, or None.
@@ -735,7 +755,7 @@ class Claim:
 
     def __post_init__(self):
         _check_kind(self.kind)
-        _check_margin(self.margin)
+        _check_claim_margin(self.kind, self.margin)
         if (self.draws is None) == (self.standard_error is None):
             raise ValueError(f"claim {self.name!r}: give exactly one of draws (bootstrap) "
                              f"and standard_error (normal approximation).")
@@ -746,6 +766,11 @@ class Claim:
 
     def p_value(self):
         """The claim's unadjusted p-value (module docstring)."""
+        if self.kind == DIFFERS:
+            if self.draws is None:
+                estimate, se = _check_normal(self.estimate, self.standard_error)
+                return float(2.0 * stats.norm.sf(abs(estimate) / se))
+            return bootstrap_p_value(self.draws)
         if self.kind == NO_LARGER_THAN:
             if self.draws is None:
                 return no_larger_than_normal(self.estimate, self.standard_error, self.margin)
@@ -769,7 +794,9 @@ class Verdict:
 
     Attributes:
         name, kind, margin: the claim's.
-        verdict: "holds", "fails" or "inconclusive".
+        verdict: "holds", "fails" or "inconclusive"; for a "differs"
+            claim "lower", "higher", "no difference detected" or
+            "inconclusive".
         reason: one sentence saying why.
         estimate: the estimated difference.
         interval: the interval used for "fails" (`verdicts`: simultaneous,
@@ -802,13 +829,16 @@ def verdict(kind, *, margin, estimate, interval, p_value, adjusted_p_value, alph
     In order: "inconclusive" when an arm had not plateaued; "holds" when
     `adjusted_p_value <= alpha`; "fails" when `interval` lies wholly beyond
     the margin (no_larger_than: low > margin; equivalent: low > margin or
-    high < -margin); otherwise "inconclusive".
+    high < -margin); otherwise "inconclusive". A "differs" claim: after the
+    plateau, "lower" / "higher" (the estimate's sign) when
+    `adjusted_p_value <= alpha`, else "no difference detected".
 
     Args:
-        kind: "no_larger_than" or "equivalent".
-        margin: the claim's margin, > 0.
+        kind: "no_larger_than", "equivalent" or "differs".
+        margin: the claim's margin, > 0 (0 for "differs").
         estimate: the estimated difference.
-        interval: `(low, high)`, the interval deciding "fails".
+        interval: `(low, high)`, the interval deciding "fails" (reported
+            for "differs").
         p_value, adjusted_p_value: the claim's p-value, unadjusted and
             Holm-adjusted.
         alpha: the family-wise level, in (0, 0.5).
@@ -822,18 +852,27 @@ def verdict(kind, *, margin, estimate, interval, p_value, adjusted_p_value, alph
         ValueError: a bad kind, margin, alpha, p-value or interval.
     """
     _check_kind(kind)
-    margin, alpha = _check_margin(margin), _check_alpha(alpha)
+    margin, alpha = _check_claim_margin(kind, margin), _check_alpha(alpha)
     _check_p_values([p_value, adjusted_p_value])
     low, high = (float(x) for x in interval)
     if not low <= high:
         raise ValueError(f"interval must be (low, high) with low <= high; got {interval!r}.")
     flat = sorted(str(arm) for arm, ok in (plateaued or {}).items() if not ok)
-    target = (f"d < {margin:g}" if kind == NO_LARGER_THAN else f"|d| < {margin:g}")
+    target = {NO_LARGER_THAN: f"d < {margin:g}", EQUIVALENT: f"|d| < {margin:g}",
+              DIFFERS: "d != 0"}[kind]
     where = f"[{low:.4g}, {high:.4g}]"
     if flat:
         outcome, reason = INCONCLUSIVE, (
                 f"Arm(s) {', '.join(flat)} had not plateaued on validation, so longer "
                 f"training could change the estimate.")
+    elif kind == DIFFERS and adjusted_p_value <= alpha:
+        outcome = LOWER if estimate < 0 else HIGHER
+        reason = (f"d {'<' if estimate < 0 else '>'} 0 is supported: Holm-adjusted p = "
+                  f"{adjusted_p_value:.3g} <= {alpha:g}.")
+    elif kind == DIFFERS:
+        outcome, reason = NO_DIFFERENCE, (
+                f"Neither direction shown: Holm-adjusted p = {adjusted_p_value:.3g} > "
+                f"{alpha:g} (interval {where}); this is not evidence that d = 0.")
     elif adjusted_p_value <= alpha:
         outcome, reason = HOLDS, (
                 f"{target} is supported: Holm-adjusted p = {adjusted_p_value:.3g} "
