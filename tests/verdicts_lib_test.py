@@ -433,3 +433,115 @@ def test_a_clip_only_arm_is_described_not_judged(two_arms):
     frame, _, notes = _judge(sweep)
     assert len(frame) == 2  # the epsilon-2 arm's two claims only
     assert any("clipped without noise" in n for n in notes), notes
+
+
+def test_tuned_settings_let_an_arm_meet_a_counterpart_tuned_apart(tmp_path):
+    """A batch chosen per arm on a pilot: compared only when the report is told so."""
+    for seed in (0, 1):
+        write_run(tmp_path, f"epsilon=2__seed={seed}", private=True, seed=seed,
+                  final=(0.8, 0.6), settings={"batch_size": 4096, "ema_decay": 0.98})
+        write_run(tmp_path, f"epsilon=inf__seed={seed}", private=False, seed=seed,
+                  final=(0.9, 0.86), checkpoints=CURVE,
+                  settings={"batch_size": 1024, "ema_decay": 0.0})
+    write_axes(tmp_path, ["epsilon", "batch_size", "ema_decay", "seed"])
+    frame, _, notes = _judge(tmp_path)
+    assert frame.empty and any("no non-private runs with the same settings" in n
+                               for n in notes), notes
+    frame, _, notes = _judge(tmp_path, tuned=("batch_size", "ema_decay"))
+    assert len(frame) == 2 and frame["counterpart"].str.contains("batch_size=1024").all()
+    assert any("tuned for each arm apart" in n and "batch_size, ema_decay" in n
+               for n in notes), notes
+
+
+def _mechanism_sweep(sweep, mode_finals):
+    """Non-private curve, standard clipping and one clipping mode at epsilon 2, 2 seeds."""
+    finals = {}
+    for seed in (0, 1):
+        finals[("standard", seed)] = write_run(
+            sweep, f"epsilon=2__mode=standard__seed={seed}", private=True, seed=seed,
+            final=[(0.8, 0.6), (0.78, 0.62)][seed], learning_rate=0.5)
+        finals[("mode", seed)] = write_run(
+            sweep, f"epsilon=2__mode=global_adapt__seed={seed}", private=True, seed=seed,
+            final=mode_finals[seed], learning_rate=0.3,
+            settings={"adaptive_clipping": "global_adapt", "target_quantile": 0.9})
+        finals[("non-private", seed)] = write_run(
+            sweep, f"epsilon=inf__seed={seed}", private=False, seed=seed,
+            final=(0.9, 0.86), checkpoints=CURVE, learning_rate=0.1)
+    write_axes(sweep, ["epsilon", "adaptive_clipping", "seed"])
+    return finals
+
+
+def _hand_excess(sweep, finals, arm):
+    curves = [_hand_curve(sweep / f"epsilon=inf__seed={s}") for s in (0, 1)]
+    excess = []
+    for seed in (0, 1):
+        accuracy, gap = _accuracy(finals[(arm, seed)])
+        readings = []
+        for points in curves:
+            order = np.argsort(points[:, 0])
+            readings.append(np.interp(accuracy, points[order, 0], points[order, 1]))
+        excess.append(gap - np.mean(readings))
+    return np.mean(excess)
+
+
+def test_a_clipping_mode_is_judged_against_standard_clipping_at_its_epsilon(tmp_path):
+    from tf_dpfair.experiments import mechanisms_lib
+    finals = _mechanism_sweep(tmp_path, [(0.79, 0.7), (0.77, 0.71)])
+    table, keys = report_lib.load_sweep(str(tmp_path))
+    options = verdicts_lib.VerdictOptions(n_bootstrap=300)
+    entries, notes = mechanisms_lib.judge_mechanisms(str(tmp_path), table, keys, options)
+    frame = mechanisms_lib.mechanism_table(entries)
+    assert frame["claim"].tolist() == ["accuracy cost", "excess disparity difference (sex)"]
+    assert frame["mode arm"].str.contains("global_adapt").all()
+    assert frame["standard arm"].str.contains("adaptive_clipping=nan").all()
+    assert set(frame["non-private arm"]) == {"epsilon=inf, adaptive_clipping=nan"}
+    assert frame["kind"].tolist() == ["no_larger_than", "differs"]
+    assert frame["margin"].tolist() == [0.01, 0.0]
+    # By numpy: standard accuracy minus the mode's; excess (mode) - excess (standard).
+    standard = np.mean([finals[("standard", s)].mean() for s in (0, 1)])
+    mode = np.mean([finals[("mode", s)].mean() for s in (0, 1)])
+    assert frame["estimate"][0] == pytest.approx(standard - mode, abs=1e-12)
+    assert frame["estimate"][1] == pytest.approx(
+        _hand_excess(tmp_path, finals, "mode") - _hand_excess(tmp_path, finals, "standard"),
+        abs=1e-12)
+    assert frame["estimate"][1] < -0.05  # the mode's gap is far smaller by construction
+    assert set(frame["verdict"]) <= {"holds", "fails", "inconclusive", "lower", "higher",
+                                     "no difference detected"}
+    # Holm over this family of two: each adjusted p is at most twice its own.
+    for p, holm in zip(frame["p"], frame["Holm p"]):
+        assert p <= holm <= min(1.0, 2 * p) + 1e-12
+    # The mode arm also meets its non-private counterpart in verdicts.md.
+    verdict_frame, _, _ = _judge(tmp_path)
+    assert verdict_frame["private arm"].str.contains("global_adapt").sum() == 2
+    assert not notes
+
+
+def test_mechanism_verdicts_files_name_their_split_and_need_a_standard_arm(tmp_path):
+    from tf_dpfair.experiments import mechanisms_lib
+    sweep = tmp_path / "sweep"
+    _mechanism_sweep(sweep, [(0.79, 0.7), (0.77, 0.71)])
+    out = tmp_path / "out"
+    out.mkdir()
+    table, keys = report_lib.load_sweep(str(sweep))
+    paths, lines = mechanisms_lib.write_mechanism_verdicts(
+        str(sweep), table, keys, str(out), verdicts_lib.VerdictOptions(n_bootstrap=50))
+    text = (out / "mechanisms.md").read_text()
+    assert "Split: test" in text and "Holm across these 2 tested claims" in text
+    assert pd.read_csv(paths["mechanisms"])["split"].eq("test").all()
+    assert lines[0] == "## Clipping modes against standard DP-SGD"
+    # Without a standard-clipping arm of that epsilon: a note, no claim.
+    for seed in (0, 1):
+        for path in (sweep / f"epsilon=2__mode=standard__seed={seed}").rglob("*"):
+            if path.is_file():
+                path.unlink()
+    table, keys = report_lib.load_sweep(str(sweep))
+    entries, notes = mechanisms_lib.judge_mechanisms(
+        str(sweep), table, keys, verdicts_lib.VerdictOptions(n_bootstrap=50))
+    assert not entries and any("no standard-clipping arm" in n for n in notes), notes
+    # A sweep without clipping modes writes nothing.
+    plain = tmp_path / "plain"
+    for seed in (0, 1):
+        write_run(plain, f"epsilon=2__seed={seed}", private=True, seed=seed, final=(0.8, 0.6))
+    write_axes(plain, ["epsilon", "seed"])
+    table, keys = report_lib.load_sweep(str(plain))
+    assert mechanisms_lib.write_mechanism_verdicts(str(plain), table, keys, str(out)) == ({}, [])

@@ -18,6 +18,9 @@ from tf_dpfair.experiments import claims_lib
 
 RATES = ("learning_rate", "non_private_learning_rate")
 PRIVACY = ("epsilon", "non_private", "noise_multiplier")
+# The clipping mode of a private arm: no meaning for non-private runs.
+MECHANISM = ("adaptive_clipping", "count_noise_multiplier", "target_quantile",
+             "threshold_learning_rate")
 # What is measured, not what is trained: a non-private counterpart may be
 # checkpointed more densely (or report otherwise) than its private arm.
 MEASUREMENT = ("eval_every", "checkpoint_every_updates", "eval_batch_size", "n_bootstrap",
@@ -70,22 +73,27 @@ def find_arms(table, keys):
             for (private, settings), a in arms.items()]
 
 
-def counterpart(arm, arms):
+def counterpart(arm, arms, tuned=()):
     """The non-private arm compared with a private one, or None with the reason.
 
-    Candidates share every setting but the privacy settings, the learning
-    rates and the settings of what is measured (`MEASUREMENT`: checkpoints,
-    evaluation, diagnostics); several are narrowed to those with the same
-    learning rates.
+    Candidates share every setting but the privacy settings (the clipping
+    mode's included), the learning rates, the settings of what is measured
+    (`MEASUREMENT`: checkpoints, evaluation, diagnostics) and those in
+    `tuned`; several are narrowed to those with the same learning rates and
+    tuned settings.
 
     Args:
         arm: a private `Arm`.
         arms: the `Arm`s still in the report (after the choices).
+        tuned: settings chosen for each arm apart before the sweep (e.g. on a
+            pilot's validation figures: `batch_size`, `ema_decay`), which may
+            differ between an arm and its counterpart.
 
     Returns:
         `(Arm or None, reason)`.
     """
-    loose, strict = PRIVACY + MEASUREMENT + RATES, PRIVACY + MEASUREMENT
+    loose = PRIVACY + MECHANISM + MEASUREMENT + RATES + tuple(tuned)
+    strict = PRIVACY + MECHANISM + MEASUREMENT
     candidates = [a for a in arms if not a.private and a.key(loose) == arm.key(loose)]
     if len(candidates) > 1:
         candidates = [a for a in candidates if a.key(strict) == arm.key(strict)]
@@ -94,6 +102,37 @@ def counterpart(arm, arms):
     if not candidates:
         return None, "no non-private runs with the same settings"
     return None, f"{len(candidates)} non-private arms match: {[a.name for a in candidates]}"
+
+
+def mechanism(arm):
+    """A private arm's clipping mode: "" for standard clipping (a fixed clip norm)."""
+    value = dict(arm.settings).get("adaptive_clipping", "")
+    return "" if value in ("", "None", "nan") else value
+
+
+def standard_counterpart(arm, arms, tuned=()):
+    """The standard-clipping arm a private arm of another clipping mode is compared with.
+
+    Candidates are private, clip with a fixed norm, and share every setting
+    but the clipping mode's, the learning rates, what is measured and
+    `tuned` (the epsilon included: the same budget).
+
+    Args:
+        arm: a private `Arm` whose `mechanism` is not "".
+        arms: the `Arm`s still in the report.
+        tuned: as in `counterpart`.
+
+    Returns:
+        `(Arm or None, reason)`.
+    """
+    loose = MECHANISM + MEASUREMENT + RATES + tuple(tuned)
+    candidates = [a for a in arms if a.private and not mechanism(a)
+                  and a.key(loose) == arm.key(loose)]
+    if len(candidates) == 1:
+        return candidates[0], ""
+    if not candidates:
+        return None, "no standard-clipping arm with the same settings and epsilon"
+    return None, f"{len(candidates)} standard-clipping arms match: {[a.name for a in candidates]}"
 
 
 def validation_figure(sweep_dir, row, multi_label, weights="raw"):

@@ -64,6 +64,13 @@ _PLATEAU_TOLERANCE = flags.DEFINE_float(
 _WEIGHTS = flags.DEFINE_enum("weights", "raw", ["raw", "ema"], "Verdicts: weights of the "
                              "private final models (ema where a run kept EMA; non-private "
                              "runs have none).")
+_TUNED = flags.DEFINE_list(
+    "tuned_settings", [], "Verdicts: settings chosen for each arm apart before the sweep "
+    "(e.g. batch_size,ema_decay from a pilot on validation), which may differ between "
+    "the arms a claim compares.")
+_MECHANISM_MARGIN = flags.DEFINE_float(
+    "mechanism_accuracy_margin", 0.01, "Verdicts of clipping modes (mechanisms.md): the "
+    "claimed bound on a mode's accuracy cost against standard clipping.")
 _VERDICT_BOOTSTRAP = flags.DEFINE_integer("verdict_bootstrap", 1000, "Verdicts: hierarchical "
                                           "bootstrap draws per claim.")
 
@@ -79,7 +86,8 @@ def main(argv):
             accuracy_margin=_ACCURACY_MARGIN.value, disparity_margin=_DISPARITY_MARGIN.value,
             alpha=_ALPHA.value, plateau_window=_PLATEAU_WINDOW.value,
             plateau_tolerance=_PLATEAU_TOLERANCE.value, weights=_WEIGHTS.value,
-            n_bootstrap=_VERDICT_BOOTSTRAP.value)
+            n_bootstrap=_VERDICT_BOOTSTRAP.value, tuned=tuple(_TUNED.value),
+            mechanism_accuracy_margin=_MECHANISM_MARGIN.value)
     except ValueError as error:
         raise app.UsageError(str(error)) from error
     explorable = {"facets": sweep_lib.parse_assignments(_SETTING.value) or None,

@@ -14,6 +14,10 @@ From a sweep folder (`sweep_lib.run_sweep`) `write_sweep_report` writes:
   on the non-private checkpoint curve), Holm-corrected across the report;
   `choices.md/.csv` when the grid varies a learning rate (chosen on the
   validation split).
+- `mechanisms.md/.csv` (`mechanisms_lib`), when a private arm sets
+  `adaptive_clipping`: each clipping mode against standard DP-SGD at the
+  same epsilon (accuracy cost; difference of excess disparities: lower,
+  higher or no difference detected), Holm across those claims.
 - `matched.md/.csv` and `matched/<run>_<weights>/`: descriptive; each
   private model against the checkpoint of its non-private counterpart (same
   settings but epsilon) with the closest overall test AUC
@@ -54,6 +58,7 @@ from tf_dpfair.fairness import rates_report
 from tf_dpfair.fairness import report
 from tf_dpfair.experiments import evaluation_lib
 from tf_dpfair.experiments import explorable_lib
+from tf_dpfair.experiments import mechanisms_lib
 from tf_dpfair.experiments import sweep_lib
 from tf_dpfair.experiments import verdicts_lib
 from tf_dpfair.data.groups import GroupSpec
@@ -83,8 +88,9 @@ def load_sweep(sweep_dir):
     if os.path.exists(path):
         with open(path) as f:
             keys = json.load(f).get("axes", [])
+    # A setting omitted where it is at its default (NaN) is a value of its own.
     keys = [k for k in keys if f"settings.{k}" in table
-            and table[f"settings.{k}"].astype(str).nunique() > 1]
+            and table[f"settings.{k}"].map(str).nunique(dropna=False) > 1]
     return table, keys
 
 
@@ -556,6 +562,10 @@ def write_sweep_report(sweep_dir, out_dir=None, n_bootstrap=200, explorable=None
                                                                out_dir, verdicts)
     paths.update(verdict_paths)
     lines += verdict_lines
+    mechanism_paths, mechanism_lines = mechanisms_lib.write_mechanism_verdicts(
+        sweep_dir, table, keys, out_dir, verdicts)
+    paths.update(mechanism_paths)
+    lines += mechanism_lines
     matched_paths, matched_lines = _write_matched(table, keys, sweep_dir, out_dir, n_bootstrap)
     paths.update(matched_paths)
     lines += matched_lines

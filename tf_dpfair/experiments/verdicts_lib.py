@@ -86,6 +86,12 @@ class VerdictOptions:
         weights: "raw", or "ema" (private runs' EMA weights where kept).
         n_bootstrap: bootstrap draws per claim (>= 1).
         seed: seed of the draws (>= 0).
+        tuned: settings chosen for each arm apart before the sweep (e.g.
+            `("batch_size", "ema_decay")` from a pre-registered pilot), which
+            may differ between the arms a claim compares.
+        mechanism_accuracy_margin: margin of "a clipping mode costs less than
+            this much accuracy against standard clipping" (> 0;
+            `mechanisms_lib`).
     """
     accuracy_margin: float = 0.03
     disparity_margin: float = 0.02
@@ -95,6 +101,8 @@ class VerdictOptions:
     weights: str = "raw"
     n_bootstrap: int = 1000
     seed: int = 0
+    tuned: tuple = ()
+    mechanism_accuracy_margin: float = 0.01
 
     def __post_init__(self):
         def number(value):
@@ -119,7 +127,11 @@ class VerdictOptions:
             ("weights", self.weights in WEIGHTS, f"one of {WEIGHTS}"),
             ("n_bootstrap", integer(self.n_bootstrap) and self.n_bootstrap >= 1,
              "an integer >= 1"),
-            ("seed", integer(self.seed) and self.seed >= 0, "an integer >= 0")]
+            ("seed", integer(self.seed) and self.seed >= 0, "an integer >= 0"),
+            ("tuned", isinstance(self.tuned, tuple) and all(
+                isinstance(t, str) and t for t in self.tuned), "a tuple of setting names"),
+            ("mechanism_accuracy_margin", number(self.mechanism_accuracy_margin)
+             and self.mechanism_accuracy_margin > 0, "a number > 0 (e.g. 0.01)")]
         for name, ok, wanted in checks:
             if not ok:
                 raise ValueError(f"{name} must be {wanted}; got {getattr(self, name)!r}.")
@@ -152,7 +164,7 @@ def _window_words(window):
     return f"{window:g}" if window >= 1 else f"{100 * window:g}% of the"
 
 
-def _without_noise(table, arm):
+def without_noise(table, arm):
     """Whether an arm's runs added no noise (a clip-only baseline: epsilon infinite)."""
     runs = table[table["run"].isin(arm.runs)]
     epsilons = pd.to_numeric(runs["epsilon"], errors="coerce")
@@ -166,7 +178,8 @@ def plateau_checkpoints(window, count):
     return max(1, int(math.ceil(window * count)))
 
 
-def _attributes(table):
+def group_attributes(table):
+    """The group attributes of a sweep's data (those with a list of group names)."""
     row = table.iloc[0]
     return [c.split(".")[-1] for c in table.columns
             if c.startswith("data.groups.") and isinstance(row[c], list)]
@@ -245,8 +258,8 @@ def disparity_claim(private_runs, checkpoint_runs, attribute, multi_label, optio
                            ), excess["estimate"], ""
 
 
-def _plateau(sweep_dir, arms, multi_label, options):
-    """`(plateaued mapping for the Claim, note)` of a pair of arms."""
+def arms_plateau(sweep_dir, arms, multi_label, options):
+    """`(plateaued mapping for the Claim, note)` of the arms a claim compares."""
     checked, missing = {}, []
     for arm in arms:
         value = arm_plateaued(sweep_dir, arm, multi_label, options)
@@ -261,7 +274,7 @@ def _plateau(sweep_dir, arms, multi_label, options):
     return checked, f"Plateau of {', '.join(missing)} not checked (no validation split)."
 
 
-def _guarded(function, *args):
+def guarded(function, *args):
     """`(claim or None, estimate, reason)` of a claim builder; a ValueError says why not."""
     try:
         result = function(*args)
@@ -278,14 +291,14 @@ def _pair_claims(sweep_dir, pair, attributes, multi_label, options, index):
     private_runs = [run for run, _ in finals]
     counterpart_runs = [claims_lib.final_run(os.path.join(sweep_dir, r), attributes,
                                              multi_label)[0] for r in other.runs]
-    plateaued, note = _plateau(sweep_dir, (arm, other), multi_label, options)
+    plateaued, note = arms_plateau(sweep_dir, (arm, other), multi_label, options)
     common = {"private arm": arm.name, "counterpart": other.name,
               "seeds per arm": f"{len(arm.runs)} / {len(other.runs)}", "split": "test",
               "weights": f"private {'/'.join(sorted({u for _, u in finals}))}, "
                          f"non-private raw", "note": note}
     rng = np.random.default_rng([options.seed, index])
     figure = "AUC" if multi_label else "accuracy"
-    results = [(f"{figure} gap", _guarded(accuracy_claim, private_runs, counterpart_runs,
+    results = [(f"{figure} gap", guarded(accuracy_claim, private_runs, counterpart_runs,
                                           multi_label, options, rng))]
     curves, updates = claims_lib.checkpoint_runs(
         [os.path.join(sweep_dir, r) for r in other.runs], attributes, multi_label)
@@ -294,12 +307,42 @@ def _pair_claims(sweep_dir, pair, attributes, multi_label, options, index):
                   f"checkpoint(s); a curve needs 2 or more (--eval_every, "
                   f"--checkpoint_every_updates).")
         if len(updates) >= 2:
-            result = _guarded(disparity_claim, private_runs, curves, attribute, multi_label,
+            result = guarded(disparity_claim, private_runs, curves, attribute, multi_label,
                               options, rng)
         results.append((f"excess disparity at matched {figure} ({attribute})", result))
     return [{**common, "name": name, "estimate": estimate, "reason": reason,
              "claim": claim and dataclasses.replace(claim, plateaued=plateaued)}
             for name, (claim, estimate, reason) in results]
+
+
+def chosen_arms(sweep_dir, table, keys, options):
+    """The arms a report compares, after the learning-rate choices on validation.
+
+    Args:
+        sweep_dir: the sweep folder.
+        table, keys: from `report_lib.load_sweep`.
+        options: `VerdictOptions`.
+
+    Returns:
+        `(arms, choices DataFrame, notes)` (`arms_lib.choose_learning_rates`).
+    """
+    multi_label = bool(table["data.multi_label"].iloc[0])
+    arms, notes, choices = arms_lib.find_arms(table, keys), [], pd.DataFrame()
+    if any(k in arms_lib.RATES for k in keys):
+        rows = {r["run"]: r for _, r in table.iterrows()}
+        figures = {run: arms_lib.validation_figure(
+                   sweep_dir, rows[run], multi_label, options.weights if arm.private else "raw")
+                   for arm in arms for run in arm.runs}
+        arms, choices, everywhere = arms_lib.choose_learning_rates(arms, figures)
+        notes.append("Learning rates chosen on the validation split (`choices.md`); only the "
+                     "chosen runs are compared." if everywhere else
+                     "Some learning rates could NOT be chosen on validation (no validation "
+                     "figures): those arms are compared separately per learning rate, "
+                     "and reading the best of them would choose on the test split.")
+    if options.tuned:
+        notes.append(f"Settings tuned for each arm apart before the sweep, which may differ "
+                     f"between compared arms: {', '.join(options.tuned)}.")
+    return arms, choices, notes
 
 
 def judge(sweep_dir, table, keys, options):
@@ -316,29 +359,18 @@ def judge(sweep_dir, table, keys, options):
         (`choose_learning_rates`) and lines about the arms and choices.
     """
     multi_label = bool(table["data.multi_label"].iloc[0])
-    arms, notes, choices = arms_lib.find_arms(table, keys), [], pd.DataFrame()
-    if any(k in arms_lib.RATES for k in keys):
-        rows = {r["run"]: r for _, r in table.iterrows()}
-        figures = {run: arms_lib.validation_figure(
-                   sweep_dir, rows[run], multi_label, options.weights if arm.private else "raw")
-                   for arm in arms for run in arm.runs}
-        arms, choices, everywhere = arms_lib.choose_learning_rates(arms, figures)
-        notes.append("Learning rates chosen on the validation split (`choices.md`); only the "
-                     "chosen runs are compared." if everywhere else
-                     "Some learning rates could NOT be chosen on validation (no validation "
-                     "figures): those arms are compared separately per learning rate, "
-                     "and reading the best of them would choose on the test split.")
+    arms, choices, notes = chosen_arms(sweep_dir, table, keys, options)
     entries = []
     for arm in [a for a in arms if a.private]:
-        if _without_noise(table, arm):
+        if without_noise(table, arm):
             notes.append(f"Arm {arm.name}: clipped without noise (no DP guarantee); "
                          f"described in the other tables, not judged here.")
             continue
-        other, reason = arms_lib.counterpart(arm, arms)
+        other, reason = arms_lib.counterpart(arm, arms, options.tuned)
         if other is None:
             notes.append(f"Private arm {arm.name}: no claim ({reason}).")
             continue
-        entries += _pair_claims(sweep_dir, (arm, other), _attributes(table), multi_label,
+        entries += _pair_claims(sweep_dir, (arm, other), group_attributes(table), multi_label,
                                 options, len(entries))
     testable = [e for e in entries if e["claim"] is not None]
     if testable:
