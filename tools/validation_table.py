@@ -61,18 +61,23 @@ ARM = ("rotated_fraction", "epsilon")
 def choices(table, arm=ARM, rate="learning_rate"):
     """Per arm, the run and weights of highest validation accuracy.
 
-    Ties go to the first run in the table's order. `at_grid_end` says
+    An arm is the runs of one value of each setting of `arm` and, where the
+    table has it, of `adaptive_clipping` (a missing value, standard clipping,
+    is a value of its own). Ties go to the first run in the table's order. `at_grid_end` says
     whether the chosen learning rate is the smallest or largest tried for
     that arm.
     """
+    # The remedy study's arms are also told apart by their clipping mode.
+    arm = tuple(arm) + tuple(a for a in ("adaptive_clipping",) if a in table.columns
+                             and a not in arm)
     rows = []
-    for key, runs in table.groupby(list(arm), sort=True):
+    for key, runs in table.groupby(list(arm), sort=True, dropna=False):
         scored = runs.melt(id_vars=[c for c in runs.columns if not c.startswith(
             "validation_accuracy_")], var_name="weights", value_name="validation_accuracy")
         scored = scored.dropna(subset=["validation_accuracy"])
         best = scored.loc[scored["validation_accuracy"].idxmax()]
         rates = sorted(runs[rate].unique())
-        end = ("low" if best[rate] == rates[0] else
+        end = ("" if len(rates) < 2 else "low" if best[rate] == rates[0] else
                "high" if best[rate] == rates[-1] else "")
         rows.append({**dict(zip(arm, key if isinstance(key, tuple) else (key,))),
                      "run": best["run"], "weights": best["weights"].split("_")[-1],
