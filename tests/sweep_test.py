@@ -134,3 +134,22 @@ def test_every_config_and_every_run_of_its_grid_is_valid(name):
             assert getattr(settings, key) == value or (
                 isinstance(value, float) and math.isinf(value)
                 and math.isinf(getattr(settings, key))), (run, key)
+
+
+def test_the_final_probe_config_holds_the_choices_made_on_validation():
+    """probe_study_final must run what docs/study2_redo/a1_r10_choices.csv chose."""
+    from tf_dpfair.experiments.configs import probe_study_final
+
+    choices = pd.read_csv(os.path.join(os.path.dirname(__file__), os.pardir, "docs",
+                                       "study2_redo", "a1_r10_choices.csv"))
+    wanted = set()
+    for _, row in choices.iterrows():
+        values = dict(part.split("=", 1) for part in row["run"].split("__"))
+        decay = float(values["ema_decay"]) if row["weights"] == "ema" else 0.0
+        wanted.add((float(values["epsilon"]), int(values["batch_size"]), decay,
+                    float(values["learning_rate"])))
+    got = {(float(p["epsilon"][0]), p["batch_size"][0], p["ema_decay"][0],
+            p["learning_rate"][0]) for p in probe_study_final.SWEEP["grid"]}
+    assert got == wanted and len(wanted) == 5
+    assert all(p["seed"] == [0, 1, 2, 3, 4] for p in probe_study_final.SWEEP["grid"])
+    assert probe_study_final.SETTINGS["checkpoint_every_updates"] == 4

@@ -12,7 +12,8 @@ dict with "grid" (field -> list of values, crossed) for `tf-dpfair-sweep`.
   ImageNet-pretrained EfficientNet-Lite0, the head only) and
   `pretrained_finetune_study` (the same with every layer fine-tuned);
   Study 2 redone as pre-registered in docs/study2_redo/preregistration.md:
-  `probe_study` (Stage A, a probe on cached features) and `finetune_study`
+  `probe_study` (Stage A, a probe on cached features; `probe_study_final`
+  its final runs, as chosen on validation) and `finetune_study`
   (Stage B, every layer trained); the remedy study of
   docs/remedy_study/preregistration.md: `remedy_study` (R2, a CNN from
   scratch, standard against group-aware clipping).
@@ -23,7 +24,7 @@ import importlib
 
 NAMES = ("chexpert", "mimic_cxr", "imagenet", "places365", "rotated_study",
          "pretrained_study", "pretrained_finetune_study", "subgroup_heatmap", "probe_study",
-         "finetune_study", "remedy_study", "demo")
+         "probe_study_final", "finetune_study", "remedy_study", "demo")
 
 
 def load(name):
