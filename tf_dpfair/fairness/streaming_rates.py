@@ -4,7 +4,7 @@
 examples) and every label, four weighted counts: positives, negatives, true
 positives and false positives at the decision. Counts are additive, so the
 variables use SUM aggregation and add up correctly across `tf.distribute`
-replicas; the result is exactly what `error_rates.evaluate` reports on the
+replicas; the result is exactly what `fairness.rates.evaluate` reports on the
 same examples (without intervals).
 
 The decision: a score >= `threshold` is positive (binary and multi-label
@@ -24,7 +24,7 @@ Result names (scalars; the progress bar, CSV logger and TensorBoard take them):
 With several labels (multi-label, or the classes of multi-class data) the
 names above hold the mean over the labels where the figure is defined (for
 the gaps and equalized odds: the mean of each label's figure, as
-`error_rates.evaluate` reports them), and with `per_label` each label
+`fairness.rates.evaluate` reports them), and with `per_label` each label
 also gets `tpr/<label>`, `tpr/<label>/<attribute>/<group>`,
 `tpr_gap/<label>/<attribute>`, and likewise for the others.
 
