@@ -243,3 +243,26 @@ def test_a_model_saved_before_the_warmup_field_loads_with_horizon_ten():
     assert model.update_count == 12
     assert model.ema_decay_reached == pytest.approx(
         min(config.ema_decay, 12 / 21), rel=1e-15)
+
+
+@pytest.mark.parametrize("compile_on_load", [True, False])
+def test_a_saved_model_with_ema_loads_its_shadows_with_or_without_compile(
+        tmp_path, compile_on_load):
+    model = linear_model(ema_decay=0.5, ema_warmup=0.0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 3)).astype(np.float32)
+    y = rng.normal(size=(32, 1)).astype(np.float32)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    raw = [v.numpy() for v in model.trainable_variables]
+    with model.ema_weights():
+        shadows = [v.numpy() for v in model.trainable_variables]
+    assert not all(np.allclose(a, b) for a, b in zip(raw, shadows))  # they differ
+    path = str(tmp_path / "ema.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path, compile=compile_on_load)
+    for a, b in zip(raw, loaded.trainable_variables):
+        np.testing.assert_array_equal(a, b.numpy())
+    with loaded.ema_weights():
+        for a, b in zip(shadows, loaded.trainable_variables):
+            np.testing.assert_array_equal(a, b.numpy())
+    assert loaded.update_count == model.update_count == 4

@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from tf_dpfair import workers
 from tf_dpfair.privacy import ledger as ledger_lib
+from tf_dpfair.training import ema
 
 # The attribute that ties a ledger to the variables it trained.
 _ATTRIBUTE = "_tf_dpfair_ledger"
@@ -274,8 +275,12 @@ class LedgerState:
 
         A file saved before the ledger existed (update count, participations
         and non-Poisson count as three int64 weights) loads with a
-        conservative ledger (`Ledger.from_legacy`).
+        conservative ledger (`Ledger.from_legacy`). A model saved after
+        `compile` with `ema_decay` holds its EMA shadows, which `compile`
+        creates: loaded without compile (`load_model(..., compile=False)`),
+        they are created here first, so the weights and shadows load as saved.
         """
+        self._create_saved_shadows(store)
         own = self._trainable_variables + self._non_trainable_variables
         keys = sorted(store.keys(), key=int)
         if len(keys) == len(own) + 2 and np.asarray(store["0"]).shape == ():
@@ -290,6 +295,16 @@ class LedgerState:
         else:
             super().load_own_variables(store)
         self._sync_ledger()
+
+
+    def _create_saved_shadows(self, store):
+        own = self._trainable_variables + self._non_trainable_variables
+        config = getattr(self, "_dp_config", None)
+        if (config is None or config.ema_decay is None or self._ema_shadows is not None
+                or not self.built):
+            return
+        if len(store.keys()) == len(own) + len(self.trainable_variables):
+            self._ema_shadows = ema.create_shadows(self, self.trainable_variables)
 
 
 class LedgerCallback(keras.callbacks.Callback):
