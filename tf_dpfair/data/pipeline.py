@@ -154,13 +154,7 @@ def make_train_dataset(source, *, expected_batch_size, seed, mode=sampling.POISS
         return x, y, weight
 
     def logical_batch(step, indices, valid):
-        # The same rows as `example` row by row, read in one gather; padding
-        # rows (valid False) are zeroed as `zeros` would give them.
-        elements = tf.nest.map_structure(
-                lambda t: tf.where(tf.reshape(valid, [-1] + [1] * (t.shape.rank - 1)), t,
-                                   tf.zeros_like(t)),
-                source.load_many(indices))
-        return to_keras_batch(elements, tf.cast(valid, tf.float32), with_groups=with_groups)
+        return _gathered_batch(source, indices, valid, with_groups)
 
     rows = sampler.index_dataset(spec, seed, start_step=start_step, num_steps=num_steps)
     if source.load_many is not None and augment_fn is None:
@@ -220,15 +214,10 @@ def make_eval_dataset(source, *, batch_size, microbatch_size=1, num_replicas=1,
         return to_keras_batch(element, tf.cast(valid, tf.float32), with_groups=with_groups)
 
     def batch_from(start):
-        # The same rows as `example` row by row, read in one gather (padding
-        # rows read the last example, then zeroed as `zeros` would give them).
+        # Padding rows read the last example; `_gathered_batch` zeroes them.
         positions = start + tf.range(batch_size, dtype=tf.int64)
-        valid = positions < num
-        elements = tf.nest.map_structure(
-                lambda t: tf.where(tf.reshape(valid, [-1] + [1] * (t.shape.rank - 1)), t,
-                                   tf.zeros_like(t)),
-                source.load_many(tf.minimum(positions, num - 1)))
-        return to_keras_batch(elements, tf.cast(valid, tf.float32), with_groups=with_groups)
+        return _gathered_batch(source, tf.minimum(positions, num - 1), positions < num,
+                               with_groups)
 
     if source.load_many is not None and num > 0:
         # In memory (arrays, cached features): a batch per gather, about 30x
@@ -240,6 +229,19 @@ def make_eval_dataset(source, *, batch_size, microbatch_size=1, num_replicas=1,
                 example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         dataset = dataset.batch(batch_size, drop_remainder=True)
     return _sharded_by_data(dataset.prefetch(tf.data.AUTOTUNE))
+
+
+def _gathered_batch(source, indices, valid, with_groups):
+    """The rows `indices` of an in-memory source, read in one gather (`load_many`).
+
+    The same Keras batch as reading them row by row; rows where `valid` is
+    False are zeroed, as `source.zeros()` would give them, with weight 0.
+    """
+    elements = tf.nest.map_structure(
+            lambda t: tf.where(tf.reshape(valid, [-1] + [1] * (t.shape.rank - 1)), t,
+                               tf.zeros_like(t)),
+            source.load_many(indices))
+    return to_keras_batch(elements, tf.cast(valid, tf.float32), with_groups=with_groups)
 
 
 def _sharded_by_data(dataset):

@@ -61,12 +61,8 @@ def accuracy_cost_claim(mode_runs, standard_runs, multi_label, options, seed):
     Returns:
         An `inference.Claim` of kind "no_larger_than".
     """
-    def statistic(run, weights):
-        return claims_lib.figures(run, weights, None, multi_label)[:, 0, 0]
-
-    result = inference.hierarchical_bootstrap(
-        standard_runs, mode_runs, statistic, n_bootstrap=options.n_bootstrap, seed=seed,
-        strata=claims_lib.STRATA, confidence=1.0 - 2.0 * options.alpha)
+    result = verdicts_lib.performance_difference(standard_runs, mode_runs, multi_label,
+                                                 options, seed)
     return inference.Claim(f"{'AUC' if multi_label else 'accuracy'} cost",
                            inference.NO_LARGER_THAN, options.mechanism_accuracy_margin,
                            result.estimate, draws=result.draws)

@@ -42,7 +42,7 @@ private run with `score_noise`), else its last checkpoint's validation
 scores. Test figures never enter a choice. Groups without validation
 figures keep every candidate, each compared separately.
 
-The module is about 440 lines: its options, the two claims, the plateau
+The module is about 490 lines: its options, the two claims, the plateau
 check, the judging of a sweep's arms (choices, clip-only arms, counterparts)
 and the tables are one procedure from a sweep folder to `verdicts.md`; the
 readers of saved runs and the arms already live apart (`claims_lib`,
@@ -185,6 +185,27 @@ def group_attributes(table):
             if c.startswith("data.groups.") and isinstance(row[c], list)]
 
 
+def performance_difference(first_runs, second_runs, multi_label, options, seed):
+    """The first arm's performance minus the second's, under hierarchical bootstrap draws.
+
+    Args:
+        first_runs, second_runs: `claims_lib.final_run` mappings of each arm.
+        multi_label: mean AUC (True) or accuracy (False).
+        options: `VerdictOptions` (draws, alpha).
+        seed: seed of the draws.
+
+    Returns:
+        An `inference.BootstrapDifference`, its draws widened for few seeds
+        at the level the claims' tests work at (1 - 2 alpha).
+    """
+    def statistic(run, weights):
+        return claims_lib.figures(run, weights, None, multi_label)[:, 0, 0]
+
+    return inference.hierarchical_bootstrap(
+        first_runs, second_runs, statistic, n_bootstrap=options.n_bootstrap, seed=seed,
+        strata=claims_lib.STRATA, confidence=1.0 - 2.0 * options.alpha)
+
+
 def accuracy_claim(private_runs, non_private_runs, multi_label, options, seed):
     """The accuracy-gap claim's `inference.Claim` (name, draws, no plateau yet).
 
@@ -197,13 +218,7 @@ def accuracy_claim(private_runs, non_private_runs, multi_label, options, seed):
     Returns:
         An `inference.Claim` of kind "equivalent": d = non-private - private.
     """
-    def statistic(run, weights):
-        return claims_lib.figures(run, weights, None, multi_label)[:, 0, 0]
-
-    # The draws are widened for few seeds at the level the TOST works at.
-    result = inference.hierarchical_bootstrap(
-        non_private_runs, private_runs, statistic, n_bootstrap=options.n_bootstrap,
-        seed=seed, strata=claims_lib.STRATA, confidence=1.0 - 2.0 * options.alpha)
+    result = performance_difference(non_private_runs, private_runs, multi_label, options, seed)
     name = "AUC gap" if multi_label else "accuracy gap"
     return inference.Claim(name, inference.EQUIVALENT, options.accuracy_margin,
                            result.estimate, draws=result.draws)
